@@ -1,0 +1,233 @@
+"""
+The L{IJobBroker} contract, run against every implementation, and
+L{MemoryBroker}'s own details.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from twistedsse._broker import MemoryBroker, parseSequence
+from twistedsse._errors import UnknownJob
+from twistedsse._frames import Event
+from twistedsse._interfaces import IJobBroker, ISubscriber
+from twistedsse._job import JobState
+
+from ._helpers import snapshot
+
+
+@implementer(ISubscriber)
+@attrs.define
+class Recorder:
+    """
+    A subscriber that records what it is given, and may unsubscribe itself
+    on a given event.
+    """
+
+    got: list[tuple[Event, bytes]] = attrs.Factory(list)
+
+    def deliver(self, event: Event, frame: bytes) -> None:
+        self.got.append((event, frame))
+
+    @property
+    def ids(self) -> list[str | None]:
+        return [event.id for event, _ in self.got]
+
+
+class BrokerContractTests:
+    """
+    What every L{IJobBroker} must do. Subclasses define C{makeBroker}.
+    """
+
+    def makeBroker(self, history: int = 100) -> Any:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.broker = self.makeBroker()
+        self.broker.create(snapshot("a"))
+
+    def test_provides(self) -> None:
+        """
+        The broker provides L{IJobBroker}.
+        """
+        self.assertTrue(verifyObject(IJobBroker, self.broker))
+
+    def test_unknownJob(self) -> None:
+        """
+        Every per-job method raises L{UnknownJob} for an unknown id.
+        """
+        self.assertRaises(UnknownJob, self.broker.get, "nope")
+        self.assertRaises(UnknownJob, self.broker.publish, "nope", "progress", {})
+        self.assertRaises(UnknownJob, self.broker.subscribe, "nope", None, Recorder())
+
+    def test_getAndUpdate(self) -> None:
+        """
+        C{update} replaces what C{get} returns.
+        """
+        newer = self.broker.get("a").transition(JobState.RUNNING, 5.0)
+        self.broker.update(newer)
+        self.assertEqual(self.broker.get("a"), newer)
+
+    def test_idsIncrease(self) -> None:
+        """
+        Each published event gets an id, and they increase per job.
+        """
+        ids = [self.broker.publish("a", "progress", {"i": i}).id for i in range(5)]
+        self.assertEqual(len(set(ids)), 5)
+        self.assertEqual(ids, sorted(ids, key=int))
+
+    def test_sameBytesForEverySubscriber(self) -> None:
+        """
+        One event reaches every subscriber as the very same bytes object:
+        it is encoded once.
+        """
+        recorders = [Recorder() for _ in range(3)]
+        for recorder in recorders:
+            self.broker.subscribe("a", None, recorder)
+        self.broker.publish("a", "progress", {"x": 1})
+        frames = [recorder.got[0][1] for recorder in recorders]
+        self.assertIs(frames[0], frames[1])
+        self.assertIs(frames[1], frames[2])
+
+    def test_replayThenLiveNoGapNoDuplicate(self) -> None:
+        """
+        A subscriber gets the history after its last id, then live events,
+        each once, in order.
+        """
+        for i in range(3):
+            self.broker.publish("a", "progress", {"i": i})
+        recorder = Recorder()
+        self.broker.subscribe("a", "1", recorder)
+        self.broker.publish("a", "progress", {"i": 3})
+        self.assertEqual(recorder.ids, ["2", "3", "4"])
+
+    def test_unsubscribe(self) -> None:
+        """
+        After unsubscribing nothing more arrives, and unsubscribing twice
+        is harmless.
+        """
+        recorder = Recorder()
+        unsubscribe = self.broker.subscribe("a", None, recorder)
+        self.assertEqual(self.broker.subscriberCount(), 1)
+        unsubscribe()
+        unsubscribe()
+        self.assertEqual(self.broker.subscriberCount(), 0)
+        self.broker.publish("a", "progress", {})
+        self.assertEqual(recorder.got, [])
+
+    def test_terminalDropsSubscribers(self) -> None:
+        """
+        A terminal event is the last thing subscribers get; then they are
+        gone, and their unsubscribe does nothing.
+        """
+        recorder = Recorder()
+        unsubscribe = self.broker.subscribe("a", None, recorder)
+        self.broker.publish("a", "complete", {})
+        self.assertEqual(self.broker.subscriberCount(), 0)
+        unsubscribe()
+        self.assertEqual(self.broker.subscriberCount(), 0)
+        self.assertEqual([e.event for e, _ in recorder.got], ["complete"])
+        self.assertRaises(ValueError, self.broker.publish, "a", "progress", {})
+
+    def test_subscribeAfterTheEnd(self) -> None:
+        """
+        Subscribing to a finished job replays and does not stay subscribed.
+        """
+        self.broker.publish("a", "progress", {})
+        self.broker.publish("a", "failed", {"message": "x"})
+        recorder = Recorder()
+        self.broker.subscribe("a", None, recorder)
+        self.assertEqual([e.event for e, _ in recorder.got], ["progress", "failed"])
+        self.assertEqual(self.broker.subscriberCount(), 0)
+
+    def test_caughtUp(self) -> None:
+        """
+        C{caughtUp} is true only for an id at or after the terminal event.
+        """
+        self.broker.publish("a", "progress", {})
+        self.assertFalse(self.broker.caughtUp("a", "1"))
+        self.broker.publish("a", "complete", {})
+        self.assertFalse(self.broker.caughtUp("a", "1"))
+        self.assertFalse(self.broker.caughtUp("a", None))
+        self.assertTrue(self.broker.caughtUp("a", "2"))
+
+    def test_unsubscribeDuringDelivery(self) -> None:
+        """
+        A subscriber that unsubscribes another (or itself) while an event
+        is being delivered does not stop the others getting it.
+        """
+        unsubscribes = []
+
+        @implementer(ISubscriber)
+        class Leaver:
+            got = 0
+
+            def deliver(self, event: Event, frame: bytes) -> None:
+                self.got += 1
+                for u in unsubscribes:
+                    u()
+
+        leaver, recorder = Leaver(), Recorder()
+        unsubscribes.append(self.broker.subscribe("a", None, leaver))
+        unsubscribes.append(self.broker.subscribe("a", None, recorder))
+        self.broker.publish("a", "progress", {})
+        self.assertEqual((leaver.got, len(recorder.got)), (1, 1))
+        self.assertEqual(self.broker.subscriberCount(), 0)
+
+    def test_historyBoundKeepsLatestAndTerminal(self) -> None:
+        """
+        The history is bounded: old progress goes, the latest progress and
+        the terminal event stay.
+        """
+        broker = self.makeBroker(history=3)
+        broker.create(snapshot("b"))
+        for i in range(10):
+            broker.publish("b", "progress", {"i": i})
+        broker.publish("b", "complete", {})
+        recorder = Recorder()
+        broker.subscribe("b", None, recorder)
+        self.assertEqual([e.event for e, _ in recorder.got], ["progress", "progress", "complete"])
+        self.assertEqual(recorder.got[-2][0].data, '{"i":9}')
+
+    def test_dataIsCompactJSON(self) -> None:
+        """
+        Event data is the payload as JSON, unicode kept as is.
+        """
+        event = self.broker.publish("a", "progress", {"title": "\u00e9\u2603", "n": 1})
+        self.assertEqual(event.data, '{"title":"\u00e9\u2603","n":1}')
+        self.assertEqual(event.event, "progress")
+
+
+class MemoryBrokerTests(BrokerContractTests, SynchronousTestCase):
+    def makeBroker(self, history: int = 100) -> MemoryBroker:
+        return MemoryBroker(history=history)
+
+    def test_parseSequence(self) -> None:
+        """
+        Only plain ASCII decimal ids are ours; anything else counts as 0.
+        """
+        self.assertEqual(parseSequence("42"), 42)
+        for garbage in (None, "", "x", "-1", "+1", " 1", "1e3", "\u0663", "9" * 19):
+            self.assertEqual(parseSequence(garbage), 0, garbage)
+
+    def test_subscriberErrorDoesNotStopFanout(self) -> None:
+        """
+        A subscriber that raises is logged; the others still get the event.
+        """
+
+        @implementer(ISubscriber)
+        class Broken:
+            def deliver(self, event: Event, frame: bytes) -> None:
+                raise RuntimeError("broken subscriber")
+
+        recorder = Recorder()
+        self.broker.subscribe("a", None, Broken())
+        self.broker.subscribe("a", None, recorder)
+        self.broker.publish("a", "progress", {})
+        self.assertEqual(len(recorder.got), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

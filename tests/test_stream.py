@@ -1,0 +1,249 @@
+"""
+The event stream over a real L{Site} and L{HTTPChannel}, on an in-memory
+transport and a L{Clock}: exact wire bytes, one chunk per frame, at once.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+
+from twistedsse._broker import MemoryBroker
+from twistedsse._frames import encodeEvent
+from twistedsse._stream import EventStreamResource, tcpTransport
+
+from ._helpers import Connection, TCPStringTransport, chunks, decode, snapshot, splitResponse
+
+
+class StreamTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.broker = MemoryBroker(history=100)
+        self.broker.create(snapshot("job1"))
+        self.resource = EventStreamResource(self.broker, "job1", self.clock, keepalive=15.0, retry=2000)
+        self.site = Site(self.resource, reactor=self.clock)
+
+    def connect(self, transport: StringTransport | None = None) -> Connection:
+        return Connection(self.site, transport)
+
+    def assertNothingLeft(self, conn: Connection | None = None) -> None:
+        """
+        No subscriber and no timer of ours remain (closing C{conn} first:
+        a kept-alive connection's idle timer is Twisted's own).
+        """
+        if conn is not None:
+            conn.disconnect()
+        self.assertEqual(self.broker.subscriberCount(), 0)
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if c.func.__name__ != "_updateLogDateTime"], []
+        )
+
+    def test_headersLeaveAtOnce(self) -> None:
+        """
+        The response headers and a first C{retry:} frame are on the wire as
+        soon as the request is handled, before any event exists: proxies
+        and EventSource see an open stream.
+        """
+        conn = self.connect()
+        conn.request("GET", "/", {"Accept": "text/event-stream"})
+        status, headers, body = splitResponse(conn.take())
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"content-type"], b"text/event-stream; charset=utf-8")
+        self.assertEqual(headers[b"cache-control"], b"no-cache, no-store")
+        self.assertEqual(headers[b"x-accel-buffering"], b"no")
+        self.assertEqual(headers[b"transfer-encoding"], b"chunked")
+        self.assertNotIn(b"content-length", headers)
+        self.assertNotIn(b"content-encoding", headers)
+        self.assertEqual(body, b"retry: 2000\n\n")
+        conn.disconnect()
+
+    def test_eachPublishIsOneChunkOnTheWireAtOnce(self) -> None:
+        """
+        After each publish the transport already holds the whole frame, as
+        exactly one HTTP chunk: nothing waits for a flush.
+        """
+        conn = self.connect()
+        conn.request("GET", "/")
+        conn.take()
+        for i in range(1, 6):
+            event = self.broker.publish("job1", "progress", {"percent": i * 10})
+            wire = conn.take()
+            self.assertEqual(chunks(wire), [encodeEvent(event)])
+            self.assertEqual(wire, b"%x\r\n%s\r\n" % (len(encodeEvent(event)), encodeEvent(event)))
+        conn.disconnect()
+
+    def test_terminalEventEndsTheResponse(self) -> None:
+        """
+        The terminal event is written, then the response ends (the chunked
+        terminator), and nothing is left running.
+        """
+        conn = self.connect()
+        conn.request("GET", "/")
+        conn.take()
+        self.broker.publish("job1", "progress", {"percent": 50})
+        self.broker.publish("job1", "complete", {"output_url": "/x"})
+        wire = conn.take()
+        self.assertTrue(wire.endswith(b"0\r\n\r\n"))
+        events = decode(b"".join(chunks(wire)))
+        self.assertEqual([e.event for e in events], ["progress", "complete"])
+        self.assertNothingLeft(conn)
+
+    def test_keepaliveOnTheClock(self) -> None:
+        """
+        A keepalive comment is written, as its own chunk, each time the
+        keepalive interval passes on the injected clock, and not before.
+        """
+        conn = self.connect()
+        conn.request("GET", "/")
+        conn.take()
+        self.clock.advance(14.9)
+        self.assertEqual(conn.take(), b"")
+        self.clock.advance(0.1)
+        self.assertEqual(chunks(conn.take()), [b": keepalive\n\n"])
+        self.clock.advance(15)
+        self.assertEqual(chunks(conn.take()), [b": keepalive\n\n"])
+        conn.disconnect()
+
+    def test_disconnectReleasesEverything(self) -> None:
+        """
+        A client that goes away leaves no subscriber and no timer behind,
+        and later events do not touch its request.
+        """
+        conn = self.connect()
+        conn.request("GET", "/")
+        self.assertEqual(self.broker.subscriberCount(), 1)
+        conn.disconnect()
+        self.assertNothingLeft()
+        self.broker.publish("job1", "progress", {"percent": 1})
+        self.clock.advance(60)
+        self.assertNothingLeft()
+
+    def test_headLeavesNothingRunning(self) -> None:
+        """
+        HEAD answers with the stream's headers and ends: no subscription,
+        no keepalive timer (C{Resource.render_HEAD} would have opened a
+        stream nobody reads).
+        """
+        conn = self.connect()
+        conn.request("HEAD", "/")
+        status, headers, body = splitResponse(conn.take())
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"content-type"], b"text/event-stream; charset=utf-8")
+        self.assertEqual(body, b"")
+        self.assertEqual(self.broker.subscriberCount(), 0)
+        conn.disconnect()  # the kept-alive connection's idle timer is Twisted's
+        self.assertNothingLeft()
+
+    def test_tcpNoDelayRequested(self) -> None:
+        """
+        The stream sets TCP_NODELAY on its TCP transport itself, whatever
+        Twisted's channel did before.
+        """
+        transport = TCPStringTransport()
+        conn = self.connect(transport)
+        transport.noDelay = False  # as if the channel had not set it
+        conn.request("GET", "/")
+        self.assertTrue(transport.noDelay)
+        conn.disconnect()
+
+    def test_noTCPTransportIsTolerated(self) -> None:
+        """
+        Requests without a TCP transport (HTTP/2 streams, in-memory ones)
+        give C{None}, not an error.
+        """
+        self.assertIsNone(tcpTransport(object()))
+        self.assertIsNone(tcpTransport(type("R", (), {"transport": StringTransport()})()))
+
+    def test_lateSubscriberGetsHistoryThenLive(self) -> None:
+        """
+        A subscriber that connects late gets the job's history first, in
+        order, then live events.
+        """
+        for i in range(3):
+            self.broker.publish("job1", "progress", {"i": i})
+        conn = self.connect()
+        conn.request("GET", "/")
+        _, _, body = splitResponse(conn.take())
+        self.assertEqual([e.id for e in decode(body)], ["1", "2", "3"])
+        self.broker.publish("job1", "progress", {"i": 3})
+        self.assertEqual([e.id for e in decode(b"".join(chunks(conn.take())))], ["4"])
+        conn.disconnect()
+
+    def test_resumeStrictlyAfterLastEventID(self) -> None:
+        """
+        A reconnect with C{Last-Event-ID: 2} (header) or C{?lastEventId=2}
+        (query) gets events 3.. only.
+        """
+        for i in range(4):
+            self.broker.publish("job1", "progress", {"i": i})
+        for how in ("header", "query"):
+            conn = self.connect()
+            if how == "header":
+                conn.request("GET", "/", {"Last-Event-ID": "2"})
+            else:
+                conn.request("GET", "/?lastEventId=2")
+            _, _, body = splitResponse(conn.take())
+            self.assertEqual([e.id for e in decode(body)], ["3", "4"], how)
+            conn.disconnect()
+
+    def test_garbageLastEventIDCountsAsNone(self) -> None:
+        """
+        An unparseable C{Last-Event-ID} is treated as none: the whole
+        retained history is sent (documented).
+        """
+        self.broker.publish("job1", "progress", {"i": 0})
+        for garbage in ("abc", "-1", "1.5", "9" * 40, "\u0661"):
+            conn = self.connect()
+            conn.request("GET", "/", {"Last-Event-ID": garbage.encode("utf-8").decode("latin-1")})
+            _, _, body = splitResponse(conn.take())
+            self.assertEqual([e.id for e in decode(body)], ["1"], garbage)
+            conn.disconnect()
+
+    def test_reconnectAfterTheEndGets204(self) -> None:
+        """
+        A reconnect that has seen the terminal event gets 204 No Content,
+        which tells EventSource to stop reconnecting.
+        """
+        self.broker.publish("job1", "progress", {"i": 0})
+        self.broker.publish("job1", "failed", {"message": "boom"})
+        conn = self.connect()
+        conn.request("GET", "/", {"Last-Event-ID": "2"})
+        status, _, body = splitResponse(conn.take())
+        self.assertEqual(status, 204)
+        self.assertEqual(body, b"")
+        self.assertNothingLeft(conn)
+
+    def test_reconnectBeforeTheEndGetsTheRest(self) -> None:
+        """
+        A reconnect that missed the terminal event gets it and the response
+        ends.
+        """
+        self.broker.publish("job1", "progress", {"i": 0})
+        self.broker.publish("job1", "cancelled", {"message": "x"})
+        conn = self.connect()
+        conn.request("GET", "/", {"Last-Event-ID": "1"})
+        raw = conn.take()
+        status, _, body = splitResponse(raw)
+        self.assertEqual(status, 200)
+        self.assertEqual([e.event for e in decode(body)], ["cancelled"])
+        self.assertTrue(raw.endswith(b"0\r\n\r\n"))
+        self.assertNothingLeft(conn)
+
+    def test_http10ClientStreamsWithoutChunking(self) -> None:
+        """
+        An HTTP/1.0 client (nginx's default upstream protocol) gets the
+        frames unchunked, each at once, and the connection closes at the
+        end.
+        """
+        conn = self.connect()
+        conn.protocol.dataReceived(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+        head, _, body = conn.take().partition(b"\r\n\r\n")
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertEqual(body, b"retry: 2000\n\n")
+        event = self.broker.publish("job1", "progress", {"x": 1})
+        self.assertEqual(conn.take(), encodeEvent(event))
+        self.broker.publish("job1", "complete", {})
+        conn.take()
+        self.assertTrue(conn.transport.disconnecting)
+        self.assertNothingLeft()

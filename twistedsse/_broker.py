@@ -1,0 +1,147 @@
+"""
+L{MemoryBroker}: jobs, their bounded event histories and the fan-out of
+every new event to its subscribers, all in this process.
+
+It is the shipped default and a verified implementation of L{IJobBroker},
+not a test stub: the contract tests run against it. Event ids are the
+decimal sequence numbers C{"1"}, C{"2"}, ... of each job.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import attrs
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ._errors import UnknownJob
+from ._frames import TERMINAL_EVENTS, Event, encodeEvent
+from ._interfaces import IJobBroker, ISubscriber
+from ._job import Entry, EventLog, JobSnapshot
+
+_log = Logger()
+
+_MAX_ID_DIGITS = 18
+
+
+def parseSequence(lastEventID: str | None) -> int:
+    """
+    Read a C{Last-Event-ID} this broker issued. Anything else (absent,
+    empty, not plain ASCII digits, absurdly long) counts as "none", i.e. 0:
+    the client gets the job's whole retained history, which is always safe
+    (documented in the README).
+    """
+    if (
+        lastEventID
+        and len(lastEventID) <= _MAX_ID_DIGITS
+        and lastEventID.isascii()
+        and lastEventID.isdigit()
+    ):
+        return int(lastEventID)
+    return 0
+
+
+@attrs.define
+class _MemoryJob:
+    snapshot: JobSnapshot
+    log: EventLog
+    subscribers: dict[int, ISubscriber] = attrs.Factory(dict)
+    terminalSeq: int = 0
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@implementer(IJobBroker)
+@attrs.define
+class MemoryBroker:
+    """
+    Keeps every job and its last C{history} events in memory.
+
+    @ivar history: how many events each job retains for late subscribers
+        and resumes.
+    """
+
+    history: int = 1000
+    _jobs: dict[str, _MemoryJob] = attrs.field(factory=dict, init=False)
+    _nextToken: int = attrs.field(default=0, init=False)
+    _subscriberCount: int = attrs.field(default=0, init=False)
+
+    def create(self, snapshot: JobSnapshot) -> None:
+        if snapshot.id in self._jobs:
+            raise ValueError(f"job {snapshot.id!r} exists already")
+        self._jobs[snapshot.id] = _MemoryJob(snapshot, EventLog(self.history))
+
+    def _job(self, jobID: str) -> _MemoryJob:
+        try:
+            return self._jobs[jobID]
+        except KeyError:
+            raise UnknownJob(f"no render with id {jobID!r}") from None
+
+    def get(self, jobID: str) -> JobSnapshot:
+        return self._job(jobID).snapshot
+
+    def update(self, snapshot: JobSnapshot) -> None:
+        self._job(snapshot.id).snapshot = snapshot
+
+    def jobs(self) -> list[JobSnapshot]:
+        """
+        Every job, oldest first.
+        """
+        return [job.snapshot for job in self._jobs.values()]
+
+    def publish(self, jobID: str, name: str, data: Any) -> Event:
+        job = self._job(jobID)
+        if job.terminalSeq:
+            raise ValueError(f"job {jobID}: event {name!r} after its terminal event")
+        seq = job.log.lastSeq + 1
+        event = Event(data=_dumps(data), event=name, id=str(seq))
+        frame = encodeEvent(event)
+        job.log.append(Entry(seq, event, frame))
+        terminal = name in TERMINAL_EVENTS
+        if terminal:
+            job.terminalSeq = seq
+        subscribers = job.subscribers
+        if terminal:
+            job.subscribers = {}
+            self._subscriberCount -= len(subscribers)
+        # Copy: a delivery may end a stream, which unsubscribes.
+        for subscriber in tuple(subscribers.values()) if not terminal else subscribers.values():
+            try:
+                subscriber.deliver(event, frame)
+            except Exception:
+                _log.failure("subscriber {subscriber!r} failed to take an event", subscriber=subscriber)
+        return event
+
+    def subscribe(
+        self, jobID: str, lastEventID: str | None, subscriber: ISubscriber
+    ) -> Callable[[], None]:
+        job = self._job(jobID)
+        for entry in job.log.after(parseSequence(lastEventID)):
+            subscriber.deliver(entry.event, entry.frame)
+        if job.terminalSeq:
+            return _noop
+        token = self._nextToken
+        self._nextToken += 1
+        job.subscribers[token] = subscriber
+        self._subscriberCount += 1
+
+        def unsubscribe() -> None:
+            if job.subscribers.pop(token, None) is not None:
+                self._subscriberCount -= 1
+
+        return unsubscribe
+
+    def caughtUp(self, jobID: str, lastEventID: str | None) -> bool:
+        job = self._job(jobID)
+        return bool(job.terminalSeq) and parseSequence(lastEventID) >= job.terminalSeq
+
+    def subscriberCount(self) -> int:
+        return self._subscriberCount
+
+
+def _noop() -> None:
+    pass

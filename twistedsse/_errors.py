@@ -1,0 +1,110 @@
+"""
+The errors twistedsse raises, and the HTTP status each one maps to.
+
+Every error a client can cause is a L{TwistedSSEError} carrying a stable
+machine-readable C{code} and the HTTP C{status}; C{_app} turns it into
+C{{"error": code, "detail": str(error)}} at one place. The tree::
+
+    TwistedSSEError
+    ├── BadRequest (400)                    ValueError
+    │   └── MalformedJSON                   "malformed_json"
+    ├── PayloadTooLarge (413)               "body_too_large"
+    ├── Unprocessable (422)                 ValueError
+    │   ├── UnknownRenderer                 "unknown_renderer"
+    │   └── InvalidParams                   "invalid_params" (names the field)
+    ├── NotFound (404)                      LookupError
+    │   └── UnknownJob                      "unknown_job"
+    ├── MethodNotAllowed (405)              "method_not_allowed"
+    └── Conflict (409)
+        ├── JobFinished                     "job_finished"
+        └── OutputNotReady                  "output_not_ready"
+
+    RenderProtocolError                     a child broke the output protocol
+                                            (never reaches a client as HTTP)
+"""
+
+from __future__ import annotations
+
+
+class TwistedSSEError(Exception):
+    """
+    Base of every error a client can cause.
+
+    @cvar code: stable machine-readable error code, the C{"error"} field.
+    @cvar status: HTTP status code.
+    """
+
+    code: str = "error"
+    status: int = 400
+
+
+class BadRequest(TwistedSSEError, ValueError):
+    code = "bad_request"
+    status = 400
+
+
+class MalformedJSON(BadRequest):
+    code = "malformed_json"
+
+
+class PayloadTooLarge(TwistedSSEError):
+    code = "body_too_large"
+    status = 413
+
+
+class Unprocessable(TwistedSSEError, ValueError):
+    code = "unprocessable"
+    status = 422
+
+
+class UnknownRenderer(Unprocessable):
+    code = "unknown_renderer"
+
+
+class InvalidParams(Unprocessable):
+    """
+    A render parameter is missing, of the wrong type or out of range.
+
+    @ivar field: the name of the offending parameter, e.g. C{"duration"}.
+    """
+
+    code = "invalid_params"
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"params.{field}: {detail}")
+        self.field = field
+
+
+class NotFound(TwistedSSEError, LookupError):
+    code = "not_found"
+    status = 404
+
+
+class UnknownJob(NotFound):
+    code = "unknown_job"
+
+
+class MethodNotAllowed(TwistedSSEError):
+    code = "method_not_allowed"
+    status = 405
+
+
+class Conflict(TwistedSSEError):
+    code = "conflict"
+    status = 409
+
+
+class JobFinished(Conflict):
+    code = "job_finished"
+
+
+class OutputNotReady(Conflict):
+    code = "output_not_ready"
+
+
+class RenderProtocolError(Exception):
+    """
+    A render process wrote output that breaks its protocol: a line over
+    the length limit, or (for command renderers) a line that is not a JSON
+    object. The render is failed with this message.
+    """

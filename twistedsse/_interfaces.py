@@ -1,0 +1,162 @@
+"""
+The two seams that have more than one implementation: renderers (the
+built-in ffmpeg C{card} and operator-registered commands) and job brokers
+(in memory now, Redis later).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import attrs
+from zope.interface import Attribute, Interface
+
+
+class IProgressParser(Interface):
+    """
+    Turns a render process's stdout, in chunks of any size, into progress
+    event payloads. Pure: no I/O, no clock.
+    """
+
+    def feed(data: bytes) -> list[dict[str, Any]]:
+        """
+        Take the next chunk of stdout; return the payloads (JSON-ready
+        dicts) of every progress report it completed, in order. Partial
+        lines are kept for the next call.
+
+        @raise twistedsse._errors.RenderProtocolError: the output breaks
+            the renderer's protocol (for instance a line over the limit);
+            the render is failed.
+        """
+
+    def end() -> list[dict[str, Any]]:
+        """
+        Stdout was closed: return payloads for anything still buffered.
+        """
+
+
+@attrs.frozen
+class RenderPlan:
+    """
+    Everything needed to run one render, decided before the process starts.
+
+    @ivar argv: the full argument vector, C{argv[0]} the executable. Run
+        without a shell, ever.
+    @ivar env: the child's complete environment.
+    @ivar stdin: bytes written to the child's stdin, which is then closed;
+        C{None} closes stdin at once.
+    @ivar parser: turns stdout into progress payloads.
+    @ivar output: where a successful render leaves its output file, or
+        C{None} if this renderer makes no file.
+    @ivar scratch: files made for the render (text files, partial outputs)
+        that are deleted when it ends, whatever the outcome.
+    @ivar mediaDuration: the output's duration in seconds, if known.
+    @ivar finalize: called after a successful exit to move partial output
+        into place (and check it); raises to fail the render.
+    """
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    stdin: bytes | None
+    parser: Any  # IProgressParser
+    output: Path | None = None
+    scratch: Sequence[Path] = ()
+    mediaDuration: float | None = None
+    finalize: Callable[[], None] | None = None
+
+
+class IRenderer(Interface):
+    """
+    A kind of render a client may ask for by name. Clients never supply a
+    command, a path or a flag: only C{params}, which C{validate} checks.
+    """
+
+    name = Attribute("The renderer's public name, e.g. C{'card'}.")
+
+    def validate(params: object) -> Mapping[str, Any]:
+        """
+        Check client-supplied C{params} (decoded JSON, any type) and return
+        them normalized (defaults filled in), JSON-ready.
+
+        @raise twistedsse._errors.InvalidParams: naming the field and the
+            limit it broke.
+        """
+
+    def plan(params: Mapping[str, Any], workdir: Path, stem: str) -> RenderPlan:
+        """
+        Build the plan for one render of already validated C{params}.
+        Files it writes go in C{workdir}, named from C{stem} (the job id,
+        which is URL-safe base64).
+        """
+
+
+class ISubscriber(Interface):
+    """
+    Something that receives a job's events: an open event stream.
+    """
+
+    def deliver(event: Any, frame: bytes) -> None:
+        """
+        Take one event (a L{twistedsse._frames.Event}) and its wire bytes,
+        encoded once for every subscriber. A terminal event is the last one
+        a subscriber ever gets.
+        """
+
+
+class IJobBroker(Interface):
+    """
+    Holds jobs and their event histories and fans events out to
+    subscribers. L{twistedsse.MemoryBroker} keeps all of it in this
+    process; a Redis-backed broker is planned.
+
+    Event ids are opaque to clients; each broker decides their form and
+    parses the C{Last-Event-ID} it is given back (garbage counts as none).
+    """
+
+    def create(snapshot: Any) -> None:
+        """
+        Add a new job (a L{twistedsse._job.JobSnapshot}).
+        """
+
+    def get(jobID: str) -> Any:
+        """
+        The job's current L{twistedsse._job.JobSnapshot}.
+
+        @raise twistedsse._errors.UnknownJob: no such job.
+        """
+
+    def update(snapshot: Any) -> None:
+        """
+        Replace a job's snapshot with a newer one.
+        """
+
+    def publish(jobID: str, name: str, data: Any) -> Any:
+        """
+        Number, encode (once), record and fan out a new event named C{name}
+        whose data is C{data} as JSON; return the L{Event}. After a
+        terminal event (C{complete}, C{failed}, C{cancelled}) the job's
+        subscribers are dropped: each got it as its last event.
+        """
+
+    def subscribe(jobID: str, lastEventID: str | None, subscriber: ISubscriber) -> Callable[[], None]:
+        """
+        Deliver the job's retained events after C{lastEventID} (all of them
+        for C{None} or an id this broker cannot parse), then every new one
+        as it is published, with nothing missed or repeated in between.
+        Returns the idempotent unsubscribe function.
+
+        @raise twistedsse._errors.UnknownJob: no such job.
+        """
+
+    def caughtUp(jobID: str, lastEventID: str | None) -> bool:
+        """
+        Whether a client that has seen up to C{lastEventID} has seen the
+        job's terminal event: there is nothing more it could ever receive.
+        """
+
+    def subscriberCount() -> int:
+        """
+        How many subscriptions are open, over all jobs (for leak checks and
+        health).
+        """
