@@ -1,0 +1,233 @@
+"""
+Running one render process: L{launch} spawns a L{RenderPlan}'s argv
+(never through a shell), turns its stdout into progress payloads as they
+arrive, keeps a bounded tail of its stderr, and ends it with TERM, then
+KILL after a grace period, when asked to (cancel, timeout, shutdown).
+
+Imports only C{twisted.internet}: no HTTP here.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from ._errors import RenderProtocolError
+from ._interfaces import RenderPlan
+
+STDERR_LINES = 20
+_STDERR_LINE_MAX = 2000
+
+
+@attrs.frozen
+class ExitStatus:
+    """
+    How a render process ended.
+
+    @ivar exitCode: its exit code, or C{None} if a signal ended it.
+    @ivar signal: the signal that ended it, or C{None}.
+    @ivar stderrTail: its last lines of stderr.
+    @ivar protocolError: why its output was refused, if it was (the process
+        was then stopped).
+    @ivar stopReason: why we stopped it (C{"cancel"}, C{"timeout"},
+        C{"shutdown"}), or C{None} if we did not.
+    """
+
+    exitCode: int | None
+    signal: int | None
+    stderrTail: tuple[str, ...] = ()
+    protocolError: str | None = None
+    stopReason: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        # ffmpeg prints "progress=end" when TERMed too: only exit 0 counts.
+        return (
+            self.exitCode == 0
+            and self.signal is None
+            and self.protocolError is None
+            and self.stopReason is None
+        )
+
+
+class _StderrTail:
+    """
+    The last C{size} non-empty lines of a stream, split on LF and CR (progress
+    meters redraw with CR), each cut to a bounded length, so a child that
+    floods stderr costs a fixed amount of memory.
+    """
+
+    def __init__(self, size: int = STDERR_LINES) -> None:
+        self._lines: deque[str] = deque(maxlen=size)
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        data = self._partial + data
+        parts = data.replace(b"\r", b"\n").split(b"\n")
+        self._partial = parts.pop()[-_STDERR_LINE_MAX:]
+        for part in parts[-(self._lines.maxlen or 0) :]:
+            if part.strip():
+                self._lines.append(part[:_STDERR_LINE_MAX].decode("utf-8", "replace"))
+
+    def lines(self) -> tuple[str, ...]:
+        tail = list(self._lines)
+        if self._partial.strip():
+            tail.append(self._partial.decode("utf-8", "replace"))
+        return tuple(tail[-(self._lines.maxlen or 0) :])
+
+
+class RenderProtocol(ProcessProtocol):
+    """
+    Feeds a render's stdout to its plan's parser and reports each progress
+    payload; writes the plan's stdin; records how the process ended.
+
+    @ivar ended: fires with an L{ExitStatus} when the process has exited
+        and its pipes are closed. It never errbacks.
+    """
+
+    def __init__(self, plan: RenderPlan, onProgress: Callable[[dict[str, Any]], None]) -> None:
+        self._plan = plan
+        self._onProgress = onProgress
+        self._stderr = _StderrTail()
+        self._protocolError: str | None = None
+        self.stopReason: str | None = None
+        self.ended: Deferred[ExitStatus] = Deferred()
+
+    def connectionMade(self) -> None:
+        if self._plan.stdin:
+            self.transport.write(self._plan.stdin)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        if self._protocolError is not None:
+            return
+        try:
+            payloads = self._plan.parser.feed(data)
+        except RenderProtocolError as e:
+            self._refuse(str(e))
+            return
+        for payload in payloads:
+            self._onProgress(payload)
+
+    def outConnectionLost(self) -> None:
+        if self._protocolError is None:
+            try:
+                payloads = self._plan.parser.end()
+            except RenderProtocolError as e:
+                self._protocolError = str(e)
+                return
+            for payload in payloads:
+                self._onProgress(payload)
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr.feed(data)
+
+    def _refuse(self, why: str) -> None:
+        self._protocolError = why
+        self.signal("KILL")
+
+    def signal(self, name: str) -> bool:
+        """
+        Send signal C{name}; C{False} if the process has exited already.
+        """
+        try:
+            self.transport.signalProcess(name)
+        except ProcessExitedAlready:
+            return False
+        except OSError as e:  # pragma: no cover - a race with exit
+            if e.errno != errno.ESRCH:
+                raise
+            return False
+        return True
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        self.ended.callback(
+            ExitStatus(
+                exitCode=getattr(value, "exitCode", None),
+                signal=getattr(value, "signal", None),
+                stderrTail=self._stderr.lines(),
+                protocolError=self._protocolError,
+                stopReason=self.stopReason,
+            )
+        )
+
+
+@attrs.define
+class RunningRender:
+    """
+    A render process that has been started.
+    """
+
+    protocol: RenderProtocol
+    _clock: IReactorTime
+    killGrace: float
+    _killer: IDelayedCall | None = None
+
+    @property
+    def ended(self) -> Deferred[ExitStatus]:
+        """
+        Fires with the L{ExitStatus}. Use C{addBoth}/C{chainDeferred}
+        rather than adding callbacks that change its result, or take a
+        fresh Deferred from L{RunningRender.whenEnded}.
+        """
+        return self.protocol.ended
+
+    def whenEnded(self) -> Deferred[ExitStatus]:
+        """
+        A new Deferred that fires with the L{ExitStatus}.
+        """
+        d: Deferred[ExitStatus] = Deferred()
+
+        def relay(status: ExitStatus) -> ExitStatus:
+            d.callback(status)
+            return status
+
+        self.protocol.ended.addCallback(relay)
+        return d
+
+    def stop(self, reason: str) -> Deferred[ExitStatus]:
+        """
+        Ask the process to stop (TERM), and KILL it if it has not exited
+        C{killGrace} seconds later (procmon's C{murder} pattern). The first
+        reason given is the one recorded.
+        """
+        if self.protocol.stopReason is None:
+            self.protocol.stopReason = reason
+        if self._killer is None and self.protocol.signal("TERM"):
+            self._killer = self._clock.callLater(self.killGrace, self.protocol.signal, "KILL")
+            self.protocol.ended.addBoth(self._cancelKiller)
+        return self.whenEnded()
+
+    def _cancelKiller(self, result: object) -> object:
+        if self._killer is not None and self._killer.active():
+            self._killer.cancel()
+        return result
+
+
+def launch(
+    spawner: IReactorProcess,
+    clock: IReactorTime,
+    plan: RenderPlan,
+    onProgress: Callable[[dict[str, Any]], None],
+    killGrace: float = 5.0,
+    path: str | None = None,
+) -> RunningRender:
+    """
+    Start C{plan}'s process.
+
+    @raise OSError: it could not be started (missing or non-executable
+        binary, too many processes).
+    """
+    protocol = RenderProtocol(plan, onProgress)
+    argv = list(plan.argv)
+    spawner.spawnProcess(protocol, argv[0], argv, env=dict(plan.env), path=path)
+    return RunningRender(protocol, clock, killGrace)

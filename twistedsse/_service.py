@@ -1,0 +1,339 @@
+"""
+L{RenderService}: owns the jobs (through an L{IJobBroker}), the queue and
+the running render processes, and ends all of them when it stops.
+
+Its API speaks in jobs and renderers, not HTTP: C{_app} maps requests onto
+it, and an embedding application may call it directly.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.logger import Logger
+
+from ._errors import JobFinished, OutputNotReady, UnknownRenderer
+from ._interfaces import IJobBroker, IRenderer, RenderPlan
+from ._job import JobSnapshot, JobState
+from ._render import ExitStatus, RunningRender, launch
+
+_log = Logger()
+
+Links = Callable[[str], Mapping[str, str]]
+
+
+def newJobID() -> str:
+    """
+    An unguessable job id: 192 random bits, URL-safe. The id is the
+    capability to read a job's events and output.
+    """
+    return secrets.token_urlsafe(24)
+
+
+@attrs.define
+class _Active:
+    plan: RenderPlan
+    render: RunningRender
+    timeout: IDelayedCall | None
+
+
+class RenderService(Service):
+    """
+    Runs renders, at most C{maxRenders} at a time, first come first served;
+    the rest wait C{queued}.
+
+    @param clock: schedules timeouts and KILLs.
+    @param spawner: starts processes.
+    @param renderers: the renderers clients may ask for, by name.
+    @param outputDir: where outputs and scratch files go.
+    @param renderTimeout: seconds a render may run before it is stopped
+        and failed; C{0} for no limit.
+    @param killGrace: seconds between TERM and KILL.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        spawner: IReactorProcess,
+        broker: IJobBroker,
+        renderers: Mapping[str, IRenderer],
+        outputDir: Path,
+        maxRenders: int = 2,
+        renderTimeout: float = 3600.0,
+        killGrace: float = 5.0,
+        newID: Callable[[], str] = newJobID,
+    ) -> None:
+        if maxRenders < 1:
+            raise ValueError(f"maxRenders must be at least 1, got {maxRenders!r}")
+        self.clock = clock
+        self.spawner = spawner
+        self.broker = broker
+        self.renderers = dict(renderers)
+        self.outputDir = Path(outputDir)
+        self.maxRenders = maxRenders
+        self.renderTimeout = renderTimeout
+        self.killGrace = killGrace
+        self._newID = newID
+        self._links: dict[str, Mapping[str, str]] = {}
+        self._queue: deque[str] = deque()
+        self._active: dict[str, _Active] = {}
+        self._stopping = False
+
+    # -- the API -------------------------------------------------------
+
+    def submit(self, renderer: str, params: object, links: Links | None = None) -> JobSnapshot:
+        """
+        Validate and queue a render.
+
+        @param links: gives the URLs clients use for a job id; the
+            C{output_url} in the C{complete} event comes from it.
+        @raise UnknownRenderer: no renderer by that name.
+        @raise twistedsse._errors.InvalidParams: C{params} do not suit it.
+        """
+        impl = self.renderers.get(renderer) if isinstance(renderer, str) else None
+        if impl is None:
+            known = ", ".join(sorted(self.renderers)) or "none"
+            raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
+        normalized = impl.validate(params)
+        jobID = self._newID()
+        snapshot = JobSnapshot(
+            id=jobID,
+            renderer=renderer,
+            params=normalized,
+            state=JobState.QUEUED,
+            createdAt=self.clock.seconds(),
+        )
+        self.broker.create(snapshot)
+        if links is not None:
+            self._links[jobID] = links(jobID)
+        if self._stopping:
+            self._end(jobID, JobState.FAILED, "failed", self._interrupted())
+        else:
+            self._queue.append(jobID)
+            self._pump()
+        return self.broker.get(jobID)
+
+    def cancel(self, jobID: str) -> JobSnapshot:
+        """
+        Cancel a queued or running render. A running one is stopped (TERM,
+        then KILL) and becomes C{cancelled} once its process has exited.
+
+        @raise twistedsse._errors.UnknownJob: no such job.
+        @raise JobFinished: it had finished already.
+        """
+        snapshot = self.broker.get(jobID)
+        if snapshot.state.terminal:
+            raise JobFinished(f"render {jobID} has already {snapshot.state.value}")
+        if jobID in self._active:
+            self._active[jobID].render.stop("cancel")
+        else:
+            self._queue.remove(jobID)
+            self._end(jobID, JobState.CANCELLED, "cancelled", {"message": "cancelled before it started"})
+        return self.broker.get(jobID)
+
+    def outputPath(self, jobID: str) -> Path:
+        """
+        The finished output file of a job.
+
+        @raise twistedsse._errors.UnknownJob: no such job.
+        @raise OutputNotReady: the render has not succeeded, or made no file.
+        """
+        snapshot = self.broker.get(jobID)
+        if snapshot.state is not JobState.SUCCEEDED:
+            raise OutputNotReady(f"render {jobID} is {snapshot.state.value}: no output yet")
+        path = self.outputDir / f"{jobID}.mp4"
+        if not (snapshot.result or {}).get("output_url") or not path.is_file():
+            raise OutputNotReady(f"render {jobID} made no output file")
+        return path
+
+    def activeCount(self) -> int:
+        """
+        How many render processes are running.
+        """
+        return len(self._active)
+
+    def queuedCount(self) -> int:
+        return len(self._queue)
+
+    # -- running -------------------------------------------------------
+
+    def _pump(self) -> None:
+        while self._queue and len(self._active) < self.maxRenders and not self._stopping:
+            self._start(self._queue.popleft())
+
+    def _start(self, jobID: str) -> None:
+        snapshot = self.broker.get(jobID)
+        self.broker.update(snapshot.transition(JobState.RUNNING, self.clock.seconds()))
+        renderer = self.renderers[snapshot.renderer]
+        plan = None
+        try:
+            self.outputDir.mkdir(parents=True, exist_ok=True)
+            plan = renderer.plan(snapshot.params, self.outputDir, jobID)
+            render = launch(
+                self.spawner,
+                self.clock,
+                plan,
+                lambda payload: self._progress(jobID, payload),
+                killGrace=self.killGrace,
+                path=str(self.outputDir),
+            )
+        except Exception as e:
+            _log.warn("render {jobID} could not start: {e}", jobID=jobID, e=e)
+            if plan is not None:
+                for path in plan.scratch:
+                    _unlink(path)
+            self._end(
+                jobID,
+                JobState.FAILED,
+                "failed",
+                _failure(f"could not start the renderer: {e}", reason="spawn"),
+            )
+            return
+        timeout = None
+        if self.renderTimeout > 0:
+            timeout = self.clock.callLater(self.renderTimeout, render.stop, "timeout")
+        self._active[jobID] = _Active(plan, render, timeout)
+        render.whenEnded().addCallback(self._ended, jobID).addErrback(
+            lambda f: _log.failure("finishing render {jobID}", f, jobID=jobID)
+        )
+
+    def _progress(self, jobID: str, payload: dict[str, Any]) -> None:
+        snapshot = self.broker.get(jobID)
+        self.broker.update(attrs.evolve(snapshot, progress=payload))
+        self.broker.publish(jobID, "progress", payload)
+
+    def _ended(self, status: ExitStatus, jobID: str) -> None:
+        active = self._active.pop(jobID)
+        if active.timeout is not None and active.timeout.active():
+            active.timeout.cancel()
+        plan = active.plan
+        try:
+            self._conclude(jobID, plan, status)
+        finally:
+            for path in plan.scratch:
+                _unlink(path)
+            if self.broker.get(jobID).state is not JobState.SUCCEEDED and plan.output is not None:
+                _unlink(plan.output)
+            self._pump()
+
+    def _conclude(self, jobID: str, plan: RenderPlan, status: ExitStatus) -> None:
+        if status.stopReason == "cancel":
+            self._end(jobID, JobState.CANCELLED, "cancelled", {"message": "cancelled by request"})
+            return
+        if status.stopReason == "shutdown":
+            self._end(jobID, JobState.FAILED, "failed", self._interrupted(status))
+            return
+        if not status.succeeded:
+            self._end(jobID, JobState.FAILED, "failed", _exitFailure(status, self.renderTimeout))
+            return
+        size = None
+        try:
+            if plan.finalize is not None:
+                plan.finalize()
+            if plan.output is not None and plan.output.is_file():
+                size = plan.output.stat().st_size
+        except Exception as e:
+            self._end(
+                jobID,
+                JobState.FAILED,
+                "failed",
+                _failure(f"the render's output is unusable: {e}", reason="output", status=status),
+            )
+            return
+        snapshot = self.broker.get(jobID)
+        links = self._links.get(jobID, {})
+        result = {
+            "output_url": links.get("output_url") if size is not None else None,
+            "duration": plan.mediaDuration,
+            "size": size,
+            "elapsed": round(self.clock.seconds() - (snapshot.startedAt or snapshot.createdAt), 3),
+        }
+        self._end(jobID, JobState.SUCCEEDED, "complete", result)
+
+    def _end(self, jobID: str, state: JobState, event: str, payload: Mapping[str, Any]) -> None:
+        snapshot = self.broker.get(jobID)
+        changes: dict[str, Any] = {}
+        if state is JobState.SUCCEEDED:
+            changes["result"] = payload
+        elif state is JobState.FAILED:
+            changes["error"] = payload
+        self.broker.update(snapshot.transition(state, self.clock.seconds(), **changes))
+        self.broker.publish(jobID, event, payload)
+        self._links.pop(jobID, None)
+
+    def _interrupted(self, status: ExitStatus | None = None) -> dict[str, Any]:
+        return _failure("interrupted: the server shut down", reason="interrupted", status=status)
+
+    # -- the service ---------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Fail every queued render, stop every running one (TERM, then KILL
+        after C{killGrace}), and fire once every process has exited. Each
+        job publishes its terminal C{failed} event ("interrupted"), which
+        ends its open streams with a final frame.
+        """
+        super().stopService()
+        self._stopping = True
+        while self._queue:
+            self._end(self._queue.popleft(), JobState.FAILED, "failed", self._interrupted())
+        ended = [active.render.stop("shutdown") for active in self._active.values()]
+        if not ended:
+            return succeed(None)
+        return DeferredList(ended, consumeErrors=True).addCallback(lambda _: None)
+
+    def startService(self) -> None:
+        self._stopping = False
+        super().startService()
+
+
+def _failure(
+    message: str, reason: str, status: ExitStatus | None = None
+) -> dict[str, Any]:
+    return {
+        "message": message,
+        "reason": reason,
+        "exit_code": None if status is None else status.exitCode,
+        "signal": None if status is None else status.signal,
+        "stderr_tail": [] if status is None else list(status.stderrTail),
+    }
+
+
+def _exitFailure(status: ExitStatus, timeout: float) -> dict[str, Any]:
+    if status.stopReason == "timeout":
+        return _failure(f"timed out after {timeout:g} s", reason="timeout", status=status)
+    if status.protocolError is not None:
+        return _failure(
+            f"the renderer broke its output protocol: {status.protocolError}",
+            reason="protocol",
+            status=status,
+        )
+    if status.signal is not None:
+        return _failure(f"the renderer was killed by signal {status.signal}", "signal", status)
+    last = status.stderrTail[-1] if status.stderrTail else "no message on stderr"
+    return _failure(f"the renderer exited with code {status.exitCode}: {last}", "exit", status)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        _log.warn("could not remove {path}: {e}", path=path, e=e)
+
+
+def defaultOutputDir() -> Path:
+    """
+    A fresh private temporary directory, for when none is configured.
+    """
+    return Path(tempfile.mkdtemp(prefix="twistedsse-"))
