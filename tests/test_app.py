@@ -1,0 +1,269 @@
+"""
+The HTTP API end to end over a real L{Site} on an in-memory transport:
+routes, status codes, JSON errors, the event stream and the output file.
+Render processes are the fake spawner's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from twistedsse._broker import MemoryBroker
+from twistedsse._build import buildResource, buildSite
+from twistedsse._card import CardRenderer
+from twistedsse._command import CommandRenderer
+from twistedsse._job import JobState
+from twistedsse._service import RenderService
+from twistedsse.testing import FakeSpawner
+
+from ._helpers import Connection, chunks, decode, splitResponse
+
+
+class AppTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.spawner = FakeSpawner()
+        self.dir = Path(self.mktemp())
+        self.service = RenderService(
+            clock=self.clock,
+            spawner=self.spawner,
+            broker=MemoryBroker(),
+            renderers={
+                "card": CardRenderer(ffmpeg="/opt/ffmpeg"),
+                "ticks": CommandRenderer("ticks", ["/bin/ticks", "--fast"]),
+            },
+            outputDir=self.dir,
+            maxRenders=2,
+        )
+        self.service.startService()
+        self.site = buildSite(self.service, self.clock, keepalive=15.0, retry=1000)
+
+    def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None
+    ) -> tuple[int, dict[bytes, bytes], Any]:
+        conn = Connection(self.site)
+        data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+        hdrs = dict(headers or {})
+        if data:
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, hdrs, data)
+        status, head, payload = splitResponse(conn.take())
+        conn.disconnect()
+        if head.get(b"content-type") == b"application/json" and payload:
+            return status, head, json.loads(payload)
+        return status, head, payload
+
+    def assertError(self, response: tuple[int, dict[bytes, bytes], Any], status: int, code: str) -> str:
+        got, head, body = response
+        self.assertEqual((got, head.get(b"content-type")), (status, b"application/json"), body)
+        self.assertEqual(set(body), {"error", "detail"})
+        self.assertEqual(body["error"], code)
+        self.assertNotIn("Traceback", body["detail"])
+        return body["detail"]
+
+    def create(self, renderer: str = "ticks", params: Any = None, prefix: str = "") -> dict[str, Any]:
+        status, head, body = self.call("POST", prefix + "/renders", {"renderer": renderer, "params": params or {}})
+        self.assertEqual(status, 202, body)
+        self.assertEqual(head[b"location"].decode(), body["status_url"])
+        return body
+
+    def test_createReturnsLinks(self) -> None:
+        """
+        C{POST /renders} answers 202 with the job's id, state and URLs.
+        """
+        body = self.create()
+        jobID = body["id"]
+        self.assertEqual(body["renderer"], "ticks")
+        self.assertEqual(body["state"], "running")
+        self.assertEqual(body["status_url"], f"/renders/{jobID}")
+        self.assertEqual(body["events_url"], f"/renders/{jobID}/events")
+        self.assertEqual(body["output_url"], f"/renders/{jobID}/output")
+        self.assertGreaterEqual(len(jobID), 22)
+
+    def test_commandRendererGetsParamsOnStdin(self) -> None:
+        """
+        A command renderer runs the operator's argv, never a shell, with the
+        client's params as JSON on stdin.
+        """
+        self.create(params={"n": 3, "text": "; rm -rf / $(x)"})
+        process = self.spawner.processes[-1]
+        self.assertEqual(process.args, ["/bin/ticks", "--fast"])
+        self.assertEqual(json.loads(process.stdin), {"n": 3, "text": "; rm -rf / $(x)"})
+
+    def test_status(self) -> None:
+        """
+        C{GET /renders/{id}} gives the state, last progress, timings and
+        error.
+        """
+        jobID = self.create()["id"]
+        self.spawner.processes[-1].stdout(b'{"progress": 0.25}\n')
+        status, _, body = self.call("GET", f"/renders/{jobID}")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["state"], "running")
+        self.assertEqual(body["progress"], {"progress": 0.25})
+        self.assertIsNotNone(body["started_at"])
+        self.assertIsNone(body["error"])
+
+    def test_streamOverTheApp(self) -> None:
+        """
+        The events URL streams progress then the terminal event, each as
+        its own chunk at once, and the response ends.
+        """
+        job = self.create()
+        conn = Connection(self.site)
+        conn.request("GET", job["events_url"], {"Accept": "text/event-stream"})
+        status, head, body = splitResponse(conn.take())
+        self.assertEqual((status, head[b"content-type"]), (200, b"text/event-stream; charset=utf-8"))
+        self.assertEqual(body, b"retry: 1000\n\n")
+        process = self.spawner.processes[-1]
+        process.stdout(b'{"progress": 0.5, "t_ns": 1}\n')
+        (frame,) = chunks(conn.take())
+        (event,) = decode(frame)
+        self.assertEqual((event.event, event.id, json.loads(event.data)), ("progress", "1", {"progress": 0.5, "t_ns": 1}))
+        process.exit(0)
+        wire = conn.take()
+        self.assertTrue(wire.endswith(b"0\r\n\r\n"))
+        (done,) = decode(b"".join(chunks(wire)))
+        self.assertEqual(done.event, "complete")
+        self.assertEqual(json.loads(done.data)["output_url"], None)  # ticks made no file
+        conn.disconnect()
+
+    def test_cancel(self) -> None:
+        """
+        C{DELETE} cancels a running render (its child gets TERM); a second
+        C{DELETE} once it has ended is 409.
+        """
+        jobID = self.create()["id"]
+        status, _, _ = self.call("DELETE", f"/renders/{jobID}")
+        self.assertEqual(status, 202)
+        process = self.spawner.processes[-1]
+        self.assertEqual(process.signals, ["TERM"])
+        process.exit(signal="TERM")
+        self.assertEqual(self.service.broker.get(jobID).state, JobState.CANCELLED)
+        self.assertError(self.call("DELETE", f"/renders/{jobID}"), 409, "job_finished")
+
+    def test_outputNotReady(self) -> None:
+        """
+        The output is 409 while the render runs, and for a render that made
+        no file. (Serving it, Range requests included, is tested on real
+        sockets: static.File streams through the global cooperator.)
+        """
+        jobID = self.create()["id"]
+        self.assertError(self.call("GET", f"/renders/{jobID}/output"), 409, "output_not_ready")
+        self.spawner.processes[-1].exit(0)
+        self.assertError(self.call("GET", f"/renders/{jobID}/output"), 409, "output_not_ready")
+
+    def test_badInput(self) -> None:
+        """
+        Each kind of bad request gets its JSON error and 4xx, never a 500.
+        """
+        self.assertError(self.call("POST", "/renders", raw=b"{nope"), 400, "malformed_json")
+        self.assertError(self.call("POST", "/renders", raw=b"\xff\xfe"), 400, "malformed_json")
+        self.assertError(self.call("POST", "/renders", [1, 2]), 422, "invalid_params")
+        self.assertError(self.call("POST", "/renders", {"renderer": "nope"}), 422, "unknown_renderer")
+        self.assertError(self.call("POST", "/renders", {"renderer": 5}), 422, "unknown_renderer")
+        self.assertError(self.call("POST", "/renders", {"renderer": "card", "extra": 1}), 422, "invalid_params")
+        detail = self.assertError(
+            self.call("POST", "/renders", {"renderer": "card", "params": {"duration": 100}}), 422, "invalid_params"
+        )
+        self.assertIn("duration", detail)
+        self.assertIn("60", detail)
+        self.assertError(self.call("POST", "/renders", raw=b" " * (64 * 1024 + 1)), 413, "body_too_large")
+        self.assertError(self.call("GET", "/renders/nope"), 404, "unknown_job")
+        self.assertError(self.call("GET", "/renders/nope/events"), 404, "unknown_job")
+        self.assertError(self.call("DELETE", "/renders/nope"), 404, "unknown_job")
+        self.assertError(self.call("GET", "/renders/nope/output"), 404, "unknown_job")
+        self.assertError(self.call("GET", "/no/such/route"), 404, "not_found")
+        self.assertError(self.call("GET", "/static/../../etc/passwd"), 404, "not_found")
+        status, head, body = self.call("PUT", "/renders")
+        self.assertError((status, head, body), 405, "method_not_allowed")
+        self.assertIn(b"POST", head[b"allow"])
+        self.assertEqual(self.service.broker.jobs(), [])
+
+    def test_renderStreamStartsOnceAndReattaches(self) -> None:
+        """
+        Opening C{/render-stream} starts a render and streams it with ids
+        that name the job; the browser's reconnect (with C{Last-Event-ID})
+        re-attaches to the same render, strictly after that id, and never
+        starts a second one.
+        """
+        conn = Connection(self.site)
+        conn.request("GET", "/render-stream?renderer=ticks&params=%7B%22n%22%3A1%7D")
+        conn.take()
+        self.assertEqual(len(self.spawner.processes), 1)
+        process = self.spawner.processes[-1]
+        self.assertEqual(json.loads(process.stdin), {"n": 1})
+        process.stdout(b'{"progress": 0.1}\n{"progress": 0.2}\n')
+        events = decode(b"".join(chunks(conn.take())))
+        jobID = self.service.broker.jobs()[0].id
+        self.assertEqual([e.id for e in events], [f"{jobID}:1", f"{jobID}:2"])
+        conn.disconnect()
+        process.stdout(b'{"progress": 0.3}\n')
+        again = Connection(self.site)
+        again.request("GET", "/render-stream?renderer=ticks&params=%7B%7D", {"Last-Event-ID": f"{jobID}:1"})
+        _, _, body = splitResponse(again.take())
+        self.assertEqual([e.id for e in decode(body)], [f"{jobID}:2", f"{jobID}:3"])
+        self.assertEqual(len(self.spawner.processes), 1)
+        process.exit(0)
+        again.disconnect()
+        status, _, _ = self.call("GET", "/render-stream?renderer=ticks", headers={"Last-Event-ID": f"{jobID}:4"})
+        self.assertEqual(status, 204)
+        self.assertError(
+            self.call("GET", "/render-stream?renderer=ticks", headers={"Last-Event-ID": "gone:3"}), 404, "unknown_job"
+        )
+        self.assertError(self.call("GET", "/render-stream?renderer=ticks&params=%7B"), 400, "malformed_json")
+        self.assertError(self.call("GET", "/render-stream?renderer=nope"), 422, "unknown_renderer")
+        self.assertEqual(len(self.spawner.processes), 1)
+
+    def test_headStartsNothing(self) -> None:
+        """
+        HEAD on C{/render-stream} starts no render.
+        """
+        status, _, _ = self.call("HEAD", "/render-stream?renderer=ticks")
+        self.assertEqual(status, 404)
+        self.assertEqual(self.spawner.processes, [])
+
+    def test_pageAndStatic(self) -> None:
+        """
+        The page is served with a strict CSP, and its assets by name only.
+        """
+        status, head, body = self.call("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertEqual(head[b"content-type"], b"text/html; charset=utf-8")
+        self.assertIn(b"script-src 'self'", head[b"content-security-policy"])
+        self.assertIn(b"static/app.js", body)
+        for name, kind in (("app.js", b"text/javascript"), ("app.css", b"text/css")):
+            status, head, _ = self.call("GET", f"/static/{name}")
+            self.assertEqual(status, 200)
+            self.assertTrue(head[b"content-type"].startswith(kind))
+        self.assertError(self.call("GET", "/static/index.html"), 404, "not_found")
+
+    def test_healthzAndRenderers(self) -> None:
+        """
+        C{/healthz} reports counts; C{/renderers} lists the names.
+        """
+        status, _, body = self.call("GET", "/healthz")
+        self.assertEqual((status, body["status"]), (200, "ok"))
+        self.assertEqual(body["renders"], {"running": 0, "queued": 0, "max": 2})
+        _, _, body = self.call("GET", "/renderers")
+        self.assertEqual(body, {"renderers": [{"name": "card"}, {"name": "ticks"}]})
+
+    def test_mountedUnderAParent(self) -> None:
+        """
+        Mounted under a parent resource at a sub-path, the API's URLs carry
+        the prefix.
+        """
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        root = Resource()
+        root.putChild(b"sse", buildResource(self.service, self.clock))
+        self.site = Site(root, reactor=self.clock)
+        job = self.create(prefix="/sse")
+        self.assertEqual(job["events_url"], f"/sse/renders/{job['id']}/events")
+        self.assertEqual(self.call("GET", job["status_url"])[2]["id"], job["id"])

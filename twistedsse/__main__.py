@@ -1,0 +1,37 @@
+"""
+C{python -m twistedsse} / C{twistedsse}: the same service as
+C{twistd -n twistedsse}, without plugin discovery or a pidfile.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.python import usage
+
+from .tap import Options, makeService
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        print(f"{options}\ntwistedsse: {e}", file=sys.stderr)
+        sys.exit(2)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+
+    def run(reactor: object) -> Deferred[None]:
+        service = makeService(options, reactor)
+        service.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+        return Deferred()  # runs until SIGINT/SIGTERM
+
+    react(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""
+The HTTP API, as Klein routes over a L{RenderService}. The only module
+that imports Klein; every error a client can cause leaves here as JSON
+C{{"error": CODE, "detail": TEXT}} with its 4xx status, unknown routes and
+wrong methods included.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, Mapping
+
+import attrs
+from klein import Klein
+from klein.interfaces import IKleinRequest
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.static import File
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+
+from ._errors import (
+    InvalidParams,
+    MalformedJSON,
+    NotFound,
+    PayloadTooLarge,
+    TwistedSSEError,
+    UnknownJob,
+)
+from ._service import RenderService
+from ._stream import EventStreamResource, lastEventID
+
+_log = Logger()
+
+MAX_BODY = 64 * 1024
+
+CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    b"media-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+    b"frame-ancestors 'none'"
+)
+
+_STATIC_TYPES = {
+    "index.html": b"text/html; charset=utf-8",
+    "app.js": b"text/javascript; charset=utf-8",
+    "app.css": b"text/css; charset=utf-8",
+}
+
+
+def _loadStatic() -> dict[str, bytes]:
+    folder = resources.files("twistedsse") / "_static"
+    return {name: (folder / name).read_bytes() for name in _STATIC_TYPES}
+
+
+def _json(request: IRequest, status: int, body: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def _error(request: IRequest, status: int, code: str, detail: str) -> bytes:
+    return _json(request, status, {"error": code, "detail": detail})
+
+
+def _readJSON(request: IRequest) -> Any:
+    length = request.getHeader(b"content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        raise PayloadTooLarge(f"request body is over the {MAX_BODY}-byte limit")
+    body = request.content.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise PayloadTooLarge(f"request body is over the {MAX_BODY}-byte limit")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MalformedJSON(f"request body is not valid JSON: {e}") from None
+
+
+def _streamIDs(jobID: str) -> Any:
+    """
+    Event ids on C{/render-stream} are C{JOBID:SEQ}, so that the browser's
+    automatic reconnect tells us which render it was watching.
+    """
+    prefix = jobID + ":"
+    return lambda seq: prefix + seq
+
+
+@attrs.define(slots=False)
+class TwistedSSEApp:
+    """
+    The routes. C{slots=False}: Klein caches its bound router on the
+    instance.
+
+    @ivar keepalive: seconds between keepalive comments on event streams.
+    @ivar retry: the reconnection delay (ms) sent to EventSource clients.
+    """
+
+    service: RenderService
+    clock: IReactorTime
+    keepalive: float = 15.0
+    retry: int = 2000
+    _static: Mapping[str, bytes] = attrs.field(factory=_loadStatic)
+
+    router = Klein()
+
+    def resource(self) -> IResource:
+        """
+        The app as a twisted.web resource, to serve or to mount under a
+        parent resource.
+        """
+        return self.router.resource()
+
+    # -- errors ----------------------------------------------------------
+
+    @router.handle_errors(TwistedSSEError)
+    def _ourError(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        return _error(request, error.status, error.code, str(error))
+
+    @router.handle_errors(HTTPException)
+    def _routingError(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        if isinstance(error, WerkzeugMethodNotAllowed):
+            allowed = ", ".join(sorted(error.valid_methods or ()))
+            request.setHeader(b"allow", allowed.encode("ascii"))
+            method = request.method.decode("latin-1")
+            return _error(request, 405, "method_not_allowed", f"{method} is not allowed here; use {allowed}")
+        if error.code == 404:
+            path = request.path.decode("utf-8", "replace")
+            return _error(request, 404, "not_found", f"no such resource: {path}")
+        return _error(request, error.code or 400, "bad_request", error.description or "bad request")
+
+    @router.handle_errors(Exception)
+    def _bug(self, request: IRequest, failure: Failure) -> bytes:
+        _log.failure("unhandled error in {method} {path}", failure,
+                     method=request.method, path=request.path)
+        return _error(request, 500, "internal_error", "the server failed; the error was logged")
+
+    # -- helpers ---------------------------------------------------------
+
+    def _links(self, request: IRequest) -> Any:
+        kr = IKleinRequest(request)
+
+        def links(jobID: str) -> dict[str, str]:
+            return {
+                "status_url": kr.url_for("status", {"jobID": jobID}),
+                "events_url": kr.url_for("events", {"jobID": jobID}),
+                "output_url": kr.url_for("output", {"jobID": jobID}),
+            }
+
+        return links
+
+    def _describe(self, request: IRequest, jobID: str) -> dict[str, Any]:
+        body = self.service.broker.get(jobID).toJSON()
+        body.update(self._links(request)(jobID))
+        return body
+
+    def _stream(self, jobID: str, **kw: Any) -> EventStreamResource:
+        return EventStreamResource(
+            self.service.broker, jobID, self.clock, keepalive=self.keepalive, retry=self.retry, **kw
+        )
+
+    # -- the page --------------------------------------------------------
+
+    @router.route("/", methods=["GET"])
+    def index(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", _STATIC_TYPES["index.html"])
+        request.setHeader(b"content-security-policy", CSP)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        return self._static["index.html"]
+
+    @router.route("/static/<string:name>", methods=["GET"])
+    def static(self, request: IRequest, name: str) -> bytes:
+        if name not in _STATIC_TYPES or name == "index.html":
+            raise NotFound(f"no such file: static/{name}")
+        request.setHeader(b"content-type", _STATIC_TYPES[name])
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-cache")
+        return self._static[name]
+
+    # -- the API ---------------------------------------------------------
+
+    @router.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        return _json(
+            request,
+            200,
+            {
+                "status": "ok",
+                "renders": {
+                    "running": self.service.activeCount(),
+                    "queued": self.service.queuedCount(),
+                    "max": self.service.maxRenders,
+                },
+                "subscribers": self.service.broker.subscriberCount(),
+            },
+        )
+
+    @router.route("/renderers", methods=["GET"])
+    def renderers(self, request: IRequest) -> bytes:
+        return _json(
+            request, 200, {"renderers": [{"name": name} for name in sorted(self.service.renderers)]}
+        )
+
+    @router.route("/renders", methods=["POST"])
+    def create(self, request: IRequest) -> bytes:
+        body = _readJSON(request)
+        if not isinstance(body, dict):
+            raise InvalidParams("body", "must be a JSON object like {\"renderer\": NAME, \"params\": {...}}")
+        unknown = sorted(set(body) - {"renderer", "params"})
+        if unknown:
+            raise InvalidParams(unknown[0], "unknown field; expected only renderer and params")
+        snapshot = self.service.submit(body.get("renderer"), body.get("params"), self._links(request))
+        description = self._describe(request, snapshot.id)
+        request.setHeader(b"location", description["status_url"].encode("ascii"))
+        return _json(request, 202, description)
+
+    @router.route("/renders/<string:jobID>", methods=["GET"])
+    def status(self, request: IRequest, jobID: str) -> bytes:
+        return _json(request, 200, self._describe(request, jobID))
+
+    @router.route("/renders/<string:jobID>", methods=["DELETE"])
+    def cancel(self, request: IRequest, jobID: str) -> bytes:
+        self.service.cancel(jobID)
+        return _json(request, 202, self._describe(request, jobID))
+
+    @router.route("/renders/<string:jobID>/events", methods=["GET"])
+    def events(self, request: IRequest, jobID: str) -> EventStreamResource:
+        self.service.broker.get(jobID)
+        return self._stream(jobID)
+
+    @router.route("/renders/<string:jobID>/output", methods=["GET"])
+    def output(self, request: IRequest, jobID: str) -> File:
+        path = self.service.outputPath(jobID)
+        request.setHeader(b"content-disposition", f'inline; filename="{jobID}.mp4"'.encode("ascii"))
+        request.setHeader(b"cache-control", b"private, max-age=3600")
+        return File(str(path), defaultType="video/mp4")
+
+    @router.route("/render-stream", methods=["GET"])
+    def renderStream(self, request: IRequest) -> EventStreamResource:
+        """
+        Opening this stream starts a render; a browser's automatic
+        reconnect (it sends C{Last-Event-ID}, whose ids here carry the job
+        id) re-attaches to that render and never starts a second one.
+        """
+        if request.method == b"HEAD":
+            # Only a GET may start a render.
+            raise UnknownJob("HEAD does not start a render; open the stream with GET")
+        last = lastEventID(request)
+        if last is not None:
+            jobID, sep, seq = last.rpartition(":")
+            if not sep or not jobID:
+                raise UnknownJob("Last-Event-ID does not name a render of this stream")
+            self.service.broker.get(jobID)
+            return self._stream(jobID, after=seq, rewriteID=_streamIDs(jobID))
+        args = request.args
+        renderer = args.get(b"renderer", [b""])[0].decode("utf-8", "replace")
+        raw = args.get(b"params", [None])[0]
+        params: Any = {}
+        if raw is not None:
+            try:
+                params = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise MalformedJSON(f"the params query parameter is not valid JSON: {e}") from None
+        snapshot = self.service.submit(renderer, params, self._links(request))
+        return self._stream(snapshot.id, rewriteID=_streamIDs(snapshot.id))

@@ -1,0 +1,120 @@
+"""
+The twistd plugin's options and service: C{twistd -n twistedsse ...}.
+
+Ordinary, tested code; the dropin in C{twisted/plugins/} only names this
+module.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from ._build import buildService, buildSite
+from ._command import CommandRenderer
+
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+
+def _positive(kind: type, name: str, minimum: float) -> Any:
+    def coerce(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+        if number < minimum:
+            raise ValueError(f"{name} must be at least {minimum:g}, got {value!r}")
+        return number
+
+    coerce.coerceDoc = f"(a {kind.__name__}, at least {minimum:g})"  # type: ignore[attr-defined]
+    return coerce
+
+
+class Options(usage.Options):
+    """
+    twistedsse's command line.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve render progress over Server-Sent Events. Defaults: listen on "
+        f"{DEFAULT_LISTEN}, jobs in memory, ffmpeg from the imageio-ffmpeg wheel, "
+        "outputs in a temporary directory removed at exit."
+    )
+
+    optParameters = [
+        ["output-dir", "o", None, "Directory for render outputs (default: a temporary one)."],
+        ["keepalive", "k", 15.0, "Seconds between keepalive comments.", _positive(float, "--keepalive", 0.01)],
+        ["max-renders", "m", os.cpu_count() or 1, "Renders run at once; the rest queue.", _positive(int, "--max-renders", 1)],
+        ["history", None, 1000, "Events kept per job for late subscribers and resumes.", _positive(int, "--history", 2)],
+        ["ffmpeg", None, None, "The ffmpeg executable (default: the imageio-ffmpeg one)."],
+        ["render-timeout", None, 3600.0, "Seconds a render may run (0: no limit).", _positive(float, "--render-timeout", 0)],
+        ["kill-grace", None, 5.0, "Seconds between TERM and KILL when stopping a render.", _positive(float, "--kill-grace", 0)],
+        ["retry", None, 2000, "Reconnection delay (ms) sent to EventSource clients.", _positive(int, "--retry", 0)],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["renderers"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        An endpoint to serve on, in strports form (repeatable; default
+        tcp:8080:interface=127.0.0.1). systemd:domain=INET:index=0 serves
+        on a socket passed by systemd.
+        """
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def opt_renderer(self, spec: str) -> None:
+        """
+        NAME=COMMAND: a renderer clients may ask for by NAME (repeatable).
+        COMMAND is split like a shell would, and run without one; it gets
+        the params as JSON on stdin and prints one JSON object per line.
+        """
+        try:
+            renderer = CommandRenderer.fromSpec(spec)
+        except ValueError as e:
+            raise usage.UsageError(f"--renderer: {e}") from None
+        if renderer.name == "card" or any(r.name == renderer.name for r in self["renderers"]):
+            raise usage.UsageError(f"--renderer: the name {renderer.name!r} is taken")
+        self["renderers"].append(renderer)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            if description.startswith("systemd:") and not os.environ.get("LISTEN_FDS"):
+                raise usage.UsageError(
+                    f"--listen {description}: no socket passed by systemd (LISTEN_FDS unset)"
+                )
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    The render service and one listening service per C{--listen}. They stop
+    in reverse order: first no new connections, then every render ends and
+    every open stream gets its final frame.
+    """
+    top = MultiService()
+    service = buildService(
+        reactor,
+        renderers=options["renderers"],
+        outputDir=options["output-dir"],
+        ffmpeg=options["ffmpeg"],
+        history=options["history"],
+        maxRenders=options["max-renders"],
+        renderTimeout=options["render-timeout"],
+        killGrace=options["kill-grace"],
+    )
+    service.setServiceParent(top)
+    site = buildSite(service, reactor, keepalive=options["keepalive"], retry=options["retry"])
+    for description in options["listen"]:
+        strports.service(description, site, reactor=reactor).setServiceParent(top)
+    return top
