@@ -1,0 +1,141 @@
+"""
+Integration-test plumbing: a real twistedsse server on 127.0.0.1 in the
+test's reactor, that closes every connection it accepted at cleanup, and
+a client process that timestamps each event it receives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
+
+from twistedsse import CommandRenderer, buildService, buildSite
+
+HERE = Path(__file__).parent
+TICKER = str(HERE / "ticker.py")
+CLIENT = str(HERE / "sseclient.py")
+
+
+def ticker(name: str = "ticks") -> CommandRenderer:
+    return CommandRenderer(name, [sys.executable, "-u", TICKER])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summary(latencies: list[float]) -> str:
+    return (
+        f"n={len(latencies)} p50={statistics.median(latencies):.2f}ms "
+        f"p95={percentile(latencies, 0.95):.2f}ms max={max(latencies):.2f}ms"
+    )
+
+
+class _Tracking(Site):
+    """
+    A Site that remembers its connections, so a test can close them all
+    and wait until they are gone (trial fails a test that leaves any).
+    """
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.live: dict[Any, Deferred[None]] = {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        gone: Deferred[None] = Deferred()
+        original = protocol.connectionLost
+
+        def connectionLost(reason: Any) -> None:
+            self.live.pop(protocol, None)
+            original(reason)
+            gone.callback(None)
+
+        protocol.connectionLost = connectionLost
+        self.live[protocol] = gone
+        return protocol
+
+    def closeAll(self) -> Deferred[Any]:
+        waits = list(self.live.values())
+        for protocol in list(self.live):
+            protocol.transport.abortConnection()
+        return DeferredList(waits)
+
+
+class ServerMixin:
+    """
+    For trial TestCases: C{startServer} serves twistedsse on an ephemeral
+    127.0.0.1 port and arranges for everything to stop afterwards.
+    """
+
+    def startServer(self, renderers: Any = (), keepalive: float = 15.0, **kw: Any) -> str:
+        kw.setdefault("outputDir", self.mktemp())  # type: ignore[attr-defined]
+        kw.setdefault("killGrace", 1.0)
+        self.service = buildService(reactor, renderers=renderers, **kw)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)  # type: ignore[attr-defined]
+        real = buildSite(self.service, reactor, keepalive=keepalive)
+        self.site = _Tracking(real.resource, reactor=reactor)
+        self.site.displayTracebacks = False
+        port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.addCleanup(self.site.closeAll)  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        return self.base
+
+    @inlineCallbacks
+    def post(self, renderer: str, params: Any) -> Any:
+        response = yield treq.post(
+            self.base + "/renders", json={"renderer": renderer, "params": params}, pool=self.pool
+        )
+        body = yield response.json()
+        if response.code != 202:
+            raise AssertionError(f"POST /renders: {response.code} {body}")
+        return body
+
+    @inlineCallbacks
+    def getJSON(self, path: str) -> Any:
+        response = yield treq.get(self.base + path, pool=self.pool)
+        body = yield response.json()
+        return response.code, body
+
+    @inlineCallbacks
+    def whenSubscribed(self, count: int, timeout: float = 30.0) -> Any:
+        """
+        Wait until C{count} streams are subscribed (polling the broker
+        every 10 ms, bounded by C{timeout}).
+        """
+        deadline = reactor.seconds() + timeout
+        while self.service.broker.subscriberCount() < count:
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"only {self.service.broker.subscriberCount()} of {count} subscribed")
+            yield deferLater(reactor, 0.01, lambda: None)
+
+    @inlineCallbacks
+    def clientProcess(self, url: str, lastEventID: str | None = None, timeout: float = 60) -> Any:
+        """
+        Run the socket client in its own process; its JSON lines.
+        """
+        args = [CLIENT, url] + ([lastEventID] if lastEventID else [])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent.parent), env.get("PYTHONPATH")]))
+        out, err, code = yield getProcessOutputAndValue(sys.executable, args, env=env).addTimeout(
+            timeout, reactor
+        )
+        if code != 0:
+            raise AssertionError(f"client exited {code}: {err.decode(errors='replace')}")
+        return [json.loads(line) for line in out.splitlines()]

@@ -1,0 +1,105 @@
+"""
+Real-time delivery on real sockets: a render process prints a timestamped
+progress line every 20 ms, and a client in another process must receive
+each event within 100 ms of the line being printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from ._support import ServerMixin, summary, ticker
+
+BOUND_MS = 100.0
+
+
+class RealTimeTests(ServerMixin, TestCase):
+    timeout = 120
+
+    def latencies(self, lines: list[dict]) -> list[float]:
+        progress = [line for line in lines if line.get("event") == "progress"]
+        return [(line["t_ns"] - json.loads(line["data"])["t_ns"]) / 1e6 for line in progress]
+
+    @inlineCallbacks
+    def test_renderStreamEveryEventWithin100ms(self) -> None:
+        """
+        Opening C{/render-stream} starts the render; each of its 50 progress
+        events reaches a socket client within 100 ms of being printed, in
+        order, then C{complete}.
+        """
+        base = self.startServer([ticker()])
+        lines = yield self.clientProcess(base + "/render-stream?renderer=ticks&params=%7B%22count%22%3A50%7D")
+        self.assertEqual(lines[0]["status"], 200)
+        events = lines[1:]
+        self.assertEqual([e["event"] for e in events], ["progress"] * 50 + ["complete"])
+        self.assertEqual([json.loads(e["data"])["i"] for e in events[:-1]], list(range(1, 51)))
+        latencies = self.latencies(events)
+        sys.stderr.write(f"\n[latency] /render-stream, socket client: {summary(latencies)}\n")
+        self.assertLessEqual(max(latencies), BOUND_MS, summary(latencies))
+
+    @inlineCallbacks
+    def test_eventsURLEveryEventWithin100ms(self) -> None:
+        """
+        The same through C{POST /renders} and the events URL: the client
+        connects before the first line is printed, and gets every event live
+        within 100 ms.
+        """
+        base = self.startServer([ticker()])
+        go = Path(self.mktemp()).absolute()
+        job = yield self.post("ticks", {"count": 50, "start_file": str(go)})
+        watching = self.clientProcess(base + job["events_url"])
+        yield self.whenSubscribed(1)
+        go.touch()
+        lines = yield watching
+        events = lines[1:]
+        self.assertEqual(len(events), 51)
+        connected = lines[0]["t_ns"]
+        live = [e for e in events[:-1] if json.loads(e["data"])["t_ns"] > connected]
+        self.assertEqual(len(live), 50, "the client connected late; the test proves nothing")
+        latencies = self.latencies(events)
+        sys.stderr.write(f"\n[latency] events URL, socket client: {summary(latencies)}\n")
+        self.assertLessEqual(max(latencies), BOUND_MS, summary(latencies))
+        code, status = yield self.getJSON(job["status_url"])
+        self.assertEqual((code, status["state"]), (200, "succeeded"))
+
+    @inlineCallbacks
+    def test_manySubscribersAllRealTime(self) -> None:
+        """
+        Ten clients on one job all get every event within 100 ms.
+        """
+        from twisted.internet.defer import gatherResults
+
+        base = self.startServer([ticker()])
+        go = Path(self.mktemp()).absolute()
+        job = yield self.post("ticks", {"count": 40, "start_file": str(go)})
+        watching = gatherResults([self.clientProcess(base + job["events_url"]) for _ in range(10)])
+        yield self.whenSubscribed(10)
+        go.touch()
+        results = yield watching
+        worst = []
+        for lines in results:
+            self.assertEqual(len(lines[1:]), 41)
+            worst.extend(self.latencies(lines[1:]))
+        sys.stderr.write(f"\n[latency] 10 socket clients, one job: {summary(worst)}\n")
+        self.assertLessEqual(max(worst), BOUND_MS, summary(worst))
+
+    @inlineCallbacks
+    def test_resumeAfterDisconnect(self) -> None:
+        """
+        A client that reconnects with C{Last-Event-ID} gets every later
+        event exactly once; after the end, a reconnect gets 204.
+        """
+        base = self.startServer([ticker()])
+        job = yield self.post("ticks", {"count": 20, "interval": 0.01})
+        first = yield self.clientProcess(base + job["events_url"])
+        self.assertEqual(len(first[1:]), 21)
+        rest = yield self.clientProcess(base + job["events_url"], lastEventID="12")
+        self.assertEqual([e["id"] for e in rest[1:]], [str(i) for i in range(13, 22)])
+        after = yield self.clientProcess(base + job["events_url"], lastEventID="21")
+        self.assertEqual(after, [after[0]])
+        self.assertEqual(after[0]["status"], 204)

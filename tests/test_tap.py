@@ -1,0 +1,113 @@
+"""
+The twistd plugin: options parsing, the service tree, and discovery.
+"""
+
+from __future__ import annotations
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from twistedsse import tap
+from twistedsse._service import RenderService
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *argv: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self) -> None:
+        """
+        With no options: listen on 127.0.0.1:8080, keepalive 15 s, no
+        command renderers, a temporary output directory.
+        """
+        options = self.parse()
+        self.assertEqual(options["listen"], ["tcp:8080:interface=127.0.0.1"])
+        self.assertEqual(options["keepalive"], 15.0)
+        self.assertEqual(options["renderers"], [])
+        self.assertIsNone(options["output-dir"])
+        self.assertGreaterEqual(options["max-renders"], 1)
+
+    def test_everyOption(self) -> None:
+        """
+        Every option is parsed and converted; --listen and --renderer repeat.
+        """
+        options = self.parse(
+            "--listen", "tcp:0:interface=127.0.0.1",
+            "--listen", "tcp6:0:interface=\\:\\:1",
+            "--renderer", "ticks=python3 -u 'my script.py' --n 3",
+            "--renderer", "other=/bin/true",
+            "--output-dir", "/srv/out",
+            "--keepalive", "2.5",
+            "--max-renders", "3",
+            "--history", "50",
+            "--ffmpeg", "/usr/bin/ffmpeg",
+            "--render-timeout", "90",
+            "--kill-grace", "1",
+            "--retry", "500",
+        )  # fmt: skip
+        self.assertEqual(len(options["listen"]), 2)
+        self.assertEqual(
+            [(r.name, r.argv) for r in options["renderers"]],
+            [("ticks", ("python3", "-u", "my script.py", "--n", "3")), ("other", ("/bin/true",))],
+        )
+        self.assertEqual(
+            (options["keepalive"], options["max-renders"], options["history"], options["retry"]), (2.5, 3, 50, 500)
+        )
+
+    def test_refusals(self) -> None:
+        """
+        Bad values are usage errors that say what is wrong.
+        """
+        for argv, words in [
+            (["--keepalive", "0"], "--keepalive must be at least"),
+            (["--keepalive", "soon"], "--keepalive must be a float"),
+            (["--max-renders", "0"], "--max-renders must be at least 1"),
+            (["--history", "1"], "--history must be at least 2"),
+            (["--renderer", "nocommand"], "expected NAME=COMMAND"),
+            (["--renderer", "Bad Name=/bin/true"], "renderer name must be"),
+            (["--renderer", "x=echo 'unbalanced"], "--renderer"),
+            (["--renderer", "x="], "empty command"),
+            (["--renderer", "card=/bin/true"], "taken"),
+            (["--renderer", "a=/bin/true", "--renderer", "a=/bin/false"], "taken"),
+        ]:
+            with self.assertRaises(UsageError) as caught:
+                self.parse(*argv)
+            self.assertIn(words, str(caught.exception), argv)
+
+    def test_systemdWithoutSocket(self) -> None:
+        """
+        A systemd listen description with no socket passed is a clear usage
+        error, not an IndexError at start-up.
+        """
+        self.patch(tap.os, "environ", {})
+        with self.assertRaises(UsageError) as caught:
+            self.parse("--listen", "systemd:domain=INET:index=0")
+        self.assertIn("no socket passed by systemd", str(caught.exception))
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_serviceTree(self) -> None:
+        """
+        makeService builds the render service and one listening service per
+        --listen, without touching the global reactor.
+        """
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0", "--listen", "tcp:1", "--output-dir", self.mktemp()])
+        top = tap.makeService(options, MemoryReactorClock())
+        children = list(top)
+        self.assertIsInstance(children[0], RenderService)
+        self.assertEqual([type(c) for c in children[1:]], [StreamServerEndpointService] * 2)
+
+    def test_pluginDiscovered(self) -> None:
+        """
+        twistd finds the plugin by its tap name.
+        """
+        makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "twistedsse"]
+        self.assertEqual(len(makers), 1)
+        self.assertIs(makers[0].options, tap.Options)
