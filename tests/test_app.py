@@ -66,8 +66,9 @@ class AppTests(SynchronousTestCase):
         self.assertNotIn("Traceback", body["detail"])
         return body["detail"]
 
-    def create(self, renderer: str = "ticks", params: Any = None, prefix: str = "") -> dict[str, Any]:
-        status, head, body = self.call("POST", prefix + "/renders", {"renderer": renderer, "params": params or {}})
+    def create(self, renderer: str = "ticks", params: Any = {}, prefix: str = "") -> dict[str, Any]:
+        request = {"renderer": renderer} if params is None else {"renderer": renderer, "params": params}
+        status, head, body = self.call("POST", prefix + "/renders", request)
         self.assertEqual(status, 202, body)
         self.assertEqual(head[b"location"].decode(), body["status_url"])
         return body
@@ -164,10 +165,13 @@ class AppTests(SynchronousTestCase):
         """
         self.assertError(self.call("POST", "/renders", raw=b"{nope"), 400, "malformed_json")
         self.assertError(self.call("POST", "/renders", raw=b"\xff\xfe"), 400, "malformed_json")
-        self.assertError(self.call("POST", "/renders", [1, 2]), 422, "invalid_params")
+        self.assertError(self.call("POST", "/renders", [1, 2]), 422, "invalid_body")
+        self.assertError(
+            self.call("POST", "/renders", raw=b'{"renderer": "ticks", "params": {"a": NaN}}'), 400, "malformed_json"
+        )
         self.assertError(self.call("POST", "/renders", {"renderer": "nope"}), 422, "unknown_renderer")
         self.assertError(self.call("POST", "/renders", {"renderer": 5}), 422, "unknown_renderer")
-        self.assertError(self.call("POST", "/renders", {"renderer": "card", "extra": 1}), 422, "invalid_params")
+        self.assertError(self.call("POST", "/renders", {"renderer": "card", "extra": 1}), 422, "invalid_body")
         detail = self.assertError(
             self.call("POST", "/renders", {"renderer": "card", "params": {"duration": 100}}), 422, "invalid_params"
         )
@@ -222,11 +226,18 @@ class AppTests(SynchronousTestCase):
 
     def test_headStartsNothing(self) -> None:
         """
-        HEAD on C{/render-stream} starts no render.
+        HEAD on C{/render-stream} answers with a stream's headers and starts
+        no render.
         """
-        status, _, _ = self.call("HEAD", "/render-stream?renderer=ticks")
-        self.assertEqual(status, 404)
+        status, head, body = self.call("HEAD", "/render-stream?renderer=ticks")
+        self.assertEqual((status, head[b"content-type"], body), (200, b"text/event-stream; charset=utf-8", b""))
         self.assertEqual(self.spawner.processes, [])
+
+    def test_cardWithoutParams(self) -> None:
+        """
+        A card render request may leave C{params} out: every default holds.
+        """
+        self.assertEqual(self.create("card", None)["params"]["title"], "twistedsse")
 
     def test_pageAndStatic(self) -> None:
         """
@@ -264,6 +275,9 @@ class AppTests(SynchronousTestCase):
         root = Resource()
         root.putChild(b"sse", buildResource(self.service, self.clock))
         self.site = Site(root, reactor=self.clock)
+        status, head, _ = self.call("GET", "/sse")
+        self.assertEqual(status, 308)
+        self.assertTrue(head[b"location"].endswith(b"/sse/"), head[b"location"])
         job = self.create(prefix="/sse")
         self.assertEqual(job["events_url"], f"/sse/renders/{job['id']}/events")
         self.assertEqual(self.call("GET", job["status_url"])[2]["id"], job["id"])

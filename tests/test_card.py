@@ -99,7 +99,8 @@ class ValidateTests(SynchronousTestCase):
         error = invalid(self, params)
         self.assertEqual(error.field, field, f"{params!r}: {error}")
         if detail is not None:
-            self.assertEqual(str(error), f"params.{field}: {detail}")
+            prefix = "params" if field == "params" else f"params.{field}"
+            self.assertEqual(str(error), f"{prefix}: {detail}")
 
     def test_defaults(self) -> None:
         """
@@ -199,14 +200,17 @@ class ValidateTests(SynchronousTestCase):
 
     def test_fps(self) -> None:
         """
-        C{fps} is an integer from 1 to 60; floats and bools are refused.
+        C{fps} is an integer from 1 to 60 (JSON's C{30.0} is 30); fractions
+        and bools are refused.
         """
         for good in [1, 25, 60]:
             self.assertEqual(CardRenderer().validate({"fps": good})["fps"], good)
+        self.assertEqual(CardRenderer().validate({"fps": 30.0})["fps"], 30)
+        self.assertIs(type(CardRenderer().validate({"fps": 30.0})["fps"]), int)
         for bad, shown in [
             (0, "0"),
             (61, "61"),
-            (30.0, "30.0"),
+            (61.0, "61"),
             (29.97, "29.97"),
             (True, "true"),
             ("30", '"30"'),

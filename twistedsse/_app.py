@@ -22,17 +22,20 @@ from twisted.web.resource import IResource
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 from ._errors import (
-    InvalidParams,
+    InvalidBody,
     MalformedJSON,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     TwistedSSEError,
     UnknownJob,
 )
+from . import _json
 from ._service import RenderService
-from ._stream import EventStreamResource, lastEventID
+from ._stream import EventStreamResource, lastEventID, startStreamHeaders
 
 _log = Logger()
 
@@ -56,7 +59,7 @@ def _loadStatic() -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in _STATIC_TYPES}
 
 
-def _json(request: IRequest, status: int, body: Any) -> bytes:
+def _respond(request: IRequest, status: int, body: Any) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -64,7 +67,7 @@ def _json(request: IRequest, status: int, body: Any) -> bytes:
 
 
 def _error(request: IRequest, status: int, code: str, detail: str) -> bytes:
-    return _json(request, status, {"error": code, "detail": detail})
+    return _respond(request, status, {"error": code, "detail": detail})
 
 
 def _readJSON(request: IRequest) -> Any:
@@ -75,7 +78,7 @@ def _readJSON(request: IRequest) -> Any:
     if len(body) > MAX_BODY:
         raise PayloadTooLarge(f"request body is over the {MAX_BODY}-byte limit")
     try:
-        return json.loads(body)
+        return _json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise MalformedJSON(f"request body is not valid JSON: {e}") from None
 
@@ -124,11 +127,16 @@ class TwistedSSEApp:
     @router.handle_errors(HTTPException)
     def _routingError(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
+        if isinstance(error, RequestRedirect):
+            # e.g. the page mounted at /sse is at /sse/ (its URLs are relative).
+            request.setResponseCode(error.code)
+            request.setHeader(b"location", error.new_url.encode("utf-8"))
+            return _respond(request, error.code, {"location": error.new_url})
         if isinstance(error, WerkzeugMethodNotAllowed):
             allowed = ", ".join(sorted(error.valid_methods or ()))
             request.setHeader(b"allow", allowed.encode("ascii"))
             method = request.method.decode("latin-1")
-            return _error(request, 405, "method_not_allowed", f"{method} is not allowed here; use {allowed}")
+            return _error(request, 405, MethodNotAllowed.code, f"{method} is not allowed here; use {allowed}")
         if error.code == 404:
             path = request.path.decode("utf-8", "replace")
             return _error(request, 404, "not_found", f"no such resource: {path}")
@@ -187,7 +195,7 @@ class TwistedSSEApp:
 
     @router.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
-        return _json(
+        return _respond(
             request,
             200,
             {
@@ -203,7 +211,7 @@ class TwistedSSEApp:
 
     @router.route("/renderers", methods=["GET"])
     def renderers(self, request: IRequest) -> bytes:
-        return _json(
+        return _respond(
             request, 200, {"renderers": [{"name": name} for name in sorted(self.service.renderers)]}
         )
 
@@ -211,23 +219,23 @@ class TwistedSSEApp:
     def create(self, request: IRequest) -> bytes:
         body = _readJSON(request)
         if not isinstance(body, dict):
-            raise InvalidParams("body", "must be a JSON object like {\"renderer\": NAME, \"params\": {...}}")
+            raise InvalidBody('the body must be a JSON object like {"renderer": NAME, "params": {...}}')
         unknown = sorted(set(body) - {"renderer", "params"})
         if unknown:
-            raise InvalidParams(unknown[0], "unknown field; expected only renderer and params")
-        snapshot = self.service.submit(body.get("renderer"), body.get("params"), self._links(request))
+            raise InvalidBody(f"unknown field {unknown[0]!r}; a render request has only renderer and params")
+        snapshot = self.service.submit(body.get("renderer"), body.get("params", {}), self._links(request))
         description = self._describe(request, snapshot.id)
         request.setHeader(b"location", description["status_url"].encode("ascii"))
-        return _json(request, 202, description)
+        return _respond(request, 202, description)
 
     @router.route("/renders/<string:jobID>", methods=["GET"])
     def status(self, request: IRequest, jobID: str) -> bytes:
-        return _json(request, 200, self._describe(request, jobID))
+        return _respond(request, 200, self._describe(request, jobID))
 
     @router.route("/renders/<string:jobID>", methods=["DELETE"])
     def cancel(self, request: IRequest, jobID: str) -> bytes:
         self.service.cancel(jobID)
-        return _json(request, 202, self._describe(request, jobID))
+        return _respond(request, 202, self._describe(request, jobID))
 
     @router.route("/renders/<string:jobID>/events", methods=["GET"])
     def events(self, request: IRequest, jobID: str) -> EventStreamResource:
@@ -249,8 +257,9 @@ class TwistedSSEApp:
         id) re-attaches to that render and never starts a second one.
         """
         if request.method == b"HEAD":
-            # Only a GET may start a render.
-            raise UnknownJob("HEAD does not start a render; open the stream with GET")
+            # What a GET's headers would be; only a GET starts a render.
+            startStreamHeaders(request)
+            return b""  # type: ignore[return-value]
         last = lastEventID(request)
         if last is not None:
             jobID, sep, seq = last.rpartition(":")
@@ -264,7 +273,7 @@ class TwistedSSEApp:
         params: Any = {}
         if raw is not None:
             try:
-                params = json.loads(raw)
+                params = _json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise MalformedJSON(f"the params query parameter is not valid JSON: {e}") from None
         snapshot = self.service.submit(renderer, params, self._links(request))

@@ -9,13 +9,13 @@ decimal sequence numbers C{"1"}, C{"2"}, ... of each job.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 import attrs
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from . import _json
 from ._errors import UnknownJob
 from ._frames import TERMINAL_EVENTS, Event, encodeEvent
 from ._interfaces import IJobBroker, ISubscriber
@@ -49,10 +49,6 @@ class _MemoryJob:
     log: EventLog
     subscribers: dict[int, ISubscriber] = attrs.Factory(dict)
     terminalSeq: int = 0
-
-
-def _dumps(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 @implementer(IJobBroker)
@@ -98,7 +94,7 @@ class MemoryBroker:
         if job.terminalSeq:
             raise ValueError(f"job {jobID}: event {name!r} after its terminal event")
         seq = job.log.lastSeq + 1
-        event = Event(data=_dumps(data), event=name, id=str(seq))
+        event = Event(data=_json.dumps(data), event=name, id=str(seq))
         frame = encodeEvent(event)
         job.log.append(Entry(seq, event, frame))
         terminal = name in TERMINAL_EVENTS

@@ -229,9 +229,11 @@ def _checkSize(value: object) -> str:
 
 def _checkFPS(value: object) -> int:
     """
-    An integer frame rate: C{30.0} is refused rather than guessed at, as
-    is C{true}.
+    An integer frame rate. JSON has one number type, so C{30.0} counts as
+    30 (as in JSON Schema); C{29.97} and C{true} are refused.
     """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not MIN_FPS <= value <= MAX_FPS:
         raise InvalidParams("fps", f"must be an integer from {MIN_FPS} to {MAX_FPS}, got {_show(value)}")
     return value

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import attrs
 from zope.interface import implementer
 
+from . import _json
 from ._errors import InvalidParams, RenderProtocolError
 from ._interfaces import IProgressParser, IRenderer, RenderPlan
 from ._lines import LineBuffer
@@ -61,7 +62,7 @@ class JSONLinesParser:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = _json.loads(line)
             except ValueError:
                 value = None
             if not isinstance(value, dict):
@@ -76,6 +77,13 @@ class JSONLinesParser:
 
     def end(self) -> list[dict[str, Any]]:
         return self._parse(self._lines.end())
+
+
+def _jsonType(value: object) -> str:
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (list, "an array"), ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def _finalize(part: Path, final: Path) -> None:
@@ -124,7 +132,7 @@ class CommandRenderer:
         if params is None:
             return {}
         if not isinstance(params, dict):
-            raise InvalidParams("params", f"must be a JSON object, got {type(params).__name__}")
+            raise InvalidParams("params", f"must be a JSON object, got {_jsonType(params)}")
         return params
 
     def plan(self, params: Mapping[str, Any], workdir: Path, stem: str) -> RenderPlan:

@@ -10,6 +10,7 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     │   └── MalformedJSON                   "malformed_json"
     ├── PayloadTooLarge (413)               "body_too_large"
     ├── Unprocessable (422)                 ValueError
+    │   ├── InvalidBody                     "invalid_body"
     │   ├── UnknownRenderer                 "unknown_renderer"
     │   └── InvalidParams                   "invalid_params" (names the field)
     ├── NotFound (404)                      LookupError
@@ -57,6 +58,14 @@ class Unprocessable(TwistedSSEError, ValueError):
     status = 422
 
 
+class InvalidBody(Unprocessable):
+    """
+    The request body is JSON, but not C{{"renderer": NAME, "params": {...}}}.
+    """
+
+    code = "invalid_body"
+
+
 class UnknownRenderer(Unprocessable):
     code = "unknown_renderer"
 
@@ -71,7 +80,7 @@ class InvalidParams(Unprocessable):
     code = "invalid_params"
 
     def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"params.{field}: {detail}")
+        super().__init__(f"params: {detail}" if field == "params" else f"params.{field}: {detail}")
         self.field = field
 
 

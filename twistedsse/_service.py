@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
 
-from ._errors import JobFinished, OutputNotReady, UnknownRenderer
+from ._errors import JobFinished, OutputNotReady, RenderProtocolError, UnknownRenderer
 from ._interfaces import IJobBroker, IRenderer, RenderPlan
 from ._job import JobSnapshot, JobState
 from ._render import ExitStatus, RunningRender, launch
@@ -187,7 +187,9 @@ class RenderService(Service):
                 path=str(self.outputDir),
             )
         except Exception as e:
-            _log.warn("render {jobID} could not start: {e}", jobID=jobID, e=e)
+            # The full reason (paths included) is for the operator's log;
+            # the client gets the kind of error only.
+            _log.warn("render {jobID} could not start: {e!r}", jobID=jobID, e=e)
             if plan is not None:
                 for path in plan.scratch:
                     _unlink(path)
@@ -195,7 +197,7 @@ class RenderService(Service):
                 jobID,
                 JobState.FAILED,
                 "failed",
-                _failure(f"could not start the renderer: {e}", reason="spawn"),
+                _failure(f"could not start the renderer ({_clientReason(e)})", reason="spawn"),
             )
             return
         timeout = None
@@ -207,9 +209,8 @@ class RenderService(Service):
         )
 
     def _progress(self, jobID: str, payload: dict[str, Any]) -> None:
-        snapshot = self.broker.get(jobID)
-        self.broker.update(attrs.evolve(snapshot, progress=payload))
         self.broker.publish(jobID, "progress", payload)
+        self.broker.update(attrs.evolve(self.broker.get(jobID), progress=payload))
 
     def _ended(self, status: ExitStatus, jobID: str) -> None:
         active = self._active.pop(jobID)
@@ -242,11 +243,12 @@ class RenderService(Service):
             if plan.output is not None and plan.output.is_file():
                 size = plan.output.stat().st_size
         except Exception as e:
+            _log.warn("render {jobID}: output unusable: {e!r}", jobID=jobID, e=e)
             self._end(
                 jobID,
                 JobState.FAILED,
                 "failed",
-                _failure(f"the render's output is unusable: {e}", reason="output", status=status),
+                _failure(f"the render's output is unusable ({_clientReason(e)})", reason="output", status=status),
             )
             return
         snapshot = self.broker.get(jobID)
@@ -306,6 +308,17 @@ def _failure(
         "signal": None if status is None else status.signal,
         "stderr_tail": [] if status is None else list(status.stderrTail),
     }
+
+
+def _clientReason(error: Exception) -> str:
+    """
+    What went wrong, without the paths an C{OSError} carries.
+    """
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if isinstance(error, RenderProtocolError):
+        return str(error)
+    return type(error).__name__
 
 
 def _exitFailure(status: ExitStatus, timeout: float) -> dict[str, Any]:

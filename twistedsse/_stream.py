@@ -138,15 +138,6 @@ class _Stream:
         if event.event in TERMINAL_EVENTS:
             self._request.finish()
 
-    def end(self, frame: bytes | None = None) -> None:
-        """
-        Finish the response from our side (with a last frame, if given).
-        """
-        if self._open:
-            if frame:
-                self._request.write(frame)
-            self._request.finish()
-
     def _closed(self, result: object) -> None:
         # Fires once: on finish() and on a lost connection alike.
         self._open = False
@@ -191,13 +182,19 @@ class EventStreamResource(Resource):
         self._after = after
         self._rewriteID = rewriteID
 
-    def render_GET(self, request: Request) -> bytes | int:
+    def _finishedFor(self, request: Request) -> bool:
         after = self._after if self._after is not None else lastEventID(request)
         if after is not None and self._broker.caughtUp(self._jobID, after):
             # A reconnect after the job's last event: 204 tells EventSource
             # to stop reconnecting, instead of replaying forever.
             request.setResponseCode(204)
+            return True
+        return False
+
+    def render_GET(self, request: Request) -> bytes | int:
+        if self._finishedFor(request):
             return b""
+        after = self._after if self._after is not None else lastEventID(request)
         startStreamHeaders(request)
         _Stream(request, self._rewriteID).start(
             self._broker, self._jobID, after, self._clock, self._keepalive, self._retry
@@ -207,5 +204,6 @@ class EventStreamResource(Resource):
     def render_HEAD(self, request: Request) -> bytes:
         # Resource.render_HEAD would call render_GET and open a stream (and
         # its keepalive timer) that nothing ever reads.
-        startStreamHeaders(request)
+        if not self._finishedFor(request):
+            startStreamHeaders(request)
         return b""

@@ -11,10 +11,10 @@ import os
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 
-from ._build import buildService, buildSite
+from ._build import ServerService, _reactor, buildService, buildSite
 from ._command import CommandRenderer
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -102,7 +102,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     in reverse order: first no new connections, then every render ends and
     every open stream gets its final frame.
     """
-    top = MultiService()
+    reactor = _reactor(reactor)
     service = buildService(
         reactor,
         renderers=options["renderers"],
@@ -113,8 +113,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         renderTimeout=options["render-timeout"],
         killGrace=options["kill-grace"],
     )
-    service.setServiceParent(top)
     site = buildSite(service, reactor, keepalive=options["keepalive"], retry=options["retry"])
+    top = ServerService(service, site, reactor)
     for description in options["listen"]:
-        strports.service(description, site, reactor=reactor).setServiceParent(top)
+        top.addListener(strports.service(description, site, reactor=reactor))
     return top

@@ -21,7 +21,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from twistedsse import CommandRenderer, buildService, buildSite
+from twistedsse import CommandRenderer, EventStreamDecoder, buildService, buildSite
 
 HERE = Path(__file__).parent
 TICKER = str(HERE / "ticker.py")
@@ -73,6 +73,23 @@ class _Tracking(Site):
         for protocol in list(self.live):
             protocol.transport.abortConnection()
         return DeferredList(waits)
+
+
+def stream(url: str, pool: HTTPConnectionPool, headers: dict[str, str] | None = None) -> tuple[list[Any], Deferred[Any]]:
+    """
+    Open an event stream with treq (unbuffered: an endless body must not be
+    kept), decoding it as it arrives. Returns the list that fills with
+    events and a Deferred that fires when the response ends.
+    """
+    events: list[Any] = []
+    decoder = EventStreamDecoder()
+
+    def collect(response: Any) -> Any:
+        events.append(response)
+        return treq.collect(response, lambda data: events.extend(decoder.feed(data)))
+
+    d = treq.get(url, headers=headers or {}, unbuffered=True, pool=pool).addCallback(collect)
+    return events, d
 
 
 class ServerMixin:

@@ -30,7 +30,7 @@ def main() -> None:
     for i in range(1, count + 1):
         if params.get("garbage") == i:
             print("this is not json", flush=True)
-        line = {"progress": i / count, "i": i, "t_ns": time.time_ns()}
+        line = {"progress": i / count, "i": i, "t_ns": time.time_ns(), "pid": os.getpid(), "cwd": os.getcwd()}
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         # Keep a steady cadence, independent of how long printing took.

@@ -1,0 +1,31 @@
+"""
+Strict JSON in and out. Python's C{json} reads and writes C{NaN} and
+C{Infinity}, which no other JSON parser accepts; we refuse them both ways.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(data: bytes | str) -> Any:
+    """
+    Parse JSON, refusing C{NaN}, C{Infinity} and C{-Infinity}.
+
+    @raise ValueError: not JSON (C{UnicodeDecodeError} included).
+    """
+    return json.loads(data, parse_constant=_refuse)
+
+
+def dumps(value: Any) -> str:
+    """
+    Compact JSON text, non-ASCII kept as is.
+
+    @raise ValueError: C{value} holds a float that is not finite.
+    """
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
