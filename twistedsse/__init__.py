@@ -15,7 +15,7 @@ not to be buffered.
 
 from ._app import TwistedSSEApp
 from ._broker import MemoryBroker
-from ._build import buildResource, buildService, buildSite
+from ._build import DrainingSite, ServerService, buildResource, buildService, buildSite
 from ._card import CardRenderer
 from ._command import CommandRenderer
 from ._decoder import EventStreamDecoder
@@ -44,6 +44,7 @@ __all__ = [
     "CardRenderer",
     "CommandRenderer",
     "Conflict",
+    "DrainingSite",
     "Event",
     "EventStreamDecoder",
     "EventStreamResource",
@@ -62,6 +63,7 @@ __all__ = [
     "PayloadTooLarge",
     "RenderPlan",
     "RenderService",
+    "ServerService",
     "TERMINAL_EVENTS",
     "TwistedSSEApp",
     "TwistedSSEError",
