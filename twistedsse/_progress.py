@@ -258,6 +258,7 @@ class FFmpegProgressParser:
     totalFrames: int
     durationS: float
     maxLine: int = 65536
+    _last: dict[str, Any] | None = attrs.field(default=None, init=False)
     _parser: ProgressParser = attrs.field(init=False)
 
     @_parser.default
@@ -268,13 +269,24 @@ class FFmpegProgressParser:
         """
         See L{IProgressParser.feed}.
         """
-        return [self._payload(p) for p in self._parser.feed(data)]
+        return self._changed(self._parser.feed(data))
 
     def end(self) -> list[dict[str, Any]]:
         """
         See L{IProgressParser.end}.
         """
-        return [self._payload(p) for p in self._parser.end()]
+        return self._changed(self._parser.end())
+
+    def _changed(self, blocks: list[Progress]) -> list[dict[str, Any]]:
+        # ffmpeg repeats its first block while the encoder starts up; a
+        # progress event that says nothing new is not sent.
+        payloads = []
+        for block in blocks:
+            payload = self._payload(block)
+            if payload != self._last:
+                payloads.append(payload)
+                self._last = payload
+        return payloads
 
     def _payload(self, progress: Progress) -> dict[str, Any]:
         return progressPayload(progress, self.totalFrames, self.durationS)
