@@ -138,6 +138,22 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse((self.dir / f"{jobID}.scratch").exists())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_nothingRunsBeforeStart(self) -> None:
+        """
+        Renders submitted before the service starts wait, and start with it.
+        """
+        self.service.stopService()
+        self.service.running = 0
+        stopped = RenderService(
+            clock=self.clock, spawner=self.spawner, broker=self.broker,
+            renderers={"file": FileRenderer()}, outputDir=self.dir,
+        )  # fmt: skip
+        jobID = stopped.submit("file", {})
+        self.assertEqual((self.spawner.processes, self.broker.get(jobID).state), ([], JobState.QUEUED))
+        stopped.startService()
+        self.assertEqual(len(self.spawner.processes), 1)
+        self.spawner.processes[0].exit(0)
+
     def test_queueAndConcurrencyLimit(self) -> None:
         """
         Renders beyond C{maxRenders} wait C{queued} and start, in order, as

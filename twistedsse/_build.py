@@ -40,8 +40,13 @@ def _reactor(reactor: Any) -> Any:
 class _TemporaryOutputService(RenderService):
     """
     A render service whose outputs live in a temporary directory that it
-    made, and removes once it has stopped: nothing is left behind.
+    makes when it starts and removes once it has stopped: nothing is left
+    behind, not even by a service that was built and never started.
     """
+
+    def startService(self) -> None:
+        self.outputDir = defaultOutputDir()
+        super().startService()
 
     def stopService(self) -> Deferred[None]:
         def remove(result: object) -> object:
@@ -80,7 +85,8 @@ def buildService(
         table[renderer.name] = renderer
     kind = RenderService
     if outputDir is None:
-        kind, outputDir = _TemporaryOutputService, defaultOutputDir()
+        # A placeholder until startService makes the real directory.
+        kind, outputDir = _TemporaryOutputService, Path(os.devnull)
     return kind(
         clock=reactor,
         spawner=reactor,

@@ -167,7 +167,8 @@ class RenderService(Service):
     # -- running -------------------------------------------------------
 
     def _pump(self) -> None:
-        while self._queue and len(self._active) < self.maxRenders and not self._stopping:
+        # Renders submitted before the service starts wait in the queue.
+        while self._queue and len(self._active) < self.maxRenders and self.running and not self._stopping:
             self._start(self._queue.popleft())
 
     def _start(self, jobID: str) -> None:
@@ -296,6 +297,7 @@ class RenderService(Service):
     def startService(self) -> None:
         self._stopping = False
         super().startService()
+        self._pump()
 
 
 def _failure(
