@@ -142,13 +142,11 @@ class ServiceTests(SynchronousTestCase):
         """
         Renders submitted before the service starts wait, and start with it.
         """
-        self.service.stopService()
-        self.service.running = 0
         stopped = RenderService(
             clock=self.clock, spawner=self.spawner, broker=self.broker,
             renderers={"file": FileRenderer()}, outputDir=self.dir,
         )  # fmt: skip
-        jobID = stopped.submit("file", {})
+        jobID = stopped.submit("file", {}).id
         self.assertEqual((self.spawner.processes, self.broker.get(jobID).state), ([], JobState.QUEUED))
         stopped.startService()
         self.assertEqual(len(self.spawner.processes), 1)
