@@ -281,3 +281,57 @@ class AppTests(SynchronousTestCase):
         job = self.create(prefix="/sse")
         self.assertEqual(job["events_url"], f"/sse/renders/{job['id']}/events")
         self.assertEqual(self.call("GET", job["status_url"])[2]["id"], job["id"])
+
+
+class LimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.spawner = FakeSpawner()
+        self.service = RenderService(
+            clock=self.clock, spawner=self.spawner, broker=MemoryBroker(),
+            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
+            outputDir=Path(self.mktemp()), maxRenders=1, maxQueued=1,
+        )  # fmt: skip
+        self.service.startService()
+        self.site = buildSite(self.service, self.clock, maxStreams=3, maxStreamsPerJob=2)
+
+    def test_streamLimits(self) -> None:
+        """
+        Past the per-job and the global stream limits, opening a stream is
+        503 with C{Retry-After}; a closed stream frees its place.
+        """
+        first = self.service.submit("ticks", {}).id
+        second = self.service.submit("ticks", {}).id
+        conns = []
+        for jobID in (first, first, second):
+            conn = Connection(self.site)
+            conn.request("GET", f"/renders/{jobID}/events")
+            self.assertEqual(splitResponse(conn.take())[0], 200)
+            conns.append(conn)
+        for jobID in (first, second):
+            conn = Connection(self.site)
+            conn.request("GET", f"/renders/{jobID}/events")
+            status, head, body = splitResponse(conn.take())
+            self.assertEqual((status, head[b"retry-after"]), (503, b"5"))
+            self.assertEqual(json.loads(body)["error"], "too_many_streams")
+            conn.disconnect()
+        conns.pop().disconnect()
+        conn = Connection(self.site)
+        conn.request("GET", f"/renders/{second}/events")
+        self.assertEqual(splitResponse(conn.take())[0], 200)
+        for conn in conns + [conn]:
+            conn.disconnect()
+
+    def test_queueLimit(self) -> None:
+        """
+        With every slot busy and the queue full, a new render is 429 with
+        C{Retry-After}, and no job is made.
+        """
+        self.service.submit("ticks", {})
+        self.service.submit("ticks", {})
+        conn = Connection(self.site)
+        conn.request("POST", "/renders", {"Content-Type": "application/json"}, b'{"renderer": "ticks"}')
+        status, head, body = splitResponse(conn.take())
+        conn.disconnect()
+        self.assertEqual((status, head[b"retry-after"], json.loads(body)["error"]), (429, b"10", "queue_full"))
+        self.assertEqual(len(self.service.broker.jobs()), 2)

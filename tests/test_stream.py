@@ -11,7 +11,7 @@ from twisted.web.server import Site
 
 from twistedsse._broker import MemoryBroker
 from twistedsse._frames import encodeEvent
-from twistedsse._stream import EventStreamResource, tcpTransport
+from twistedsse._stream import EventStreamResource, StreamLimits, StreamSettings, tcpTransport
 
 from ._helpers import Connection, TCPStringTransport, chunks, decode, snapshot, splitResponse
 
@@ -21,7 +21,9 @@ class StreamTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.broker = MemoryBroker(history=100)
         self.broker.create(snapshot("job1"))
-        self.resource = EventStreamResource(self.broker, "job1", self.clock, keepalive=15.0, retry=2000)
+        self.resource = EventStreamResource(
+            self.broker, "job1", self.clock, StreamSettings(keepalive=15.0, retry=2000, writeTimeout=30.0)
+        )
         self.site = Site(self.resource, reactor=self.clock)
 
     def connect(self, transport: StringTransport | None = None) -> Connection:
@@ -247,3 +249,124 @@ class StreamTests(SynchronousTestCase):
         conn.take()
         self.assertTrue(conn.transport.disconnecting)
         self.assertNothingLeft()
+
+
+class BackpressureTests(SynchronousTestCase):
+    """
+    A client that stops reading: Twisted pauses the stream (its push
+    producer); it keeps only the latest progress and the terminal event.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.broker = MemoryBroker(history=100)
+        self.broker.create(snapshot("job1"))
+        self.limits = StreamLimits(maxStreams=2, maxPerJob=1)
+        resource = EventStreamResource(
+            self.broker, "job1", self.clock, StreamSettings(keepalive=15.0, retry=0, writeTimeout=30.0),
+            limits=self.limits,
+        )  # fmt: skip
+        self.site = Site(resource, reactor=self.clock)
+        self.conn = Connection(self.site)
+        self.conn.request("GET", "/")
+        self.conn.take()
+        # The connection's producer is its HTTPChannel: pausing it is what a
+        # full socket buffer does.
+        self.channel = self.conn.transport.producer
+
+    def test_openCommentWithoutRetry(self) -> None:
+        """
+        With no retry configured, a comment opens the stream instead.
+        """
+        conn = Connection(self.site)
+        conn.request("GET", "/")
+        self.assertEqual(splitResponse(conn.take())[2], b": open\n\n")
+        conn.disconnect()
+        self.conn.disconnect()
+
+    def test_pausedStreamCoalesces(self) -> None:
+        """
+        While paused nothing is written; on resume the client gets the
+        latest progress, then the terminal event, and the response ends.
+        """
+        self.channel.pauseProducing()
+        for i in range(10):
+            self.broker.publish("job1", "progress", {"i": i})
+        self.broker.publish("job1", "complete", {"ok": True})
+        self.assertEqual(self.conn.take(), b"")
+        self.channel.resumeProducing()
+        wire = self.conn.take()
+        events = decode(b"".join(chunks(wire)))
+        self.assertEqual([(e.event, e.id) for e in events], [("progress", "10"), ("complete", "11")])
+        self.assertTrue(wire.endswith(b"0\r\n\r\n"))
+        self.conn.disconnect()
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.func.__name__ != "_updateLogDateTime"], [])
+        self.assertEqual(self.limits.open, 0)
+
+    def test_resumeWithNothingNew(self) -> None:
+        """
+        A pause and resume with no event in between writes nothing, and live
+        events flow again afterwards.
+        """
+        self.channel.pauseProducing()
+        self.channel.resumeProducing()
+        self.assertEqual(self.conn.take(), b"")
+        self.broker.publish("job1", "progress", {"i": 1})
+        self.assertEqual(len(decode(b"".join(chunks(self.conn.take())))), 1)
+        self.conn.disconnect()
+
+    def test_noKeepaliveWhilePaused(self) -> None:
+        """
+        A paused stream queues no keepalives on its full connection.
+        """
+        self.channel.pauseProducing()
+        self.clock.advance(15)
+        self.assertEqual(self.conn.take(), b"")
+        self.channel.resumeProducing()
+        self.clock.advance(15)
+        self.assertEqual(chunks(self.conn.take()), [b": keepalive\n\n"])
+        self.conn.disconnect()
+
+    def test_stalledClientIsDropped(self) -> None:
+        """
+        A client that reads nothing for the write timeout while paused is
+        disconnected, and nothing of it is left.
+        """
+        self.channel.pauseProducing()
+        self.broker.publish("job1", "progress", {"i": 1})
+        self.clock.advance(29.9)
+        self.assertFalse(self.conn.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(self.conn.transport.disconnecting)
+        self.conn.disconnect()
+        self.assertEqual(self.broker.subscriberCount(), 0)
+        self.assertEqual(self.limits.open, 0)
+
+    def test_resumeInTimeKeepsTheClient(self) -> None:
+        """
+        A client that drains its buffer before the write timeout stays.
+        """
+        self.channel.pauseProducing()
+        self.clock.advance(29)
+        self.channel.resumeProducing()
+        self.clock.advance(60)
+        self.assertFalse(self.conn.transport.disconnecting)
+        self.conn.disconnect()
+
+    def test_limitsCountOpenStreams(self) -> None:
+        """
+        L{StreamLimits} counts streams while they are open and refuses past
+        its limits, globally and per job.
+        """
+        from twistedsse._errors import TooManyStreams
+
+        self.assertEqual(self.limits.open, 1)
+        self.assertRaises(TooManyStreams, self.limits.check, "job1")
+        self.limits.check("job2")
+        self.limits.opened("job2")
+        error = self.assertRaises(TooManyStreams, self.limits.check, "job3")
+        self.assertEqual((error.status, error.retryAfter), (503, 5))
+        self.limits.closed("job2")
+        self.conn.disconnect()
+        self.assertEqual(self.limits.open, 0)
+        self.limits.check("job1")

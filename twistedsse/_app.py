@@ -30,12 +30,13 @@ from ._errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    TooManyStreams,
     TwistedSSEError,
     UnknownJob,
 )
 from . import _json
 from ._service import RenderService
-from ._stream import EventStreamResource, lastEventID, startStreamHeaders
+from ._stream import EventStreamResource, StreamLimits, StreamSettings, lastEventID, startStreamHeaders
 
 _log = Logger()
 
@@ -98,14 +99,15 @@ class TwistedSSEApp:
     The routes. C{slots=False}: Klein caches its bound router on the
     instance.
 
-    @ivar keepalive: seconds between keepalive comments on event streams.
-    @ivar retry: the reconnection delay (ms) sent to EventSource clients.
+    @ivar settings: how event streams behave (keepalive, retry, write
+        timeout).
+    @ivar limits: how many event streams may be open, in all and per job.
     """
 
     service: RenderService
     clock: IReactorTime
-    keepalive: float = 15.0
-    retry: int = 2000
+    settings: StreamSettings = StreamSettings()
+    limits: StreamLimits = attrs.field(factory=StreamLimits)
     _static: Mapping[str, bytes] = attrs.field(factory=_loadStatic)
 
     router = Klein()
@@ -122,6 +124,8 @@ class TwistedSSEApp:
     @router.handle_errors(TwistedSSEError)
     def _ourError(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
+        if isinstance(error, TooManyStreams):
+            request.setHeader(b"retry-after", str(error.retryAfter).encode("ascii"))
         return _error(request, error.status, error.code, str(error))
 
     @router.handle_errors(HTTPException)
@@ -168,8 +172,9 @@ class TwistedSSEApp:
         return body
 
     def _stream(self, jobID: str, **kw: Any) -> EventStreamResource:
+        self.limits.check(jobID)
         return EventStreamResource(
-            self.service.broker, jobID, self.clock, keepalive=self.keepalive, retry=self.retry, **kw
+            self.service.broker, jobID, self.clock, self.settings, limits=self.limits, **kw
         )
 
     # -- the page --------------------------------------------------------
@@ -206,6 +211,7 @@ class TwistedSSEApp:
                     "max": self.service.maxRenders,
                 },
                 "subscribers": self.service.broker.subscriberCount(),
+                "streams": self.limits.open,
             },
         )
 

@@ -24,6 +24,7 @@ from ._broker import MemoryBroker
 from ._card import CardRenderer
 from ._interfaces import IJobBroker, IRenderer
 from ._service import RenderService, defaultOutputDir
+from ._stream import StreamLimits, StreamSettings
 
 
 _log = Logger()
@@ -67,6 +68,7 @@ def buildService(
     maxRenders: int | None = None,
     renderTimeout: float = 3600.0,
     killGrace: float = 5.0,
+    maxQueued: int = 0,
 ) -> RenderService:
     """
     A L{RenderService} with the built-in C{card} renderer (ffmpeg from
@@ -96,11 +98,19 @@ def buildService(
         maxRenders=maxRenders if maxRenders is not None else (os.cpu_count() or 1),
         renderTimeout=renderTimeout,
         killGrace=killGrace,
+        maxQueued=maxQueued,
     )
 
 
 def buildResource(
-    service: RenderService, reactor: Any = None, *, keepalive: float = 15.0, retry: int = 2000
+    service: RenderService,
+    reactor: Any = None,
+    *,
+    keepalive: float = 15.0,
+    retry: int = 2000,
+    writeTimeout: float = 30.0,
+    maxStreams: int = 0,
+    maxStreamsPerJob: int = 0,
 ) -> IResource:
     """
     The HTTP API and page over C{service}, as a resource to serve or to
@@ -108,8 +118,18 @@ def buildResource(
 
     @param keepalive: seconds between keepalive comments on event streams.
     @param retry: the reconnection delay, in ms, sent to EventSource clients.
+    @param writeTimeout: seconds a client may read nothing while its
+        stream has frames waiting, before it is disconnected.
+    @param maxStreams: event streams open at once (0: no limit); past it,
+        503 with C{Retry-After}.
+    @param maxStreamsPerJob: the same, per render.
     """
-    return TwistedSSEApp(service, _reactor(reactor), keepalive=keepalive, retry=retry).resource()
+    return TwistedSSEApp(
+        service,
+        _reactor(reactor),
+        StreamSettings(keepalive=keepalive, retry=retry, writeTimeout=writeTimeout),
+        StreamLimits(maxStreams=maxStreams, maxPerJob=maxStreamsPerJob),
+    ).resource()
 
 
 class DrainingSite(Site):
@@ -174,14 +194,13 @@ class DrainingSite(Site):
         return DeferredList(waits).addCallback(done)
 
 
-def buildSite(
-    service: RenderService, reactor: Any = None, *, keepalive: float = 15.0, retry: int = 2000
-) -> DrainingSite:
+def buildSite(service: RenderService, reactor: Any = None, **options: Any) -> DrainingSite:
     """
-    A L{DrainingSite} serving L{buildResource} at its root.
+    A L{DrainingSite} serving L{buildResource} (which takes C{options}) at
+    its root.
     """
     reactor = _reactor(reactor)
-    site = DrainingSite(buildResource(service, reactor, keepalive=keepalive, retry=retry), reactor=reactor)
+    site = DrainingSite(buildResource(service, reactor, **options), reactor=reactor)
     site.displayTracebacks = False
     return site
 

@@ -16,6 +16,8 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     ├── NotFound (404)                      LookupError
     │   └── UnknownJob                      "unknown_job"
     ├── MethodNotAllowed (405)              "method_not_allowed"
+    ├── TooManyStreams (503)                "too_many_streams" (Retry-After)
+    ├── QueueFull (429)                     "queue_full" (Retry-After)
     └── Conflict (409)
         ├── JobFinished                     "job_finished"
         └── OutputNotReady                  "output_not_ready"
@@ -96,6 +98,30 @@ class UnknownJob(NotFound):
 class MethodNotAllowed(TwistedSSEError):
     code = "method_not_allowed"
     status = 405
+
+
+class TooManyStreams(TwistedSSEError):
+    """
+    Opening one more event stream would pass a configured limit.
+
+    @ivar retryAfter: seconds the client should wait (C{Retry-After}).
+    """
+
+    code = "too_many_streams"
+    status = 503
+
+    def __init__(self, detail: str, retryAfter: int = 5) -> None:
+        super().__init__(detail)
+        self.retryAfter = retryAfter
+
+
+class QueueFull(TooManyStreams):
+    """
+    The render queue is full: try again later.
+    """
+
+    code = "queue_full"
+    status = 429
 
 
 class Conflict(TwistedSSEError):

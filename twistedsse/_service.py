@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
 
-from ._errors import JobFinished, OutputNotReady, RenderProtocolError, UnknownRenderer
+from ._errors import JobFinished, OutputNotReady, QueueFull, RenderProtocolError, UnknownRenderer
 from ._interfaces import IJobBroker, IRenderer, RenderPlan
 from ._job import JobSnapshot, JobState
 from ._render import ExitStatus, RunningRender, launch
@@ -57,6 +57,8 @@ class RenderService(Service):
     @param renderTimeout: seconds a render may run before it is stopped
         and failed; C{0} for no limit.
     @param killGrace: seconds between TERM and KILL.
+    @param maxQueued: renders that may wait for a slot (0: no limit); past
+        it, L{QueueFull}.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class RenderService(Service):
         maxRenders: int = 2,
         renderTimeout: float = 3600.0,
         killGrace: float = 5.0,
+        maxQueued: int = 0,
         newID: Callable[[], str] = newJobID,
     ) -> None:
         if maxRenders < 1:
@@ -82,6 +85,7 @@ class RenderService(Service):
         self.maxRenders = maxRenders
         self.renderTimeout = renderTimeout
         self.killGrace = killGrace
+        self.maxQueued = maxQueued
         self._newID = newID
         self._links: dict[str, Mapping[str, str]] = {}
         self._queue: deque[str] = deque()
@@ -104,6 +108,8 @@ class RenderService(Service):
             known = ", ".join(sorted(self.renderers)) or "none"
             raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
         normalized = impl.validate(params)
+        if self.maxQueued and len(self._queue) >= self.maxQueued and len(self._active) >= self.maxRenders:
+            raise QueueFull(f"{len(self._queue)} renders are waiting already, the limit", retryAfter=10)
         jobID = self._newID()
         snapshot = JobSnapshot(
             id=jobID,

@@ -7,6 +7,14 @@ one C{request.write} the moment it exists. Nothing here holds bytes back;
 C{request.write} hands them to the transport in the same reactor turn, and
 the socket has TCP_NODELAY, so they leave at once. Proxies are told not to
 buffer (C{X-Accel-Buffering: no}) and nothing compresses the stream.
+
+The one exception is a client that stops reading. Each stream is a push
+producer: when the connection's buffers are full Twisted pauses it, and
+from then on it keeps only the latest C{progress} event and the terminal
+event, and writes those when the client reads again. A client that reads
+nothing for C{writeTimeout} seconds while paused is disconnected (it can
+resume with C{Last-Event-ID}). So a slow or dead client costs a bounded
+amount of memory, and never slows the others.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import attrs
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+import socket
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,6 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from ._errors import TooManyStreams
 from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent, encodeRetry
 from ._interfaces import IJobBroker, ISubscriber
 
@@ -80,45 +91,139 @@ def startStreamHeaders(request: Request) -> None:
     request.setHeader(b"x-accel-buffering", b"no")
 
 
-@implementer(ISubscriber)
+@attrs.frozen
+class StreamSettings:
+    """
+    How event streams behave.
+
+    @ivar keepalive: seconds between keepalive comments (0: none).
+    @ivar retry: the reconnection delay (ms) sent to EventSource clients
+        (0: none sent; an C{: open} comment opens the stream instead).
+    @ivar writeTimeout: seconds a client may leave its connection full
+        (reading nothing) before it is dropped; also set as the socket's
+        C{TCP_USER_TIMEOUT}, so the kernel gives up on a dead peer as soon.
+    """
+
+    keepalive: float = 15.0
+    retry: int = 2000
+    writeTimeout: float = 30.0
+
+
+@attrs.define
+class StreamLimits:
+    """
+    Counts open event streams, globally and per job, against their limits
+    (C{0}: no limit).
+    """
+
+    maxStreams: int = 0
+    maxPerJob: int = 0
+    retryAfter: int = 5
+    _open: int = attrs.field(default=0, init=False)
+    _perJob: dict[str, int] = attrs.field(factory=dict, init=False)
+
+    def check(self, jobID: str) -> None:
+        """
+        @raise TooManyStreams: one more stream (for C{jobID}) would pass a
+            limit.
+        """
+        if self.maxStreams and self._open >= self.maxStreams:
+            raise TooManyStreams(f"the server has {self._open} open streams, its limit", self.retryAfter)
+        if self.maxPerJob and self._perJob.get(jobID, 0) >= self.maxPerJob:
+            raise TooManyStreams(f"this render has {self.maxPerJob} open streams, its limit", self.retryAfter)
+
+    def opened(self, jobID: str) -> None:
+        self._open += 1
+        self._perJob[jobID] = self._perJob.get(jobID, 0) + 1
+
+    def closed(self, jobID: str) -> None:
+        self._open -= 1
+        left = self._perJob[jobID] - 1
+        if left:
+            self._perJob[jobID] = left
+        else:
+            del self._perJob[jobID]
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+
+def _abort(request: Request) -> None:
+    """
+    Drop a request's connection now, without waiting to flush (the peer is
+    not reading). Under HTTP/2 only this stream is reset.
+    """
+    transport = getattr(request, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+    else:
+        request.channel.loseConnection()
+
+
+def _userTimeout(transport: ITCPTransport, seconds: float) -> None:
+    # Linux only, plain TCP only (under TLS getHandle() is not a socket).
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    if option is not None and isinstance(handle, socket.socket):
+        try:
+            handle.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
+        except OSError:  # pragma: no cover - a kernel without it
+            pass
+
+
+@implementer(ISubscriber, IPushProducer)
 class _Stream:
     """
-    One open event stream: the subscriber the broker delivers to, and the
-    owner of the keepalive timer. Everything it holds is released in
-    L{_Stream._closed} (the request's C{notifyFinish}), whether the job
-    ended, the client left or the server is stopping.
+    One open event stream: the subscriber the broker delivers to, the push
+    producer Twisted pauses when the client stops reading, and the owner of
+    the keepalive and write-deadline timers. Everything it holds is released
+    in L{_Stream._closed} (the request's C{notifyFinish}), whether the job
+    ended, the client left, or the server is stopping.
     """
 
-    __slots__ = ("_request", "_keepalive", "_unsubscribe", "_rewriteID", "_open")
+    __slots__ = (
+        "_request", "_clock", "_settings", "_rewriteID", "_onClose", "_keepalive", "_unsubscribe",
+        "_open", "_paused", "_latest", "_terminal", "_deadline",
+    )  # fmt: skip
 
-    def __init__(self, request: Request, rewriteID: Callable[[str], str] | None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        settings: StreamSettings,
+        rewriteID: Callable[[str], str] | None = None,
+        onClose: Callable[[], None] | None = None,
+    ) -> None:
         self._request = request
+        self._clock = clock
+        self._settings = settings
         self._rewriteID = rewriteID
+        self._onClose = onClose
         self._keepalive: LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._open = True
+        self._paused = False
+        self._latest: tuple[Event, bytes] | None = None
+        self._terminal: tuple[Event, bytes] | None = None
+        self._deadline: IDelayedCall | None = None
 
-    def start(
-        self,
-        broker: IJobBroker,
-        jobID: str,
-        after: str | None,
-        clock: IReactorTime,
-        keepalive: float,
-        retry: int,
-    ) -> None:
-        request = self._request
+    def start(self, broker: IJobBroker, jobID: str, after: str | None) -> None:
+        request, settings = self._request, self._settings
         request.notifyFinish().addBoth(self._closed)
         transport = tcpTransport(request)
         if transport is not None:
             transport.setTcpNoDelay(True)
+            if settings.writeTimeout > 0:
+                _userTimeout(transport, settings.writeTimeout)
+        request.registerProducer(self, True)
         # Headers leave with the first write: send it now, so that
         # EventSource fires "open" and proxies pass the response on.
-        request.write(encodeRetry(retry) if retry else OPENED)
-        if keepalive > 0:
+        request.write(encodeRetry(settings.retry) if settings.retry else OPENED)
+        if settings.keepalive > 0:
             loop = self._keepalive = LoopingCall(self._ping)
-            loop.clock = clock
-            loop.start(keepalive, now=False)
+            loop.clock = self._clock
+            loop.start(settings.keepalive, now=False)
         unsubscribe = broker.subscribe(jobID, after, self)
         if self._open:
             self._unsubscribe = unsubscribe
@@ -127,26 +232,85 @@ class _Stream:
             unsubscribe()
 
     def _ping(self) -> None:
-        self._request.write(KEEPALIVE)
+        # A paused stream's connection is full: a keepalive would only queue.
+        if not self._paused:
+            self._request.write(KEEPALIVE)
 
     def deliver(self, event: Event, frame: bytes) -> None:
         if not self._open:
             return
         if self._rewriteID is not None and event.id is not None:
             frame = encodeEvent(attrs.evolve(event, id=self._rewriteID(event.id)))
+        terminal = event.event in TERMINAL_EVENTS
+        if self._paused:
+            # Coalesce: the latest progress supersedes the earlier ones.
+            if terminal:
+                self._terminal = (event, frame)
+            else:
+                self._latest = (event, frame)
+            return
         self._request.write(frame)
-        if event.event in TERMINAL_EVENTS:
-            self._request.finish()
+        if terminal:
+            self._end()
+
+    def _end(self) -> None:
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    # -- IPushProducer: Twisted calls these as the client's buffer fills
+    # and drains.
+
+    def pauseProducing(self) -> None:
+        if self._paused or not self._open:
+            return
+        self._paused = True
+        if self._settings.writeTimeout > 0:
+            self._deadline = self._clock.callLater(self._settings.writeTimeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        if not self._paused or not self._open:
+            return
+        self._paused = False
+        self._cancelDeadline()
+        latest, self._latest = self._latest, None
+        terminal, self._terminal = self._terminal, None
+        if latest is not None:
+            self._request.write(latest[1])
+        if terminal is not None:
+            self._request.write(terminal[1])
+            self._end()
+
+    def stopProducing(self) -> None:
+        # The connection is going away; notifyFinish will clean up.
+        self._latest = self._terminal = None
+
+    def _stalled(self) -> None:
+        self._deadline = None
+        _log.info(
+            "event stream dropped: the client read nothing for {seconds} s",
+            seconds=self._settings.writeTimeout,
+        )
+        _abort(self._request)
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
 
     def _closed(self, result: object) -> None:
         # Fires once: on finish() and on a lost connection alike.
         self._open = False
+        self._cancelDeadline()
+        self._latest = self._terminal = None
         if self._keepalive is not None and self._keepalive.running:
             self._keepalive.stop()
         self._keepalive = None
         if self._unsubscribe is not None:
             unsubscribe, self._unsubscribe = self._unsubscribe, None
             unsubscribe()
+        if self._onClose is not None:
+            onClose, self._onClose = self._onClose, None
+            onClose()
         if isinstance(result, Failure):
             _log.debug("event stream closed by the client: {why}", why=result.getErrorMessage())
 
@@ -154,11 +318,12 @@ class _Stream:
 class EventStreamResource(Resource):
     """
     Streams one job's events: the history after the client's last event
-    id, then live events, keepalive comments every C{keepalive} seconds,
-    and the end of the response after the terminal event.
+    id, then live events, keepalive comments every C{settings.keepalive}
+    seconds, and the end of the response after the terminal event.
 
     @param rewriteID: maps the broker's event id to the one sent, for the
         one-request C{/render-stream} shape whose ids name the job too.
+    @param limits: counts this stream while it is open.
     """
 
     isLeaf = True
@@ -168,22 +333,25 @@ class EventStreamResource(Resource):
         broker: IJobBroker,
         jobID: str,
         clock: IReactorTime,
-        keepalive: float = 15.0,
-        retry: int = 2000,
+        settings: StreamSettings = StreamSettings(),
         after: str | None = None,
         rewriteID: Callable[[str], str] | None = None,
+        limits: StreamLimits | None = None,
     ) -> None:
         super().__init__()
         self._broker = broker
         self._jobID = jobID
         self._clock = clock
-        self._keepalive = keepalive
-        self._retry = retry
+        self._settings = settings
         self._after = after
         self._rewriteID = rewriteID
+        self._limits = limits
+
+    def _lastSeen(self, request: Request) -> str | None:
+        return self._after if self._after is not None else lastEventID(request)
 
     def _finishedFor(self, request: Request) -> bool:
-        after = self._after if self._after is not None else lastEventID(request)
+        after = self._lastSeen(request)
         if after is not None and self._broker.caughtUp(self._jobID, after):
             # A reconnect after the job's last event: 204 tells EventSource
             # to stop reconnecting, instead of replaying forever.
@@ -194,11 +362,14 @@ class EventStreamResource(Resource):
     def render_GET(self, request: Request) -> bytes | int:
         if self._finishedFor(request):
             return b""
-        after = self._after if self._after is not None else lastEventID(request)
         startStreamHeaders(request)
-        _Stream(request, self._rewriteID).start(
-            self._broker, self._jobID, after, self._clock, self._keepalive, self._retry
-        )
+        onClose = None
+        if self._limits is not None:
+            limits, jobID = self._limits, self._jobID
+            limits.opened(jobID)
+            onClose = lambda: limits.closed(jobID)  # noqa: E731
+        stream = _Stream(request, self._clock, self._settings, self._rewriteID, onClose)
+        stream.start(self._broker, self._jobID, self._lastSeen(request))
         return NOT_DONE_YET
 
     def render_HEAD(self, request: Request) -> bytes:

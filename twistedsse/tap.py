@@ -55,6 +55,10 @@ class Options(usage.Options):
         ["render-timeout", None, 3600.0, "Seconds a render may run (0: no limit).", _positive(float, "--render-timeout", 0)],
         ["kill-grace", None, 5.0, "Seconds between TERM and KILL when stopping a render.", _positive(float, "--kill-grace", 0)],
         ["retry", None, 2000, "Reconnection delay (ms) sent to EventSource clients.", _positive(int, "--retry", 0)],
+        ["write-timeout", None, 30.0, "Seconds a client may read nothing while frames wait, before it is dropped (0: never).", _positive(float, "--write-timeout", 0)],
+        ["max-streams", None, 10000, "Event streams open at once (0: no limit); past it, 503.", _positive(int, "--max-streams", 0)],
+        ["max-streams-per-job", None, 1000, "Event streams open at once per render (0: no limit).", _positive(int, "--max-streams-per-job", 0)],
+        ["max-queued", None, 100, "Renders that may wait for a slot (0: no limit); past it, 429.", _positive(int, "--max-queued", 0)],
     ]
 
     def __init__(self) -> None:
@@ -112,8 +116,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         maxRenders=options["max-renders"],
         renderTimeout=options["render-timeout"],
         killGrace=options["kill-grace"],
+        maxQueued=options["max-queued"],
     )
-    site = buildSite(service, reactor, keepalive=options["keepalive"], retry=options["retry"])
+    site = buildSite(
+        service,
+        reactor,
+        keepalive=options["keepalive"],
+        retry=options["retry"],
+        writeTimeout=options["write-timeout"],
+        maxStreams=options["max-streams"],
+        maxStreamsPerJob=options["max-streams-per-job"],
+    )
     top = ServerService(service, site, reactor)
     for description in options["listen"]:
         top.addListener(strports.service(description, site, reactor=reactor))
