@@ -236,10 +236,10 @@ class RoutesTests(SynchronousTestCase):
 
     def test_streamEventsAreTheServersEvents(self) -> None:
         """
-        Both event streams document exactly C{progress} plus the terminal
+        Both event streams document exactly C{progress}, C{reset} plus the terminal
         events of L{twistedsse._frames}, each with a data schema.
         """
-        expected = {"progress"} | set(TERMINAL_EVENTS)
+        expected = {"progress", "reset"} | set(TERMINAL_EVENTS)
         for path in ("/renders/{jobID}/events", "/render-stream"):
             operation = self.spec["paths"][path]["get"]
             self.assertEqual(set(operation["x-events"]), expected, path)

@@ -116,7 +116,14 @@ class MemoryBroker:
         self, jobID: str, lastEventID: str | None, subscriber: ISubscriber
     ) -> Callable[[], None]:
         job = self._job(jobID)
-        for entry in job.log.after(parseSequence(lastEventID)):
+        after = parseSequence(lastEventID)
+        entries = job.log.after(after)
+        if after and entries and entries[0].seq > after + 1:
+            # The client's last event is older than the retained history:
+            # tell it so, with the current state, rather than skip silently.
+            reset = self._reset(job, missed=entries[0].seq - after - 1, seq=entries[0].seq - 1)
+            subscriber.deliver(reset, encodeEvent(reset))
+        for entry in entries:
             subscriber.deliver(entry.event, entry.frame)
         if job.terminalSeq:
             return _noop
@@ -130,6 +137,16 @@ class MemoryBroker:
                 self._subscriberCount -= 1
 
         return unsubscribe
+
+    @staticmethod
+    def _reset(job: _MemoryJob, missed: int, seq: int) -> Event:
+        snapshot = job.snapshot
+        data = {
+            "state": snapshot.state.value,
+            "progress": None if snapshot.progress is None else dict(snapshot.progress),
+            "missed": missed,
+        }
+        return Event(data=_json.dumps(data), event="reset", id=str(seq))
 
     def caughtUp(self, jobID: str, lastEventID: str | None) -> bool:
         job = self._job(jobID)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import Any, Iterable, Mapping
+from itertools import islice
+from typing import Any, Mapping, Sequence
 
 import attrs
 
@@ -146,7 +147,7 @@ class EventLog:
         """
         return self._lastSeq
 
-    def after(self, seq: int) -> Iterable[Entry]:
+    def after(self, seq: int) -> Sequence[Entry]:
         """
         The retained entries with a sequence number above C{seq}, in order.
         """
@@ -154,9 +155,8 @@ class EventLog:
             return ()
         if not self._entries or seq < self._entries[0].seq:
             return tuple(self._entries)
-        first = self._entries[0].seq
         # Sequence numbers are contiguous within the deque.
-        return tuple(self._entries)[seq - first + 1 :]
+        return tuple(islice(self._entries, seq - self._entries[0].seq + 1, None))
 
     def __len__(self) -> int:
         return len(self._entries)
