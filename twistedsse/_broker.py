@@ -9,7 +9,7 @@ decimal sequence numbers C{"1"}, C{"2"}, ... of each job.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import attrs
 from twisted.logger import Logger
@@ -70,6 +70,30 @@ class MemoryBroker:
         if snapshot.id in self._jobs:
             raise ValueError(f"job {snapshot.id!r} exists already")
         self._jobs[snapshot.id] = _MemoryJob(snapshot, EventLog(self.history))
+
+    def restore(self, snapshot: JobSnapshot, events: Iterable[tuple[int, str, str]]) -> None:
+        """
+        Add a job read back from storage with its events, each C{(seq,
+        name, data)} with C{data} already JSON text, keeping their ids.
+        """
+        self.create(snapshot)
+        job = self._jobs[snapshot.id]
+        for seq, name, data in events:
+            event = Event(data=data, event=name, id=str(seq))
+            job.log.append(Entry(seq, event, encodeEvent(event)))
+            if name in TERMINAL_EVENTS:
+                job.terminalSeq = seq
+
+    def finalEvents(self, jobID: str) -> list[tuple[int, str, str]]:
+        """
+        What is worth keeping of a finished job's history: its latest
+        progress event and its terminal event.
+        """
+        entries = list(self._job(jobID).log.after(0))
+        kept = entries[-1:]
+        progress = [e for e in entries[:-1] if e.event.event == "progress"]
+        kept = progress[-1:] + kept
+        return [(e.seq, e.event.event or "message", e.event.data) for e in kept]
 
     def _job(self, jobID: str) -> _MemoryJob:
         try:

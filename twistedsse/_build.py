@@ -24,6 +24,7 @@ from ._broker import MemoryBroker
 from ._card import CardRenderer
 from ._interfaces import IJobBroker, IRenderer
 from ._service import RenderService, defaultOutputDir
+from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
 
 
@@ -69,14 +70,18 @@ def buildService(
     renderTimeout: float = 3600.0,
     killGrace: float = 5.0,
     maxQueued: int = 0,
+    stateDir: str | os.PathLike[str] | None = None,
 ) -> RenderService:
     """
     A L{RenderService} with the built-in C{card} renderer (ffmpeg from
     C{ffmpeg}, by default the one in the C{imageio-ffmpeg} wheel) plus
     C{renderers}.
 
-    @param outputDir: where outputs go; by default a temporary directory
-        that is removed when the service stops.
+    @param outputDir: where outputs go; by default C{stateDir/outputs}, or
+        without a C{stateDir} a temporary directory that is removed when
+        the service stops.
+    @param stateDir: where jobs are kept across restarts (SQLite); by
+        default they live in memory only.
     @param maxRenders: renders run at once; by default the CPU count.
     """
     reactor = _reactor(reactor)
@@ -86,6 +91,11 @@ def buildService(
             raise ValueError(f"renderer {renderer.name!r} is defined twice")
         table[renderer.name] = renderer
     kind = RenderService
+    store = None
+    if stateDir is not None:
+        store = SQLiteJobStore(Path(stateDir) / "jobs.sqlite3")
+        if outputDir is None:
+            outputDir = Path(stateDir) / "outputs"
     if outputDir is None:
         # A placeholder until startService makes the real directory.
         kind, outputDir = _TemporaryOutputService, Path(os.devnull)
@@ -99,6 +109,7 @@ def buildService(
         renderTimeout=renderTimeout,
         killGrace=killGrace,
         maxQueued=maxQueued,
+        store=store,
     )
 
 

@@ -149,6 +149,18 @@ class IJobBroker(Interface):
         @raise twistedsse._errors.UnknownJob: no such job.
         """
 
+    def restore(snapshot: Any, events: Any) -> None:
+        """
+        Add a job read back from storage, with its stored events as
+        C{(seq, name, data)} (C{data} is JSON text), keeping their ids.
+        """
+
+    def finalEvents(jobID: str) -> list[tuple[int, str, str]]:
+        """
+        The events of a finished job worth storing, as C{(seq, name,
+        data)}: its latest C{progress} and its terminal event.
+        """
+
     def caughtUp(jobID: str, lastEventID: str | None) -> bool:
         """
         Whether a client that has seen up to C{lastEventID} has seen the

@@ -24,6 +24,7 @@ from ._errors import JobFinished, OutputNotReady, QueueFull, RenderProtocolError
 from ._interfaces import IJobBroker, IRenderer, RenderPlan
 from ._job import JobSnapshot, JobState
 from ._render import ExitStatus, RunningRender, launch
+from ._store import SQLiteJobStore, StoredEvent
 
 _log = Logger()
 
@@ -59,6 +60,8 @@ class RenderService(Service):
     @param killGrace: seconds between TERM and KILL.
     @param maxQueued: renders that may wait for a slot (0: no limit); past
         it, L{QueueFull}.
+    @param store: where jobs are kept across restarts, or C{None} for
+        memory only.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class RenderService(Service):
         renderTimeout: float = 3600.0,
         killGrace: float = 5.0,
         maxQueued: int = 0,
+        store: SQLiteJobStore | None = None,
         newID: Callable[[], str] = newJobID,
     ) -> None:
         if maxRenders < 1:
@@ -86,6 +90,8 @@ class RenderService(Service):
         self.renderTimeout = renderTimeout
         self.killGrace = killGrace
         self.maxQueued = maxQueued
+        self.store = store
+        self._restored = False
         self._newID = newID
         self._links: dict[str, Mapping[str, str]] = {}
         self._queue: deque[str] = deque()
@@ -119,6 +125,8 @@ class RenderService(Service):
             createdAt=self.clock.seconds(),
         )
         self.broker.create(snapshot)
+        if self.store is not None:
+            self.store.save(snapshot)
         if links is not None:
             self._links[jobID] = links(jobID)
         if self._stopping:
@@ -178,8 +186,10 @@ class RenderService(Service):
             self._start(self._queue.popleft())
 
     def _start(self, jobID: str) -> None:
-        snapshot = self.broker.get(jobID)
-        self.broker.update(snapshot.transition(JobState.RUNNING, self.clock.seconds()))
+        snapshot = self.broker.get(jobID).transition(JobState.RUNNING, self.clock.seconds())
+        self.broker.update(snapshot)
+        if self.store is not None:
+            self.store.save(snapshot)
         renderer = self.renderers[snapshot.renderer]
         plan = None
         try:
@@ -275,9 +285,17 @@ class RenderService(Service):
             changes["result"] = payload
         elif state is JobState.FAILED:
             changes["error"] = payload
-        self.broker.update(snapshot.transition(state, self.clock.seconds(), **changes))
+        final = snapshot.transition(state, self.clock.seconds(), **changes)
+        self.broker.update(final)
         self.broker.publish(jobID, event, payload)
         self._links.pop(jobID, None)
+        if self.store is not None:
+            try:
+                self.store.finish(
+                    final, [StoredEvent(*e) for e in self.broker.finalEvents(jobID)]
+                )
+            except Exception:
+                _log.failure("could not store the end of render {jobID}", jobID=jobID)
 
     def _interrupted(self, status: ExitStatus | None = None) -> dict[str, Any]:
         return _failure("interrupted: the server shut down", reason="interrupted", status=status)
@@ -296,14 +314,36 @@ class RenderService(Service):
         while self._queue:
             self._end(self._queue.popleft(), JobState.FAILED, "failed", self._interrupted())
         ended = [active.render.stop("shutdown") for active in self._active.values()]
+
+        def closeStore(result: object) -> None:
+            if self.store is not None:
+                self.store.close()
+
         if not ended:
+            closeStore(None)
             return succeed(None)
-        return DeferredList(ended, consumeErrors=True).addCallback(lambda _: None)
+        return DeferredList(ended, consumeErrors=True).addCallback(closeStore)
 
     def startService(self) -> None:
         self._stopping = False
+        if self.store is not None and not self._restored:
+            self._restore(self.store)
         super().startService()
         self._pump()
+
+    def _restore(self, store: SQLiteJobStore) -> None:
+        """
+        Load the jobs of earlier runs. One that never ended (the process
+        stopped, or was killed, while it was queued or running) ends now as
+        C{failed}, "interrupted": never a job that hangs forever.
+        """
+        self._restored = True
+        for snapshot, events in store.load():
+            self.broker.restore(snapshot, [(e.seq, e.name, e.data) for e in events])
+            if not snapshot.state.terminal:
+                for leftover in self.outputDir.glob(f"{snapshot.id}.*"):
+                    _unlink(leftover)
+                self._end(snapshot.id, JobState.FAILED, "failed", self._interrupted())
 
 
 def _failure(

@@ -47,7 +47,8 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["output-dir", "o", None, "Directory for render outputs (default: a temporary one)."],
+        ["state-dir", "s", None, "Keep jobs (SQLite) and outputs here, across restarts (default: memory and a temporary directory)."],
+        ["output-dir", "o", None, "Directory for render outputs (default: STATE-DIR/outputs, or a temporary one)."],
         ["keepalive", "k", 15.0, "Seconds between keepalive comments.", _positive(float, "--keepalive", 0.01)],
         ["max-renders", "m", os.cpu_count() or 1, "Renders run at once; the rest queue.", _positive(int, "--max-renders", 1)],
         ["history", None, 1000, "Events kept per job for late subscribers and resumes.", _positive(int, "--history", 2)],
@@ -111,6 +112,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor,
         renderers=options["renderers"],
         outputDir=options["output-dir"],
+        stateDir=options["state-dir"],
         ffmpeg=options["ffmpeg"],
         history=options["history"],
         maxRenders=options["max-renders"],

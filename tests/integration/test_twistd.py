@@ -43,8 +43,89 @@ class _Twistd(ProcessProtocol):
         self.ended.callback(reason.value)
 
 
+def startTwistd(*options: str) -> tuple[Any, _Twistd]:
+    protocol = _Twistd()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), env.get("PYTHONPATH")]))
+    argv = [
+        TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "twistedsse",
+        "--listen", "tcp:0:interface=127.0.0.1",
+        "--renderer", f"ticks={sys.executable} -u {TICKER}",
+        "--kill-grace", "2", *options,
+    ]  # fmt: skip
+    process = reactor.spawnProcess(protocol, TWISTD, argv, env=env)
+    return process, protocol
+
+
 class TwistdTests(TestCase):
     timeout = 60
+
+    def start(self, *options: str) -> Any:
+        if not os.path.exists(TWISTD):
+            self.fail(f"no twistd next to {sys.executable}")
+        process, protocol = startTwistd(*options)
+        self.addCleanup(lambda: protocol.ended if protocol.ended.called else _kill(process, protocol))
+        return process, protocol
+
+    @inlineCallbacks
+    def test_finishedRendersSurviveARestart(self) -> None:
+        """
+        With --state-dir, a finished render keeps its status, final events
+        and output across a restart of twistd, and a render that was running
+        at the SIGTERM comes back as failed, "interrupted"; so does one that
+        was running when twistd was SIGKILLed.
+        """
+        import treq
+
+        state = os.path.abspath(self.mktemp())
+        pool = HTTPConnectionPool(reactor, persistent=False)
+
+        def post(port: int, params: dict[str, Any]) -> Any:
+            return treq.post(
+                f"http://127.0.0.1:{port}/renders", json={"renderer": "ticks", "params": params}, pool=pool
+            ).addCallback(treq.json_content)
+
+        process, protocol = self.start("--state-dir", state)
+        port = yield protocol.listening
+        done = yield post(port, {"count": 3, "interval": 0.01, "output": "the video"})
+        events, finished = stream(f"http://127.0.0.1:{port}{done['events_url']}", pool)
+        yield finished
+        running = yield post(port, {"count": 5000})
+        events, finished = stream(f"http://127.0.0.1:{port}{running['events_url']}", pool)
+        while len(events) < 3:
+            yield deferLater(reactor, 0.02, lambda: None)
+        process.signalProcess("TERM")
+        yield protocol.ended
+        yield finished
+        self.assertEqual(events[-1].event, "failed")
+
+        process, protocol = self.start("--state-dir", state)
+        port = yield protocol.listening
+        status = yield treq.get(f"http://127.0.0.1:{port}{done['status_url']}", pool=pool).addCallback(treq.json_content)
+        self.assertEqual(status["state"], "succeeded")
+        output = yield treq.get(f"http://127.0.0.1:{port}{done['output_url']}", pool=pool).addCallback(treq.content)
+        self.assertEqual(output, b"the video")
+        replay, finished = stream(f"http://127.0.0.1:{port}{done['events_url']}", pool)
+        yield finished
+        self.assertEqual([e.event for e in replay[1:]], ["progress", "complete"])
+        self.assertEqual(json.loads(replay[1].data)["i"], 3)
+        status = yield treq.get(f"http://127.0.0.1:{port}{running['status_url']}", pool=pool).addCallback(treq.json_content)
+        self.assertEqual((status["state"], status["error"]["reason"]), ("failed", "interrupted"))
+
+        killed = yield post(port, {"count": 5000})
+        events, cut = stream(f"http://127.0.0.1:{port}{killed['events_url']}", pool)
+        while len(events) < 3:
+            yield deferLater(reactor, 0.02, lambda: None)
+        process.signalProcess("KILL")
+        yield protocol.ended
+        # A SIGKILLed server cannot end its streams: the body is cut short.
+        yield self.assertFailure(cut, Exception)
+        process, protocol = self.start("--state-dir", state)
+        port = yield protocol.listening
+        status = yield treq.get(f"http://127.0.0.1:{port}{killed['status_url']}", pool=pool).addCallback(treq.json_content)
+        self.assertEqual((status["state"], status["error"]["reason"]), ("failed", "interrupted"))
+        process.signalProcess("TERM")
+        yield protocol.ended
 
     @inlineCallbacks
     def test_sigtermEndsStreamsAndChildren(self) -> None:
