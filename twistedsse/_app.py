@@ -32,9 +32,11 @@ from ._errors import (
     PayloadTooLarge,
     TooManyStreams,
     TwistedSSEError,
+    Unauthorized,
     UnknownJob,
 )
 from . import _json
+from ._security import BearerTokens, CORSPolicy, CORSResource
 from ._service import RenderService
 from ._stream import EventStreamResource, StreamLimits, StreamSettings, lastEventID, startStreamHeaders
 
@@ -108,6 +110,8 @@ class TwistedSSEApp:
     clock: IReactorTime
     settings: StreamSettings = StreamSettings()
     limits: StreamLimits = attrs.field(factory=StreamLimits)
+    auth: BearerTokens = BearerTokens()
+    cors: CORSPolicy = CORSPolicy()
     _static: Mapping[str, bytes] = attrs.field(factory=_loadStatic)
 
     router = Klein()
@@ -117,7 +121,10 @@ class TwistedSSEApp:
         The app as a twisted.web resource, to serve or to mount under a
         parent resource.
         """
-        return self.router.resource()
+        resource = self.router.resource()
+        if self.cors.origins:
+            return CORSResource(resource, self.cors)
+        return resource
 
     # -- errors ----------------------------------------------------------
 
@@ -126,6 +133,8 @@ class TwistedSSEApp:
         error = failure.value
         if isinstance(error, TooManyStreams):
             request.setHeader(b"retry-after", str(error.retryAfter).encode("ascii"))
+        if isinstance(error, Unauthorized):
+            request.setHeader(b"www-authenticate", b'Bearer realm="twistedsse"')
         return _error(request, error.status, error.code, str(error))
 
     @router.handle_errors(HTTPException)
@@ -223,6 +232,7 @@ class TwistedSSEApp:
 
     @router.route("/renders", methods=["POST"])
     def create(self, request: IRequest) -> bytes:
+        self.auth.check(request)
         body = _readJSON(request)
         if not isinstance(body, dict):
             raise InvalidBody('the body must be a JSON object like {"renderer": NAME, "params": {...}}')
@@ -240,6 +250,7 @@ class TwistedSSEApp:
 
     @router.route("/renders/<string:jobID>", methods=["DELETE"])
     def cancel(self, request: IRequest, jobID: str) -> bytes:
+        self.auth.check(request)
         self.service.cancel(jobID)
         return _respond(request, 202, self._describe(request, jobID))
 
@@ -273,6 +284,9 @@ class TwistedSSEApp:
                 raise UnknownJob("Last-Event-ID does not name a render of this stream")
             self.service.broker.get(jobID)
             return self._stream(jobID, after=seq, rewriteID=_streamIDs(jobID))
+        # Starting a render needs the operator token, if one is set;
+        # re-attaching (above) only reads, which the job id allows.
+        self.auth.check(request, allowQuery=True)
         args = request.args
         renderer = args.get(b"renderer", [b""])[0].decode("utf-8", "replace")
         raw = args.get(b"params", [None])[0]

@@ -24,6 +24,7 @@ from ._broker import MemoryBroker
 from ._card import CardRenderer
 from ._interfaces import IJobBroker, IRenderer
 from ._service import RenderService, defaultOutputDir
+from ._security import BearerTokens, CORSPolicy
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
 
@@ -122,6 +123,8 @@ def buildResource(
     writeTimeout: float = 30.0,
     maxStreams: int = 0,
     maxStreamsPerJob: int = 0,
+    authTokens: Iterable[bytes] = (),
+    corsOrigins: Iterable[str] = (),
 ) -> IResource:
     """
     The HTTP API and page over C{service}, as a resource to serve or to
@@ -134,12 +137,18 @@ def buildResource(
     @param maxStreams: event streams open at once (0: no limit); past it,
         503 with C{Retry-After}.
     @param maxStreamsPerJob: the same, per render.
+    @param authTokens: operator tokens; if any, creating and cancelling
+        renders needs one (C{Authorization: Bearer TOKEN}).
+    @param corsOrigins: origins (C{https://app.example}) whose pages may
+        use the API and open event streams.
     """
     return TwistedSSEApp(
         service,
         _reactor(reactor),
         StreamSettings(keepalive=keepalive, retry=retry, writeTimeout=writeTimeout),
         StreamLimits(maxStreams=maxStreams, maxPerJob=maxStreamsPerJob),
+        BearerTokens(tuple(authTokens)),
+        CORSPolicy.of(corsOrigins),
     ).resource()
 
 

@@ -9,6 +9,7 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     ├── BadRequest (400)                    ValueError
     │   └── MalformedJSON                   "malformed_json"
     ├── PayloadTooLarge (413)               "body_too_large"
+    ├── Unauthorized (401)                  "unauthorized"
     ├── Unprocessable (422)                 ValueError
     │   ├── InvalidBody                     "invalid_body"
     │   ├── UnknownRenderer                 "unknown_renderer"
@@ -53,6 +54,16 @@ class MalformedJSON(BadRequest):
 class PayloadTooLarge(TwistedSSEError):
     code = "body_too_large"
     status = 413
+
+
+class Unauthorized(TwistedSSEError):
+    """
+    Creating or cancelling renders needs an operator token, and the
+    request had none of them.
+    """
+
+    code = "unauthorized"
+    status = 401
 
 
 class Unprocessable(TwistedSSEError, ValueError):

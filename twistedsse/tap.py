@@ -8,6 +8,7 @@ module.
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 from typing import Any
 
 from twisted.application import strports
@@ -16,6 +17,7 @@ from twisted.python import usage
 
 from ._build import ServerService, _reactor, buildService, buildSite
 from ._command import CommandRenderer
+from ._security import readTokens
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 
@@ -66,6 +68,8 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["renderers"] = []
+        self["cors-origins"] = []
+        self["auth-tokens"] = ()
 
     def opt_listen(self, description: str) -> None:
         """
@@ -90,6 +94,26 @@ class Options(usage.Options):
         if renderer.name == "card" or any(r.name == renderer.name for r in self["renderers"]):
             raise usage.UsageError(f"--renderer: the name {renderer.name!r} is taken")
         self["renderers"].append(renderer)
+
+    def opt_cors_origin(self, origin: str) -> None:
+        """
+        An origin (scheme://host[:port]) whose pages may use the API and
+        open event streams (repeatable; default: none).
+        """
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+            raise usage.UsageError(f"--cors-origin: expected http(s)://host[:port], got {origin!r}")
+        self["cors-origins"].append(origin)
+
+    def opt_auth_token_file(self, path: str) -> None:
+        """
+        A file of operator tokens, one per line: creating and cancelling
+        renders then needs Authorization: Bearer TOKEN.
+        """
+        try:
+            self["auth-tokens"] = readTokens(path)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise usage.UsageError(f"--auth-token-file: {e}") from None
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -128,6 +152,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         writeTimeout=options["write-timeout"],
         maxStreams=options["max-streams"],
         maxStreamsPerJob=options["max-streams-per-job"],
+        authTokens=options["auth-tokens"],
+        corsOrigins=options["cors-origins"],
     )
     top = ServerService(service, site, reactor)
     for description in options["listen"]:
