@@ -19,6 +19,7 @@ from twistedsse._card import CardRenderer
 from twistedsse._command import CommandRenderer
 from twistedsse._job import JobState
 from twistedsse._service import RenderService
+from twistedsse._site import BoundedRequest
 from twistedsse.testing import FakeSpawner
 
 from ._helpers import Connection, chunks, decode, splitResponse
@@ -335,3 +336,61 @@ class LimitTests(SynchronousTestCase):
         conn.disconnect()
         self.assertEqual((status, head[b"retry-after"], json.loads(body)["error"]), (429, b"10", "queue_full"))
         self.assertEqual(len(self.service.broker.jobs()), 2)
+
+
+class BoundsTests(SynchronousTestCase):
+    """
+    What a client may send is bounded before any app code runs.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        service = RenderService(
+            clock=self.clock, spawner=FakeSpawner(), broker=MemoryBroker(),
+            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])}, outputDir=Path(self.mktemp()),
+        )  # fmt: skip
+        self.site = buildSite(service, self.clock)
+
+    def test_bodyOverTheLimitIsNotKept(self) -> None:
+        """
+        A body over 64 KiB, announced or chunked, is not buffered: 413, and
+        the request kept nothing of it.
+        """
+        for chunked in (False, True):
+            body = b'{"renderer": "' + b"x" * (70 * 1024) + b'"}'
+            if chunked:
+                raw = b"POST /renders HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                raw += b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 8192]), body[i : i + 8192]) for i in range(0, len(body), 8192))
+                raw += b"0\r\n\r\n"
+            else:
+                raw = b"POST /renders HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            kept: list[int] = []
+
+            class Recording(BoundedRequest):
+                def process(self) -> None:
+                    kept.append(self.content.seek(0, 2))
+                    super().process()
+
+            self.site.requestFactory = Recording
+            conn = Connection(self.site)
+            conn.protocol.dataReceived(raw)
+            status, _, payload = splitResponse(conn.take())
+            self.assertEqual((status, json.loads(payload)["error"]), (413, "body_too_large"), chunked)
+            self.assertEqual(kept, [0])
+            conn.disconnect()
+
+    def test_headerLimits(self) -> None:
+        """
+        An over-long URL, too many headers or too many header bytes are
+        refused by the HTTP layer (4xx), not handed to the app.
+        """
+        for raw in (
+            b"GET /" + b"a" * (9 * 1024) + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+            b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n",
+            b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 4000) for i in range(6)) + b"\r\n",
+        ):
+            conn = Connection(self.site)
+            conn.protocol.dataReceived(raw)
+            response = conn.take()
+            self.assertRegex(response[:12], rb"HTTP/1\.1 4\d\d", raw[:40])
+            conn.disconnect()

@@ -159,6 +159,7 @@ class ServiceTests(SynchronousTestCase):
         """
         first, second = self.submit(), self.submit()
         self.assertEqual(len(self.spawner.processes), 1)
+        self.assertEqual(self.broker.get(first).state, JobState.RUNNING)
         self.assertEqual(self.broker.get(second).state, JobState.QUEUED)
         self.assertEqual(self.service.queuedCount(), 1)
         self.spawner.processes[0].exit(0)

@@ -15,7 +15,8 @@ not to be buffered.
 
 from ._app import TwistedSSEApp
 from ._broker import MemoryBroker
-from ._build import DrainingSite, ServerService, buildResource, buildService, buildSite
+from ._build import buildResource, buildService, buildSite
+from ._site import DrainingSite, ServerService
 from ._card import CardRenderer
 from ._command import CommandRenderer
 from ._decoder import EventStreamDecoder

@@ -74,6 +74,8 @@ def _error(request: IRequest, status: int, code: str, detail: str) -> bytes:
 
 
 def _readJSON(request: IRequest) -> Any:
+    if getattr(request, "tooLarge", False):
+        raise PayloadTooLarge(f"request body is over the {MAX_BODY}-byte limit")
     length = request.getHeader(b"content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY:
         raise PayloadTooLarge(f"request body is over the {MAX_BODY}-byte limit")

@@ -11,13 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource
-from twisted.web.server import Site
 
 from ._app import TwistedSSEApp
 from ._broker import MemoryBroker
@@ -25,11 +20,9 @@ from ._card import CardRenderer
 from ._interfaces import IJobBroker, IRenderer
 from ._service import RenderService, defaultOutputDir
 from ._security import BearerTokens, CORSPolicy
+from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
-
-
-_log = Logger()
 
 
 def _reactor(reactor: Any) -> Any:
@@ -152,68 +145,6 @@ def buildResource(
     ).resource()
 
 
-class DrainingSite(Site):
-    """
-    A L{Site} that can close its connections gracefully.
-
-    At shutdown the reactor drops every connection without sending what is
-    still in its write buffer, so the final frame each stream was just
-    given would be lost. L{DrainingSite.drain} closes each connection the
-    polite way (pending bytes first) and waits for all of them to go.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._gone: dict[Any, tuple[Any, Deferred[None]]] = {}
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        gone: Deferred[None] = Deferred()
-        makeConnection, connectionLost = protocol.makeConnection, protocol.connectionLost
-
-        # Wrapping the instance's methods: Site offers no hook for the
-        # start and end of a connection, and its protocol wrapper does not
-        # expose the transport.
-        def made(transport: Any) -> None:
-            self._gone[protocol] = (transport, gone)
-            makeConnection(transport)
-
-        def lost(reason: Failure) -> None:
-            self._gone.pop(protocol, None)
-            try:
-                connectionLost(reason)
-            finally:
-                gone.callback(None)
-
-        protocol.makeConnection = made
-        protocol.connectionLost = lost
-        return protocol
-
-    def openConnections(self) -> int:
-        return len(self._gone)
-
-    def drain(self, clock: IReactorTime, timeout: float = 5.0) -> Deferred[None]:
-        """
-        Close every connection after its pending bytes are sent; abort any
-        still open after C{timeout} seconds (a client that stopped reading).
-        """
-        waits = [gone for _, gone in self._gone.values()]
-        for transport, _ in list(self._gone.values()):
-            transport.loseConnection()
-
-        def abort() -> None:
-            for transport, _ in list(self._gone.values()):
-                transport.abortConnection()
-
-        deadline = clock.callLater(timeout, abort)
-
-        def done(result: object) -> None:
-            if deadline.active():
-                deadline.cancel()
-
-        return DeferredList(waits).addCallback(done)
-
-
 def buildSite(service: RenderService, reactor: Any = None, **options: Any) -> DrainingSite:
     """
     A L{DrainingSite} serving L{buildResource} (which takes C{options}) at
@@ -225,37 +156,3 @@ def buildSite(service: RenderService, reactor: Any = None, **options: Any) -> Dr
     return site
 
 
-class ServerService(MultiService):
-    """
-    The whole server: the render service and the listening services, which
-    stop in order: no new connections; every render ends and every stream
-    gets its final frame; the site's connections drain.
-    """
-
-    def __init__(self, renders: RenderService, site: DrainingSite, clock: IReactorTime, drainTimeout: float = 5.0):
-        super().__init__()
-        self.renders = renders
-        self.site = site
-        self._clock = clock
-        self._drainTimeout = drainTimeout
-        renders.setServiceParent(self)
-
-    def addListener(self, listener: IService) -> None:
-        listener.setServiceParent(self)
-
-    @inlineCallbacks
-    def stopService(self) -> Any:
-        # twistd drops a failure from a shutdown trigger silently: log each
-        # step's, and go on to the next step regardless.
-        self.running = 0
-        listeners = [s for s in self if s is not self.renders]
-        steps = [
-            ("stop listening", lambda: DeferredList([maybeDeferred(s.stopService) for s in listeners])),
-            ("stop renders", self.renders.stopService),
-            ("drain connections", lambda: self.site.drain(self._clock, self._drainTimeout)),
-        ]
-        for what, step in steps:
-            try:
-                yield maybeDeferred(step)
-            except Exception:
-                _log.failure("shutdown: could not {what}", what=what)

@@ -15,7 +15,8 @@ from twisted.application import strports
 from twisted.application.service import IService
 from twisted.python import usage
 
-from ._build import ServerService, _reactor, buildService, buildSite
+from ._build import _reactor, buildService, buildSite
+from ._site import ServerService
 from ._command import CommandRenderer
 from ._security import readTokens
 

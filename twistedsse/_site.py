@@ -1,0 +1,182 @@
+"""
+The HTTP server's own behaviour: L{DrainingSite} bounds what a request may
+send and can close its connections gracefully at shutdown, and
+L{ServerService} stops a whole server in the right order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request, Site
+
+from ._app import MAX_BODY
+from ._service import RenderService
+
+_log = Logger()
+
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 16 * 1024
+MAX_LINE = 8 * 1024
+
+
+def _lineTooLong(channel: Any, line: bytes) -> None:
+    """
+    Twisted just drops a connection whose request line or a header line is
+    over the limit; say why, as JSON, first.
+    """
+    first = line.split(b" ", 1)[0]
+    status, reason, code = (
+        (414, b"URI Too Long", "uri_too_long")
+        if b":" not in first
+        else (431, b"Request Header Fields Too Large", "header_too_large")
+    )
+    body = b'{"error": "%s", "detail": "a request line or header line is over %d bytes"}\n' % (
+        code.encode(),
+        MAX_LINE,
+    )
+    channel.transport.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body)
+    )
+    channel.transport.loseConnection()
+
+
+class BoundedRequest(Request):
+    """
+    A request that keeps at most C{maxBody} bytes of body. Twisted would
+    otherwise buffer any body in full (in memory, or a temporary file)
+    before the application sees it; past the limit this one keeps nothing
+    and the app answers 413.
+    """
+
+    maxBody = MAX_BODY
+    tooLarge = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.maxBody:
+            self.tooLarge = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.tooLarge:
+            return
+        if self.content.tell() + len(data) > self.maxBody:
+            self.tooLarge = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+class DrainingSite(Site):
+    """
+    A L{Site} that can close its connections gracefully.
+
+    At shutdown the reactor drops every connection without sending what is
+    still in its write buffer, so the final frame each stream was just
+    given would be lost. L{DrainingSite.drain} closes each connection the
+    polite way (pending bytes first) and waits for all of them to go.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gone: dict[Any, tuple[Any, Deferred[None]]] = {}
+
+    requestFactory = BoundedRequest
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        # Bounds on what a client may send before any app code runs: the
+        # request line (URL) and each header line, their number and size.
+        channel = getattr(protocol, "_channel", protocol)
+        channel.MAX_LENGTH = MAX_LINE
+        channel.maxHeaders = MAX_HEADERS
+        channel.totalHeadersSize = MAX_HEADER_BYTES
+        channel.lineLengthExceeded = lambda line: _lineTooLong(channel, line)
+        gone: Deferred[None] = Deferred()
+        makeConnection, connectionLost = protocol.makeConnection, protocol.connectionLost
+
+        # Wrapping the instance's methods: Site offers no hook for the
+        # start and end of a connection, and its protocol wrapper does not
+        # expose the transport.
+        def made(transport: Any) -> None:
+            self._gone[protocol] = (transport, gone)
+            makeConnection(transport)
+
+        def lost(reason: Failure) -> None:
+            self._gone.pop(protocol, None)
+            try:
+                connectionLost(reason)
+            finally:
+                gone.callback(None)
+
+        protocol.makeConnection = made
+        protocol.connectionLost = lost
+        return protocol
+
+    def openConnections(self) -> int:
+        return len(self._gone)
+
+    def drain(self, clock: IReactorTime, timeout: float = 5.0) -> Deferred[None]:
+        """
+        Close every connection after its pending bytes are sent; abort any
+        still open after C{timeout} seconds (a client that stopped reading).
+        """
+        waits = [gone for _, gone in self._gone.values()]
+        for transport, _ in list(self._gone.values()):
+            transport.loseConnection()
+
+        def abort() -> None:
+            for transport, _ in list(self._gone.values()):
+                transport.abortConnection()
+
+        deadline = clock.callLater(timeout, abort)
+
+        def done(result: object) -> None:
+            if deadline.active():
+                deadline.cancel()
+
+        return DeferredList(waits).addCallback(done)
+
+
+class ServerService(MultiService):
+    """
+    The whole server: the render service and the listening services, which
+    stop in order: no new connections; every render ends and every stream
+    gets its final frame; the site's connections drain.
+    """
+
+    def __init__(self, renders: RenderService, site: DrainingSite, clock: IReactorTime, drainTimeout: float = 5.0):
+        super().__init__()
+        self.renders = renders
+        self.site = site
+        self._clock = clock
+        self._drainTimeout = drainTimeout
+        renders.setServiceParent(self)
+
+    def addListener(self, listener: IService) -> None:
+        listener.setServiceParent(self)
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        # twistd drops a failure from a shutdown trigger silently: log each
+        # step's, and go on to the next step regardless.
+        self.running = 0
+        listeners = [s for s in self if s is not self.renders]
+        steps = [
+            ("stop listening", lambda: DeferredList([maybeDeferred(s.stopService) for s in listeners])),
+            ("stop renders", self.renders.stopService),
+            ("drain connections", lambda: self.site.drain(self._clock, self._drainTimeout)),
+        ]
+        for what, step in steps:
+            try:
+                yield maybeDeferred(step)
+            except Exception:
+                _log.failure("shutdown: could not {what}", what=what)
