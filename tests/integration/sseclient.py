@@ -5,7 +5,16 @@ L{EventStreamDecoder} and print one JSON line per event with the moment it
 arrived (C{time.time_ns()}), then exit after the terminal event or when
 the server ends the response.
 
-usage: sseclient.py URL [LAST_EVENT_ID]
+The first line is the response head: C{{"status", "headers", "t_ns"}},
+C{headers} a dict of lower-cased names. The body is read chunked when the
+response says C{Transfer-Encoding: chunked} (HTTP/1.1), and otherwise as
+it comes until the connection closes (an HTTP/1.0 response, or
+C{Connection: close}).
+
+usage: sseclient.py [--http1.0] URL [LAST_EVENT_ID]
+
+C{--http1.0} sends an HTTP/1.0 request, as nginx does to its upstreams by
+default.
 """
 
 import json
@@ -18,48 +27,80 @@ from twistedsse._decoder import EventStreamDecoder
 from twistedsse._frames import TERMINAL_EVENTS
 
 
+def parseHead(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return status, headers
+
+
+class Dechunker:
+    """
+    Undo HTTP/1.1 chunked framing as bytes arrive.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def feed(self, data: bytes) -> bytes:
+        self.buffer += data
+        body = b""
+        while True:
+            size, sep, rest = self.buffer.partition(b"\r\n")
+            if not sep:
+                break
+            n = int(size.split(b";")[0], 16)
+            if len(rest) < n + 2:
+                break
+            body += rest[:n]
+            self.buffer = rest[n + 2 :]
+            if n == 0:
+                self.buffer = b""
+                break
+        return body
+
+
 def main() -> None:
-    url = urlsplit(sys.argv[1])
-    last = sys.argv[2] if len(sys.argv) > 2 else None
+    args = sys.argv[1:]
+    version = "HTTP/1.1"
+    if "--http1.0" in args:
+        args.remove("--http1.0")
+        version = "HTTP/1.0"
+    url = urlsplit(args[0])
+    last = args[1] if len(args) > 1 else None
     path = url.path + (f"?{url.query}" if url.query else "")
     sock = socket.create_connection((url.hostname, url.port), timeout=30)
-    headers = [f"GET {path} HTTP/1.1", f"Host: {url.netloc}", "Accept: text/event-stream"]
+    headers = [f"GET {path} {version}", f"Host: {url.netloc}", "Accept: text/event-stream"]
     if last:
         headers.append(f"Last-Event-ID: {last}")
     sock.sendall(("\r\n".join(headers) + "\r\n\r\n").encode())
     decoder = EventStreamDecoder()
     buffer = b""
-    head = None
-    # HTTP/1.1 chunked body: undo the framing as bytes arrive.
+    unframe = None
     while True:
         data = sock.recv(65536)
         now = time.time_ns()
         if not data:
             break
-        buffer += data
-        if head is None:
+        if unframe is None:
+            buffer += data
             if b"\r\n\r\n" not in buffer:
                 continue
-            head, buffer = buffer.split(b"\r\n\r\n", 1)
-            status = int(head.split(b" ")[1])
-            print(json.dumps({"status": status, "t_ns": now}), flush=True)
+            head, data = buffer.split(b"\r\n\r\n", 1)
+            status, responseHeaders = parseHead(head)
+            print(json.dumps({"status": status, "headers": responseHeaders, "t_ns": now}), flush=True)
             if status != 200:
                 break
-        body = b""
-        while True:
-            size, sep, rest = buffer.partition(b"\r\n")
-            if not sep:
-                break
-            n = int(size, 16)
-            if len(rest) < n + 2:
-                break
-            body += rest[:n]
-            buffer = rest[n + 2 :]
-            if n == 0:
-                buffer = b""
-                break
+            if "chunked" in responseHeaders.get("transfer-encoding", "").lower():
+                unframe = Dechunker().feed
+            else:
+                unframe = bytes
         ended = False
-        for event in decoder.feed(body):
+        for event in decoder.feed(unframe(data)):
             print(json.dumps({"event": event.event, "id": event.id, "data": event.data, "t_ns": now}), flush=True)
             ended = ended or event.event in TERMINAL_EVENTS
         if ended:
