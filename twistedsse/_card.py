@@ -359,7 +359,9 @@ class CardRenderer:
             raise InvalidParams("params", f"must be a JSON object, got {_jsonType(params)}")
         for key in params:
             if key not in DEFAULTS:
-                name = str(key)
+                # Escaped: a key may hold a lone surrogate (JSON can encode
+                # one), which the UTF-8 error response could not.
+                name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
                 raise InvalidParams(
                     name if len(name) <= 60 else name[:57] + "...",
                     f"is not a parameter of the card renderer, which takes {', '.join(DEFAULTS)}",

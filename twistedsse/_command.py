@@ -12,6 +12,7 @@ the render.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -24,7 +25,7 @@ from zope.interface import implementer
 from . import _json
 from ._errors import InvalidParams, RenderProtocolError
 from ._interfaces import IProgressParser, IRenderer, RenderPlan
-from ._lines import LineBuffer
+from ._lines import LineBuffer, LineTooLong
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
 
@@ -43,40 +44,104 @@ def checkRendererName(name: str) -> str:
     return name
 
 
+class BrokenOutput(RenderProtocolError):
+    """
+    A stdout line broke the protocol.
+
+    @ivar payloads: the progress payloads of the good lines that came
+        before it in the same chunk, in order: L{RenderProtocol} delivers
+        them before it fails the render, so that no progress is lost.
+    """
+
+    def __init__(self, message: str, payloads: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.payloads = payloads
+
+
+def _strictProblem(value: object) -> str | None:
+    """
+    Why C{value} (decoded JSON) could not be sent on as strict UTF-8 JSON,
+    or C{None} if it can. Python's JSON reader takes C{1e400} (as infinity)
+    and C{"\\ud800"} (a lone surrogate), which our strict writer refuses
+    and UTF-8 cannot encode: found here, they are the client's or the
+    child's error, not a failure later when the value is sent on.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return "a number too large for a double"
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"a lone surrogate in {_escape(item)!r}"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _escape(text: str) -> str:
+    """
+    C{text} with anything UTF-8 cannot encode (lone surrogates) escaped,
+    so that it can go into a message, and cut to 60 characters.
+    """
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @implementer(IProgressParser)
 @attrs.define
 class JSONLinesParser:
     """
     One JSON object per line; blank lines are skipped. Anything else is a
     broken protocol and fails the render: silently dropping a line would
-    hide a broken renderer from its operator.
+    hide a broken renderer from its operator. So is an object that could
+    not be sent on as strict UTF-8 JSON (a number that overflows to
+    infinity, a lone surrogate).
+
+    The good lines before a broken one are never lost: they travel with
+    the error (L{BrokenOutput.payloads}).
     """
 
     _lines: LineBuffer = attrs.field(factory=LineBuffer)
     _count: int = 0
 
     def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
-        payloads = []
+        payloads: list[dict[str, Any]] = []
         for line in lines:
             self._count += 1
             if not line.strip():
                 continue
             try:
                 value = _json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 value = None
             if not isinstance(value, dict):
-                raise RenderProtocolError(
-                    f"stdout line {self._count} is not a JSON object: {line[:200]!r}"
-                )
+                raise BrokenOutput(f"stdout line {self._count} is not a JSON object: {line[:200]!r}", payloads)
+            problem = _strictProblem(value)
+            if problem is not None:
+                raise BrokenOutput(f"stdout line {self._count} is not strict JSON: {problem}", payloads)
             payloads.append(value)
         return payloads
 
+    def _read(self, read: Any) -> list[dict[str, Any]]:
+        try:
+            lines = read()
+        except LineTooLong as e:
+            # The lines before the long one: deliver them, unless one of
+            # them is broken too (it came first, so its error wins).
+            raise BrokenOutput(str(e), self._parse(e.lines)) from None
+        return self._parse(lines)
+
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        return self._parse(self._lines.feed(data))
+        return self._read(lambda: self._lines.feed(data))
 
     def end(self) -> list[dict[str, Any]]:
-        return self._parse(self._lines.end())
+        return self._read(self._lines.end)
 
 
 def _jsonType(value: object) -> str:
@@ -129,13 +194,29 @@ class CommandRenderer:
         return cls(name.strip(), shlex.split(command))
 
     def validate(self, params: object) -> Mapping[str, Any]:
+        """
+        Any JSON object (C{null}: C{{}}), as long as it can be sent on as
+        strict UTF-8 JSON: it goes to the child's stdin and back to clients
+        in the job's status.
+
+        @raise InvalidParams: not an object, or it holds a number that
+            overflows to infinity or a lone surrogate (named by its
+            top-level field).
+        """
         if params is None:
             return {}
         if not isinstance(params, dict):
             raise InvalidParams("params", f"must be a JSON object, got {_jsonType(params)}")
+        for key, value in params.items():
+            problem = _strictProblem(key) or _strictProblem(value)
+            if problem is not None:
+                raise InvalidParams(_escape(str(key)), f"must be strict JSON, got {problem}")
         return params
 
     def plan(self, params: Mapping[str, Any], workdir: Path, stem: str) -> RenderPlan:
+        # Absolute: the child runs in the working directory, so a relative
+        # one (an operator's "--output-dir renders") would point inside it.
+        workdir = Path(workdir).absolute()
         part = workdir / f"{stem}.part.mp4"
         final = workdir / f"{stem}.mp4"
         env = dict(os.environ if self.env is None else self.env)

@@ -18,6 +18,21 @@ import attrs
 
 from ._errors import RenderProtocolError
 
+
+class LineTooLong(RenderProtocolError):
+    """
+    A line passed L{LineBuffer.maxLength}.
+
+    @ivar lines: the complete lines the same chunk held before the
+        offending one: valid output, which the caller may still use (a
+        child's last progress lines before it went wrong are not lost).
+    """
+
+    def __init__(self, message: str, lines: list[bytes] | None = None) -> None:
+        super().__init__(message)
+        self.lines: list[bytes] = lines or []
+
+
 _LF = b"\n"
 _CR = b"\r"
 
@@ -52,9 +67,10 @@ class LineBuffer:
         Take the next chunk; return every line it completes, in order,
         without their terminators.
 
-        @raise RenderProtocolError: a line (complete or still buffered) is
-            longer than C{maxLength}. The buffer is then dropped and every
-            later call raises too: the stream has lost its framing, and
+        @raise LineTooLong: a line (complete or still buffered) is longer
+            than C{maxLength}; its C{lines} are those the chunk completed
+            before it. The buffer is then dropped and every later call
+            raises too: the stream has lost its framing, and
             resynchronising silently would hide that.
         """
         self._checkUsable()
@@ -75,11 +91,11 @@ class LineBuffer:
         for piece in pieces:
             line = _stripCR(piece)
             if len(line) > self.maxLength:
-                self._fail()
+                self._fail(lines)
             lines.append(line)
         self._tail = [rest] if rest else []
         self._tailLength = len(rest)
-        self._checkTail()
+        self._checkTail(lines)
         return lines
 
     def end(self) -> list[bytes]:
@@ -95,7 +111,7 @@ class LineBuffer:
         self._tailLength = 0
         return [line] if line else []
 
-    def _checkTail(self) -> None:
+    def _checkTail(self, complete: list[bytes] | None = None) -> None:
         """
         Refuse the tail once it cannot become an acceptable line: longer
         than C{maxLength}, allowing one extra byte only if that byte is the
@@ -103,17 +119,17 @@ class LineBuffer:
         """
         excess = self._tailLength - self.maxLength
         if excess > 1 or (excess == 1 and not self._tail[-1].endswith(_CR)):
-            self._fail()
+            self._fail(complete)
 
     def _checkUsable(self) -> None:
         if self._failed:
             raise self._error()
 
-    def _fail(self) -> None:
+    def _fail(self, complete: list[bytes] | None = None) -> None:
         self._failed = True
         self._tail = []
         self._tailLength = 0
-        raise self._error()
+        raise self._error(complete)
 
-    def _error(self) -> RenderProtocolError:
-        return RenderProtocolError(f"line longer than {self.maxLength} bytes")
+    def _error(self, complete: list[bytes] | None = None) -> LineTooLong:
+        return LineTooLong(f"line longer than {self.maxLength} bytes", complete)

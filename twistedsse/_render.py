@@ -4,16 +4,25 @@ Running one render process: L{launch} spawns a L{RenderPlan}'s argv
 arrive, keeps a bounded tail of its stderr, and ends it with TERM, then
 KILL after a grace period, when asked to (cancel, timeout, shutdown).
 
+A render ends when its process has exited and its pipes are closed. A
+process it started may hold them open after it exits (a shell wrapper
+whose command lives on): then its pipes are closed for it, C{killGrace}
+seconds after the exit or at once when the render is stopped, so a render
+never outlives its process by more than that.
+
 Imports only C{twisted.internet}: no HTTP here.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import stat
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import attrs
+from twisted.internet.base import ReactorBase
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
@@ -99,6 +108,7 @@ class RenderProtocol(ProcessProtocol):
         self._stderr = _StderrTail()
         self._protocolError: str | None = None
         self.stopReason: str | None = None
+        self.exited: Deferred[None] = Deferred()
         self.ended: Deferred[ExitStatus] = Deferred()
 
     def connectionMade(self) -> None:
@@ -112,20 +122,24 @@ class RenderProtocol(ProcessProtocol):
         try:
             payloads = self._plan.parser.feed(data)
         except RenderProtocolError as e:
+            self._deliver(_goodPayloads(e))
             self._refuse(str(e))
             return
-        for payload in payloads:
-            self._onProgress(payload)
+        self._deliver(payloads)
 
     def outConnectionLost(self) -> None:
         if self._protocolError is None:
             try:
                 payloads = self._plan.parser.end()
             except RenderProtocolError as e:
+                self._deliver(_goodPayloads(e))
                 self._protocolError = str(e)
                 return
-            for payload in payloads:
-                self._onProgress(payload)
+            self._deliver(payloads)
+
+    def _deliver(self, payloads: Any) -> None:
+        for payload in payloads:
+            self._onProgress(payload)
 
     def errReceived(self, data: bytes) -> None:
         self._stderr.feed(data)
@@ -147,6 +161,17 @@ class RenderProtocol(ProcessProtocol):
                 raise
             return False
         return True
+
+    def closePipes(self) -> None:
+        """
+        Close our ends of the process's pipes, so that the render can end
+        even if a process it started holds them open.
+        """
+        if not self.ended.called:
+            self.transport.loseConnection()
+
+    def processExited(self, reason: Failure) -> None:
+        self.exited.callback(None)
 
     def processEnded(self, reason: Failure) -> None:
         value = reason.value
@@ -171,6 +196,7 @@ class RunningRender:
     _clock: IReactorTime
     killGrace: float
     _killer: IDelayedCall | None = None
+    _drainer: IDelayedCall | None = None
 
     @property
     def ended(self) -> Deferred[ExitStatus]:
@@ -194,23 +220,96 @@ class RunningRender:
         self.protocol.ended.addCallback(relay)
         return d
 
+    def __attrs_post_init__(self) -> None:
+        self.protocol.exited.addCallback(self._exited)
+        self.protocol.ended.addBoth(self._cancelTimers)
+
     def stop(self, reason: str) -> Deferred[ExitStatus]:
         """
         Ask the process to stop (TERM), and KILL it if it has not exited
-        C{killGrace} seconds later (procmon's C{murder} pattern). The first
-        reason given is the one recorded.
+        C{killGrace} seconds later (procmon's C{murder} pattern), closing
+        its pipes then too. If it has exited already, only its pipes are
+        left, held open by a process it started: they are closed at once.
+        The first reason given is the one recorded.
         """
         if self.protocol.stopReason is None:
             self.protocol.stopReason = reason
-        if self._killer is None and self.protocol.signal("TERM"):
-            self._killer = self._clock.callLater(self.killGrace, self.protocol.signal, "KILL")
-            self.protocol.ended.addBoth(self._cancelKiller)
+        if self._killer is None and not self.protocol.ended.called:
+            if self.protocol.signal("TERM"):
+                self._killer = self._clock.callLater(self.killGrace, self._kill)
+            else:
+                self.protocol.closePipes()
         return self.whenEnded()
 
-    def _cancelKiller(self, result: object) -> object:
-        if self._killer is not None and self._killer.active():
-            self._killer.cancel()
+    def _kill(self) -> None:
+        self.protocol.signal("KILL")
+        self.protocol.closePipes()
+
+    def _exited(self, result: None) -> None:
+        # The process is gone: what is still in its pipes arrives at once,
+        # and anything later comes from a process it left behind.
+        if not self.protocol.ended.called:
+            self._drainer = self._clock.callLater(self.killGrace, self.protocol.closePipes)
+
+    def _cancelTimers(self, result: object) -> object:
+        for timer in (self._killer, self._drainer):
+            if timer is not None and timer.active():
+                timer.cancel()
         return result
+
+
+def _goodPayloads(error: RenderProtocolError) -> Any:
+    """
+    The payloads of the good lines that came before the broken one in the
+    same chunk, which a parser may attach to its error (as
+    C{twistedsse._command.BrokenOutput} does).
+    """
+    return getattr(error, "payloads", ())
+
+
+def _findExecutable(name: str, env: Mapping[str, str], cwd: str | None) -> None:
+    """
+    Check that C{name} can be executed the way the child will look for it
+    (C{os.execvpe}: a name with a slash as it is, from the child's working
+    directory; any other along the C{PATH} of the child's environment).
+
+    A real reactor forks and execs when the child gets a working directory
+    (it always does here), so a missing binary is only found out in the
+    forked child, which prints a Python traceback naming server paths on
+    its stderr and exits 1: a render failure that looks like the
+    renderer's own, and leaks the paths to clients through
+    C{stderr_tail}. Checked first, it is an C{OSError} from L{launch}, as
+    C{posix_spawn} (and L{twistedsse.testing.FakeSpawner}) would report it.
+
+    @raise OSError: with the errno C{exec} would give: C{ENOENT} (no
+        such file), C{EACCES} (not an executable file), or the error of a
+        path that cannot be looked at (C{ENOTDIR}, ...).
+    """
+
+    def check(path: str) -> int | None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            return e.errno or errno.ENOENT
+        if not stat.S_ISREG(mode) or not os.access(path, os.X_OK):
+            return errno.EACCES
+        return None
+
+    base = cwd or os.curdir
+    if os.sep in name:
+        problem = check(os.path.join(base, name))
+    else:
+        problem = errno.ENOENT
+        for folder in env.get("PATH", os.defpath).split(os.pathsep):
+            found = check(os.path.join(base, folder, name))
+            if found is None:
+                return
+            if found == errno.EACCES:
+                # execvp goes on looking, and reports EACCES if nothing
+                # better turns up.
+                problem = errno.EACCES
+    if problem is not None:
+        raise OSError(problem, os.strerror(problem), name)
 
 
 def launch(
@@ -229,5 +328,9 @@ def launch(
     """
     protocol = RenderProtocol(plan, onProgress)
     argv = list(plan.argv)
+    if isinstance(spawner, ReactorBase):
+        # Only a real reactor runs real binaries; a fake spawner's are
+        # names, and it reports a failed start itself.
+        _findExecutable(argv[0], plan.env, path)
     spawner.spawnProcess(protocol, argv[0], argv, env=dict(plan.env), path=path)
     return RunningRender(protocol, clock, killGrace)

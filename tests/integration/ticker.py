@@ -5,7 +5,9 @@ prints one timestamped JSON progress line every C{interval} seconds.
 params: count (50), interval (0.02 s), delay (0 s before the first line),
 start_file (wait, up to 30 s, until this file exists: the test creates
 it once its clients are connected), exit (exit code, 0), ignore_term (ignore SIGTERM), output (bytes to write
-to $TWISTEDSSE_OUTPUT), garbage (print a non-JSON line at this index).
+to $TWISTEDSSE_OUTPUT), garbage (print a non-JSON line at this index),
+pad (add a "pad" field of this many "x" characters to every line, for
+load tests that need big events; absent or 0: no such field).
 """
 
 import json
@@ -26,11 +28,14 @@ def main() -> None:
         deadline = time.monotonic() + 30
         while not os.path.exists(params["start_file"]) and time.monotonic() < deadline:
             time.sleep(0.005)
+    pad = "x" * int(params.get("pad", 0))
     start = time.monotonic()
     for i in range(1, count + 1):
         if params.get("garbage") == i:
             print("this is not json", flush=True)
         line = {"progress": i / count, "i": i, "t_ns": time.time_ns(), "pid": os.getpid(), "cwd": os.getcwd()}
+        if pad:
+            line["pad"] = pad
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         # Keep a steady cadence, independent of how long printing took.
