@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from zope.interface import implementer
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
@@ -75,6 +76,42 @@ class BoundedRequest(Request):
         super().handleContentChunk(data)
 
 
+@implementer(IProtocol)
+class _TrackedConnection:
+    """
+    Site's protocol for one connection, seen from outside, so that
+    L{DrainingSite} knows when the connection starts and ends.
+
+    Not by assigning to that protocol's methods: Site's protocol is a proxy
+    (C{_GenericHTTPChannelProtocol}) whose attributes are its current
+    channel's, writes included, and when ALPN selects h2 it swaps the
+    C{HTTPChannel} for a new C{H2Connection}, which never calls them.
+    Everything else is the wrapped protocol's.
+    """
+
+    def __init__(self, connections: dict[Any, tuple[Any, Deferred[None]]], protocol: Any) -> None:
+        self._connections = connections
+        self._protocol = protocol
+        self._gone: Deferred[None] = Deferred()
+
+    def makeConnection(self, transport: Any) -> None:
+        self._connections[self] = (transport, self._gone)
+        self._protocol.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._protocol.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._connections.pop(self, None)
+        try:
+            self._protocol.connectionLost(reason)
+        finally:
+            self._gone.callback(None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol, name)
+
+
 class DrainingSite(Site):
     """
     A L{Site} that can close its connections gracefully.
@@ -100,26 +137,7 @@ class DrainingSite(Site):
         channel.maxHeaders = MAX_HEADERS
         channel.totalHeadersSize = MAX_HEADER_BYTES
         channel.lineLengthExceeded = lambda line: _lineTooLong(channel, line)
-        gone: Deferred[None] = Deferred()
-        makeConnection, connectionLost = protocol.makeConnection, protocol.connectionLost
-
-        # Wrapping the instance's methods: Site offers no hook for the
-        # start and end of a connection, and its protocol wrapper does not
-        # expose the transport.
-        def made(transport: Any) -> None:
-            self._gone[protocol] = (transport, gone)
-            makeConnection(transport)
-
-        def lost(reason: Failure) -> None:
-            self._gone.pop(protocol, None)
-            try:
-                connectionLost(reason)
-            finally:
-                gone.callback(None)
-
-        protocol.makeConnection = made
-        protocol.connectionLost = lost
-        return protocol
+        return _TrackedConnection(self._gone, protocol)
 
     def openConnections(self) -> int:
         return len(self._gone)
@@ -131,6 +149,8 @@ class DrainingSite(Site):
         """
         waits = [gone for _, gone in self._gone.values()]
         for transport, _ in list(self._gone.values()):
+            # (A TLS connection waits for its HTTP channel, registered as
+            # its producer, and so ends at the abort: its frames are sent.)
             transport.loseConnection()
 
         def abort() -> None:
