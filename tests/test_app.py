@@ -353,31 +353,66 @@ class BoundsTests(SynchronousTestCase):
 
     def test_bodyOverTheLimitIsNotKept(self) -> None:
         """
-        A body over 64 KiB, announced or chunked, is not buffered: 413, and
-        the request kept nothing of it.
+        A body over 64 KiB is not buffered: announced by Content-Length it
+        gets 413 at once (before any body, and instead of 100 Continue) and
+        the connection closes; chunked, the request keeps none of it and
+        the app answers 413.
         """
+        body = b'{"renderer": "' + b"x" * (70 * 1024) + b'"}'
         for chunked in (False, True):
-            body = b'{"renderer": "' + b"x" * (70 * 1024) + b'"}'
             if chunked:
                 raw = b"POST /renders HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                 raw += b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 8192]), body[i : i + 8192]) for i in range(0, len(body), 8192))
                 raw += b"0\r\n\r\n"
             else:
-                raw = b"POST /renders HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                raw = b"POST /renders HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
             kept: list[int] = []
 
             class Recording(BoundedRequest):
                 def process(self) -> None:
-                    kept.append(self.content.seek(0, 2))
+                    if not self._answered:
+                        kept.append(self.content.seek(0, 2))
                     super().process()
 
             self.site.requestFactory = Recording
             conn = Connection(self.site)
             conn.protocol.dataReceived(raw)
-            status, _, payload = splitResponse(conn.take())
+            wire = conn.take()
+            status, _, payload = splitResponse(wire)
             self.assertEqual((status, json.loads(payload)["error"]), (413, "body_too_large"), chunked)
-            self.assertEqual(kept, [0])
+            self.assertNotIn(b"100 Continue", wire)
+            self.assertEqual(wire.count(b"HTTP/1.1 "), 1)
+            self.assertEqual(kept, [0] if chunked else [])
+            if not chunked:
+                self.assertTrue(conn.transport.disconnecting)
             conn.disconnect()
+
+    def test_nonUTF8PathOrHostIsJSON400(self) -> None:
+        """
+        A path or Host that is not UTF-8 gets a JSON 400, not Klein's HTML
+        page and logged traceback.
+        """
+        for raw in (
+            b"GET /renders/%FF HTTP/1.1\r\nHost: t\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: \xff\r\n\r\n",
+        ):
+            conn = Connection(self.site)
+            conn.protocol.dataReceived(raw)
+            status, head, body = splitResponse(conn.take())
+            self.assertEqual((status, head[b"content-type"]), (400, b"application/json"), raw)
+            self.assertEqual(json.loads(body)["error"], "bad_request")
+            conn.disconnect()
+
+    def test_deeplyNestedJSON(self) -> None:
+        """
+        JSON nested deeper than Python can parse is malformed (400), not a
+        500.
+        """
+        conn = Connection(self.site)
+        conn.request("POST", "/renders", {"Content-Type": "application/json"}, b"[" * 5000)
+        status, _, body = splitResponse(conn.take())
+        self.assertEqual((status, json.loads(body)["error"]), (400, "malformed_json"))
+        conn.disconnect()
 
     def test_headerLimits(self) -> None:
         """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from urllib.parse import unquote_to_bytes
 from typing import Any, Mapping
 
 import attrs
@@ -18,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
@@ -97,6 +98,29 @@ def _streamIDs(jobID: str) -> Any:
     return lambda seq: prefix + seq
 
 
+class _RequireUTF8(Resource):
+    """
+    Klein answers a path or C{Host} that is not UTF-8 with an HTML 400 and
+    logs a traceback per request (a free way to flood the log): answer
+    JSON 400 here first.
+    """
+
+    isLeaf = True
+
+    def __init__(self, wrapped: IResource) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+
+    def render(self, request: Any) -> Any:
+        try:
+            request.path.decode("utf-8")
+            (request.getHeader(b"host") or b"").decode("utf-8")
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(request, 400, "bad_request", "the URL path and Host header must be UTF-8")
+        return self._wrapped.render(request)
+
+
 @attrs.define(slots=False)
 class TwistedSSEApp:
     """
@@ -123,7 +147,7 @@ class TwistedSSEApp:
         The app as a twisted.web resource, to serve or to mount under a
         parent resource.
         """
-        resource = self.router.resource()
+        resource: IResource = _RequireUTF8(self.router.resource())
         if self.cors.origins:
             return CORSResource(resource, self.cors)
         return resource

@@ -9,6 +9,8 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     ├── BadRequest (400)                    ValueError
     │   └── MalformedJSON                   "malformed_json"
     ├── PayloadTooLarge (413)               "body_too_large"
+    ├── URITooLong (414)                    "uri_too_long"
+    ├── HeaderTooLarge (431)                "header_too_large"
     ├── Unauthorized (401)                  "unauthorized"
     ├── Unprocessable (422)                 ValueError
     │   ├── InvalidBody                     "invalid_body"
@@ -54,6 +56,24 @@ class MalformedJSON(BadRequest):
 class PayloadTooLarge(TwistedSSEError):
     code = "body_too_large"
     status = 413
+
+
+class URITooLong(TwistedSSEError):
+    """
+    The request line is over the limit (answered before routing).
+    """
+
+    code = "uri_too_long"
+    status = 414
+
+
+class HeaderTooLarge(TwistedSSEError):
+    """
+    A header line is over the limit (answered before routing).
+    """
+
+    code = "header_too_large"
+    status = 431
 
 
 class Unauthorized(TwistedSSEError):

@@ -17,9 +17,13 @@ def loads(data: bytes | str) -> Any:
     """
     Parse JSON, refusing C{NaN}, C{Infinity} and C{-Infinity}.
 
-    @raise ValueError: not JSON (C{UnicodeDecodeError} included).
+    @raise ValueError: not JSON (C{UnicodeDecodeError} included), or nested
+        deeper than Python can parse.
     """
-    return json.loads(data, parse_constant=_refuse)
+    try:
+        return json.loads(data, parse_constant=_refuse)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def dumps(value: Any) -> str:

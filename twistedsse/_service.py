@@ -251,7 +251,7 @@ class RenderService(Service):
             self._end(jobID, JobState.FAILED, "failed", self._interrupted(status))
             return
         if not status.succeeded:
-            self._end(jobID, JobState.FAILED, "failed", _exitFailure(status, self.renderTimeout))
+            self._end(jobID, JobState.FAILED, "failed", _exitFailure(self._private(status), self.renderTimeout))
             return
         size = None
         try:
@@ -296,6 +296,17 @@ class RenderService(Service):
                 )
             except Exception:
                 _log.failure("could not store the end of render {jobID}", jobID=jobID)
+
+    def _private(self, status: ExitStatus) -> ExitStatus:
+        """
+        The status with the output directory's path taken out of its
+        stderr lines (ffmpeg names the file it cannot open): clients do not
+        need to know the server's paths.
+        """
+        where = str(self.outputDir.resolve())
+        if not any(where in line for line in status.stderrTail):
+            return status
+        return attrs.evolve(status, stderrTail=tuple(line.replace(where, "<output>") for line in status.stderrTail))
 
     def _interrupted(self, status: ExitStatus | None = None) -> dict[str, Any]:
         return _failure("interrupted: the server shut down", reason="interrupted", status=status)

@@ -6,6 +6,7 @@ L{ServerService} stops a whole server in the right order.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from zope.interface import implementer
@@ -17,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
 from ._app import MAX_BODY
+from ._errors import HeaderTooLarge, PayloadTooLarge, URITooLong
 from ._service import RenderService
 
 _log = Logger()
@@ -26,26 +28,32 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_LINE = 8 * 1024
 
 
+def _refuseNow(channel: Any, status: int, reason: bytes, code: str, detail: str) -> None:
+    """
+    Answer with a JSON error and close, before the request is whole (so no
+    Request object can answer it).
+    """
+    body = json.dumps({"error": code, "detail": detail}).encode() + b"\n"
+    transport = channel.transport
+    if transport is None or getattr(transport, "disconnecting", False):
+        return
+    transport.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body)
+    )
+    transport.loseConnection()
+
+
 def _lineTooLong(channel: Any, line: bytes) -> None:
     """
     Twisted just drops a connection whose request line or a header line is
     over the limit; say why, as JSON, first.
     """
     first = line.split(b" ", 1)[0]
-    status, reason, code = (
-        (414, b"URI Too Long", "uri_too_long")
-        if b":" not in first
-        else (431, b"Request Header Fields Too Large", "header_too_large")
+    error, reason = (
+        (URITooLong, b"URI Too Long") if b":" not in first else (HeaderTooLarge, b"Request Header Fields Too Large")
     )
-    body = b'{"error": "%s", "detail": "a request line or header line is over %d bytes"}\n' % (
-        code.encode(),
-        MAX_LINE,
-    )
-    channel.transport.write(
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body)
-    )
-    channel.transport.loseConnection()
+    _refuseNow(channel, error.status, reason, error.code, f"a request line or header line is over {MAX_LINE} bytes")
 
 
 class BoundedRequest(Request):
@@ -58,12 +66,28 @@ class BoundedRequest(Request):
 
     maxBody = MAX_BODY
     tooLarge = False
+    _answered = False
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.maxBody:
-            self.tooLarge = True
+            # Announced too large: say so now and close, rather than read
+            # (and drop) the whole body first, or answer 100 Continue.
+            self.tooLarge = self._answered = True
+            self.requestHeaders.removeHeader(b"expect")  # no 100 Continue after it
+            _refuseNow(
+                self.channel,
+                PayloadTooLarge.status,
+                b"Content Too Large",
+                PayloadTooLarge.code,
+                f"request body is over the {self.maxBody}-byte limit",
+            )
             length = 0
         super().gotLength(length)
+
+    def process(self) -> None:
+        if self._answered:
+            return  # the 413 went out already; the connection is closing
+        super().process()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.tooLarge:

@@ -75,8 +75,9 @@ class Server:
             elif line.strip() == "READY":
                 break
             elif not line or time.monotonic() > deadline:
+                log = self.logText()
                 self.stop()
-                raise AssertionError(f"server did not start: {self.logText()}")
+                raise AssertionError(f"server did not start: {log}")
 
     @property
     def port(self) -> int:

@@ -15,11 +15,10 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 from twistedsse import CommandRenderer, EventStreamDecoder, buildService, buildSite
 
@@ -42,37 +41,6 @@ def summary(latencies: list[float]) -> str:
         f"n={len(latencies)} p50={statistics.median(latencies):.2f}ms "
         f"p95={percentile(latencies, 0.95):.2f}ms max={max(latencies):.2f}ms"
     )
-
-
-class _Tracking(Site):
-    """
-    A Site that remembers its connections, so a test can close them all
-    and wait until they are gone (trial fails a test that leaves any).
-    """
-
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.live: dict[Any, Deferred[None]] = {}
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        gone: Deferred[None] = Deferred()
-        original = protocol.connectionLost
-
-        def connectionLost(reason: Any) -> None:
-            self.live.pop(protocol, None)
-            original(reason)
-            gone.callback(None)
-
-        protocol.connectionLost = connectionLost
-        self.live[protocol] = gone
-        return protocol
-
-    def closeAll(self) -> Deferred[Any]:
-        waits = list(self.live.values())
-        for protocol in list(self.live):
-            protocol.transport.abortConnection()
-        return DeferredList(waits)
 
 
 def stream(url: str, pool: HTTPConnectionPool, headers: dict[str, str] | None = None) -> tuple[list[Any], Deferred[Any]]:
@@ -104,11 +72,10 @@ class ServerMixin:
         self.service = buildService(reactor, renderers=renderers, **kw)
         self.service.startService()
         self.addCleanup(self.service.stopService)  # type: ignore[attr-defined]
-        real = buildSite(self.service, reactor, keepalive=keepalive)
-        self.site = _Tracking(real.resource, reactor=reactor)
-        self.site.displayTracebacks = False
+        self.site = buildSite(self.service, reactor, keepalive=keepalive)
         port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
-        self.addCleanup(self.site.closeAll)  # type: ignore[attr-defined]
+        # DrainingSite closes every connection it accepted, and waits.
+        self.addCleanup(self.site.drain, reactor, 5.0)  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.base = f"http://127.0.0.1:{port.getHost().port}"

@@ -18,7 +18,9 @@ from twisted.web.static import Data
 
 from twistedsse import buildResource, buildService
 
-from ._support import ServerMixin, _Tracking, ticker
+from twistedsse import DrainingSite
+
+from ._support import ServerMixin, ticker
 
 
 class EmbeddingTests(ServerMixin, TestCase):
@@ -39,9 +41,9 @@ class EmbeddingTests(ServerMixin, TestCase):
         api = Resource()
         root.putChild(b"api", api)
         api.putChild(b"sse", buildResource(service, reactor, keepalive=5))
-        site = _Tracking(root, reactor=reactor)
+        site = DrainingSite(root, reactor=reactor)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(site.closeAll)
+        self.addCleanup(site.drain, reactor, 5.0)
         self.addCleanup(port.stopListening)
         base = f"http://127.0.0.1:{port.getHost().port}"
         pool = HTTPConnectionPool(reactor, persistent=False)
