@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -63,7 +64,7 @@ class Server:
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self.log = open(Path(os.getcwd()) / f"server-{os.getpid()}-{time.monotonic_ns()}.log", "w+b")
+        self.log = tempfile.TemporaryFile(prefix="twistedsse-server-", suffix=".log")
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, env=env, cwd=ROOT)
         self.ports: list[int] = []
         deadline = time.monotonic() + timeout
