@@ -106,6 +106,18 @@ class BrokerContractTests:
         self.broker.publish("a", "progress", {"i": 3})
         self.assertEqual(recorder.ids, ["2", "3", "4"])
 
+    def test_idAheadOfTheJobFiltersLiveEvents(self) -> None:
+        """
+        A last id beyond the job's latest event: the subscriber gets only
+        the events after it, live ones included.
+        """
+        self.broker.publish("a", "progress", {"i": 1})
+        recorder = Recorder()
+        self.broker.subscribe("a", "3", recorder)
+        for i in range(2, 6):
+            self.broker.publish("a", "progress", {"i": i})
+        self.assertEqual(recorder.ids, ["4", "5"])
+
     def test_unsubscribe(self) -> None:
         """
         After unsubscribing nothing more arrives, and unsubscribing twice

@@ -151,6 +151,10 @@ class MemoryBroker:
             subscriber.deliver(entry.event, entry.frame)
         if job.terminalSeq:
             return _noop
+        if after > job.log.lastSeq:
+            # An id from ahead of this job (another server's, a client's
+            # guess): "strictly after" holds for live events too.
+            subscriber = _After(after, subscriber)
         token = self._nextToken
         self._nextToken += 1
         job.subscribers[token] = subscriber
@@ -182,3 +186,20 @@ class MemoryBroker:
 
 def _noop() -> None:
     pass
+
+
+@implementer(ISubscriber)
+class _After:
+    """
+    Passes on only the events after sequence number C{after}.
+    """
+
+    __slots__ = ("_after", "_subscriber")
+
+    def __init__(self, after: int, subscriber: ISubscriber) -> None:
+        self._after = after
+        self._subscriber = subscriber
+
+    def deliver(self, event: Event, frame: bytes) -> None:
+        if event.id is not None and int(event.id) > self._after:
+            self._subscriber.deliver(event, frame)
