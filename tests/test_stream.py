@@ -370,3 +370,46 @@ class BackpressureTests(SynchronousTestCase):
         self.conn.disconnect()
         self.assertEqual(self.limits.open, 0)
         self.limits.check("job1")
+
+
+class PausingTransport(StringTransport):
+    """
+    A transport whose buffer "fills" past C{limit} bytes: it pauses its
+    producer then, as a real one does.
+    """
+
+    limit = 2000
+    full = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.limit and self.producer is not None and not self.full:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, seq: list[bytes]) -> None:
+        self.write(b"".join(seq))
+
+
+class ReplayUnderBackpressureTests(SynchronousTestCase):
+    def test_replayIsWholeEvenIfTheBufferFills(self) -> None:
+        """
+        A client that connects late (or resumes) gets its whole replay even
+        when its buffer fills part-way: only live events coalesce.
+        """
+        clock = MemoryReactorClock()
+        broker = MemoryBroker(history=1000)
+        broker.create(snapshot("job1"))
+        for i in range(200):
+            broker.publish("job1", "progress", {"i": i, "pad": "x" * 50})
+        site = Site(EventStreamResource(broker, "job1", clock, StreamSettings(keepalive=0)), reactor=clock)
+        conn = Connection(site, PausingTransport())
+        conn.request("GET", "/", {"Last-Event-ID": "10"})
+        _, _, body = splitResponse(conn.take())
+        self.assertEqual([e.id for e in decode(body)], [str(i) for i in range(11, 201)])
+        for i in range(5):
+            broker.publish("job1", "progress", {"live": i})
+        self.assertEqual(conn.take(), b"")
+        conn.transport.producer.resumeProducing()
+        self.assertEqual([e.id for e in decode(b"".join(chunks(conn.take())))], ["205"])
+        conn.disconnect()

@@ -10,8 +10,10 @@ buffer (C{X-Accel-Buffering: no}) and nothing compresses the stream.
 
 The one exception is a client that stops reading. Each stream is a push
 producer: when the connection's buffers are full Twisted pauses it, and
-from then on it keeps only the latest C{progress} event and the terminal
-event, and writes those when the client reads again. A client that reads
+from then on it keeps only the latest live C{progress} event and the
+terminal event, and writes those when the client reads again. (The replay
+a client asks for when it connects, bounded by the job's history, is
+always written whole.) A client that reads
 nothing for C{writeTimeout} seconds while paused is disconnected (it can
 resume with C{Last-Event-ID}). So a slow or dead client costs a bounded
 amount of memory, and never slows the others.
@@ -161,15 +163,30 @@ def _abort(request: Request) -> None:
         request.channel.loseConnection()
 
 
-def _userTimeout(transport: ITCPTransport, seconds: float) -> None:
-    # Linux only, plain TCP only (under TLS getHandle() is not a socket).
-    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+NOTSENT_LOWAT = 128 * 1024
+
+
+def _socketOptions(transport: ITCPTransport, writeTimeout: float) -> None:
+    """
+    Linux, plain TCP only (under TLS getHandle() is not a socket):
+
+    - C{TCP_USER_TIMEOUT}: the kernel gives up on a peer that acknowledges
+      nothing for C{writeTimeout}, as we do;
+    - C{TCP_NOTSENT_LOWAT}: the kernel keeps at most 128 KiB unsent per
+      socket, so a client that stops reading fills its buffers (and makes
+      Twisted pause the stream) after ~128 KiB rather than megabytes of
+      kernel memory.
+    """
     handle = transport.getHandle() if hasattr(transport, "getHandle") else None
-    if option is not None and isinstance(handle, socket.socket):
-        try:
-            handle.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
-        except OSError:  # pragma: no cover - a kernel without it
-            pass
+    if not isinstance(handle, socket.socket):
+        return
+    for name, value in (("TCP_USER_TIMEOUT", int(writeTimeout * 1000)), ("TCP_NOTSENT_LOWAT", NOTSENT_LOWAT)):
+        option = getattr(socket, name, None)
+        if option is not None and value > 0:
+            try:
+                handle.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:  # pragma: no cover - a kernel without it
+                pass
 
 
 @implementer(ISubscriber, IPushProducer)
@@ -184,7 +201,7 @@ class _Stream:
 
     __slots__ = (
         "_request", "_clock", "_settings", "_rewriteID", "_onClose", "_keepalive", "_unsubscribe",
-        "_open", "_paused", "_latest", "_terminal", "_deadline",
+        "_open", "_paused", "_latest", "_terminal", "_deadline", "_replaying",
     )  # fmt: skip
 
     def __init__(
@@ -207,6 +224,7 @@ class _Stream:
         self._latest: tuple[Event, bytes] | None = None
         self._terminal: tuple[Event, bytes] | None = None
         self._deadline: IDelayedCall | None = None
+        self._replaying = False
 
     def start(self, broker: IJobBroker, jobID: str, after: str | None) -> None:
         request, settings = self._request, self._settings
@@ -214,8 +232,7 @@ class _Stream:
         transport = tcpTransport(request)
         if transport is not None:
             transport.setTcpNoDelay(True)
-            if settings.writeTimeout > 0:
-                _userTimeout(transport, settings.writeTimeout)
+            _socketOptions(transport, settings.writeTimeout)
         request.registerProducer(self, True)
         # Headers leave with the first write: send it now, so that
         # EventSource fires "open" and proxies pass the response on.
@@ -224,7 +241,14 @@ class _Stream:
             loop = self._keepalive = LoopingCall(self._ping)
             loop.clock = self._clock
             loop.start(settings.keepalive, now=False)
-        unsubscribe = broker.subscribe(jobID, after, self)
+        # The replay the client asked for is written whole even if its
+        # buffer fills meanwhile (it is bounded by --history): coalescing
+        # applies to live events only, or a resume would lose events.
+        self._replaying = True
+        try:
+            unsubscribe = broker.subscribe(jobID, after, self)
+        finally:
+            self._replaying = False
         if self._open:
             self._unsubscribe = unsubscribe
         else:
@@ -242,7 +266,7 @@ class _Stream:
         if self._rewriteID is not None and event.id is not None:
             frame = encodeEvent(attrs.evolve(event, id=self._rewriteID(event.id)))
         terminal = event.event in TERMINAL_EVENTS
-        if self._paused:
+        if self._paused and not self._replaying:
             # Coalesce: the latest progress supersedes the earlier ones.
             if terminal:
                 self._terminal = (event, frame)

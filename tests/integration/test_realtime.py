@@ -10,10 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from ._support import ServerMixin, summary, ticker
+from ._support import ServerMixin, stream, summary, ticker
 
 BOUND_MS = 100.0
 
@@ -102,3 +104,30 @@ class RealTimeTests(ServerMixin, TestCase):
         after = yield self.clientProcess(base + job["events_url"], lastEventID="21")
         self.assertEqual(after, [after[0]])
         self.assertEqual(after[0]["status"], 204)
+
+
+class SocketOptionTests(ServerMixin, TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_streamSocketOptions(self) -> None:
+        """
+        A stream's server-side socket has TCP_NODELAY (a latency bar cannot
+        see Nagle on loopback, so the option itself is asserted),
+        TCP_USER_TIMEOUT at the write timeout and TCP_NOTSENT_LOWAT.
+        """
+        import socket
+
+        base = self.startServer([ticker()])
+        job = yield self.post("ticks", {"count": 200, "interval": 0.01})
+        events, done = stream(base + job["events_url"], self.pool)
+        while len(events) < 2:
+            yield deferLater(reactor, 0.01, lambda: None)
+        handles = [transport.getHandle() for transport, _ in self.site._gone.values()]
+        streaming = [h for h in handles if h.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)]
+        self.assertEqual(len(streaming), 1)
+        handle = streaming[0]
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT), 30_000)
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT), 128 * 1024)
+        yield done
