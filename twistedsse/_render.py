@@ -198,15 +198,6 @@ class RunningRender:
     _killer: IDelayedCall | None = None
     _drainer: IDelayedCall | None = None
 
-    @property
-    def ended(self) -> Deferred[ExitStatus]:
-        """
-        Fires with the L{ExitStatus}. Use C{addBoth}/C{chainDeferred}
-        rather than adding callbacks that change its result, or take a
-        fresh Deferred from L{RunningRender.whenEnded}.
-        """
-        return self.protocol.ended
-
     def whenEnded(self) -> Deferred[ExitStatus]:
         """
         A new Deferred that fires with the L{ExitStatus}.
