@@ -19,6 +19,29 @@ from twistedsse._decoder import EventStreamDecoder
 from twistedsse._job import JobSnapshot, JobState
 
 
+def ticksService(clock: Any, spawner: Any, outputDir: Any, **options: Any) -> Any:
+    """
+    A started L{RenderService} whose one renderer, C{ticks}, is a command
+    run by the fake C{spawner}.
+    """
+    from pathlib import Path
+
+    from twistedsse._broker import MemoryBroker
+    from twistedsse._command import CommandRenderer
+    from twistedsse._service import RenderService
+
+    service = RenderService(
+        clock=clock,
+        spawner=spawner,
+        broker=MemoryBroker(),
+        renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
+        outputDir=Path(outputDir),
+        **options,
+    )
+    service.startService()
+    return service
+
+
 def snapshot(jobID: str = "job1", renderer: str = "card") -> JobSnapshot:
     return JobSnapshot(id=jobID, renderer=renderer, params={}, state=JobState.QUEUED, createdAt=0.0)
 

@@ -22,7 +22,7 @@ from twistedsse._service import RenderService
 from twistedsse._site import BoundedRequest
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import Connection, chunks, decode, splitResponse
+from ._helpers import Connection, chunks, decode, splitResponse, ticksService
 
 
 class AppTests(SynchronousTestCase):
@@ -288,12 +288,7 @@ class LimitTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.spawner = FakeSpawner()
-        self.service = RenderService(
-            clock=self.clock, spawner=self.spawner, broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
-            outputDir=Path(self.mktemp()), maxRenders=1, maxQueued=1,
-        )  # fmt: skip
-        self.service.startService()
+        self.service = ticksService(self.clock, self.spawner, self.mktemp(), maxRenders=1, maxQueued=1)
         self.site = buildSite(self.service, self.clock, maxStreams=3, maxStreamsPerJob=2)
 
     def test_streamLimits(self) -> None:
@@ -345,11 +340,7 @@ class BoundsTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
-        service = RenderService(
-            clock=self.clock, spawner=FakeSpawner(), broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])}, outputDir=Path(self.mktemp()),
-        )  # fmt: skip
-        self.site = buildSite(service, self.clock)
+        self.site = buildSite(ticksService(self.clock, FakeSpawner(), self.mktemp()), self.clock)
 
     def test_bodyOverTheLimitIsNotKept(self) -> None:
         """

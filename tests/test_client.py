@@ -6,7 +6,6 @@ resources, in memory through C{treq.testing.StubTreq}, on a L{Clock}.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from treq.testing import StubTreq
@@ -15,13 +14,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from twistedsse._broker import MemoryBroker
 from twistedsse._build import buildResource
-from twistedsse._command import CommandRenderer
 from twistedsse._frames import Event
-from twistedsse._service import RenderService
 from twistedsse.client import HTTPStatusError, subscribe
 from twistedsse.testing import FakeSpawner
+
+from ._helpers import ticksService
 
 
 class Scripted(Resource):
@@ -62,11 +60,7 @@ class ClientTests(SynchronousTestCase):
         request.
         """
         spawner = FakeSpawner()
-        service = RenderService(
-            clock=self.clock, spawner=spawner, broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])}, outputDir=Path(self.mktemp()),
-        )  # fmt: skip
-        service.startService()
+        service = ticksService(self.clock, spawner, self.mktemp())
         stub = StubTreq(buildResource(service, self.clock))
         jobID = service.submit("ticks", {}).id
         subscription = subscribe(f"http://x/renders/{jobID}/events", self.events.append, clock=self.clock, client=stub)

@@ -13,14 +13,11 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from twistedsse import tap
-from twistedsse._broker import MemoryBroker
 from twistedsse._build import buildSite
-from twistedsse._command import CommandRenderer
 from twistedsse._security import readTokens
-from twistedsse._service import RenderService
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import Connection, splitResponse
+from ._helpers import Connection, splitResponse, ticksService
 
 TOKEN = "s3cret-token-\u00e9"
 
@@ -29,11 +26,7 @@ class SecurityTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.spawner = FakeSpawner()
-        self.service = RenderService(
-            clock=self.clock, spawner=self.spawner, broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])}, outputDir=Path(self.mktemp()),
-        )  # fmt: skip
-        self.service.startService()
+        self.service = ticksService(self.clock, self.spawner, self.mktemp())
         self.site = buildSite(
             self.service, self.clock, authTokens=[b"other", TOKEN.encode()], corsOrigins=["https://app.example"]
         )

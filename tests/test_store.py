@@ -10,13 +10,12 @@ from pathlib import Path
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twistedsse._broker import MemoryBroker
-from twistedsse._command import CommandRenderer
 from twistedsse._job import JobState
 from twistedsse._service import RenderService
 from twistedsse._store import SQLiteJobStore, StoredEvent
 from twistedsse.testing import FakeSpawner
 
+from ._helpers import ticksService
 from .test_broker import Recorder
 
 
@@ -26,13 +25,7 @@ class StoreTests(SynchronousTestCase):
         self.path = self.dir / "state" / "jobs.sqlite3"
 
     def service(self, spawner: FakeSpawner, clock: Clock) -> RenderService:
-        service = RenderService(
-            clock=clock, spawner=spawner, broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
-            outputDir=self.dir / "out", maxRenders=1, store=SQLiteJobStore(self.path),
-        )  # fmt: skip
-        service.startService()
-        return service
+        return ticksService(clock, spawner, self.dir / "out", maxRenders=1, store=SQLiteJobStore(self.path))
 
     def test_roundTrip(self) -> None:
         """
@@ -40,11 +33,7 @@ class StoreTests(SynchronousTestCase):
         """
         store = SQLiteJobStore(self.path)
         clock, spawner = Clock(), FakeSpawner()
-        service = RenderService(
-            clock=clock, spawner=spawner, broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])}, outputDir=self.dir / "out",
-        )  # fmt: skip
-        service.startService()
+        service = ticksService(clock, spawner, self.dir / "out")
         snapshot = service.submit("ticks", {"a": "\u00e9"})
         store.save(snapshot)
         store.finish(snapshot, [StoredEvent(3, "progress", '{"p":1}'), StoredEvent(4, "complete", "{}")])
