@@ -39,6 +39,7 @@ from ._interfaces import IJobBroker, IProgressParser, IRenderer, ISubscriber, Re
 from ._job import JobSnapshot, JobState
 from ._service import RenderService
 from ._stream import EventStreamResource
+from ._transport import EagerSendReactor
 
 __all__ = [
     "BadRequest",
@@ -46,6 +47,7 @@ __all__ = [
     "CommandRenderer",
     "Conflict",
     "DrainingSite",
+    "EagerSendReactor",
     "Event",
     "EventStreamDecoder",
     "EventStreamResource",

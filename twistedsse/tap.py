@@ -19,6 +19,7 @@ from ._build import _reactor, buildService, buildSite
 from ._site import ServerService
 from ._command import CommandRenderer
 from ._security import readTokens
+from ._transport import EagerSendReactor
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 
@@ -157,6 +158,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         corsOrigins=options["cors-origins"],
     )
     top = ServerService(service, site, reactor)
+    # TCP connections that send each frame in the write itself (see
+    # twistedsse._transport); other endpoints are the reactor's own.
+    listening = EagerSendReactor(reactor)
     for description in options["listen"]:
-        top.addListener(strports.service(description, site, reactor=reactor))
+        top.addListener(strports.service(description, site, reactor=listening))
     return top

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import HTTPConnectionPool
 
-from twistedsse import CommandRenderer, EventStreamDecoder, buildService, buildSite
+from twistedsse import CommandRenderer, EagerSendReactor, EventStreamDecoder, buildService, buildSite
 
 HERE = Path(__file__).parent
 TICKER = str(HERE / "ticker.py")
@@ -73,7 +73,8 @@ class ServerMixin:
         self.service.startService()
         self.addCleanup(self.service.stopService)  # type: ignore[attr-defined]
         self.site = buildSite(self.service, reactor, keepalive=keepalive)
-        port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        # As twistd serves it: connections that send each frame at once.
+        port = EagerSendReactor(reactor).listenTCP(0, self.site, interface="127.0.0.1")
         # DrainingSite closes every connection it accepted, and waits.
         self.addCleanup(self.site.drain, reactor, 5.0)  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)  # type: ignore[attr-defined]

@@ -1,0 +1,140 @@
+"""
+TCP connections that send a write at once.
+
+Twisted's TCP transport queues every C{write} and sends it when the
+reactor next finds the socket writable: for each frame, the socket is
+registered with epoll, the reactor wakes, dispatches C{doWrite}, sends, and
+unregisters it. For an event fanned out to thousands of streams that is
+most of the server's CPU time (measured in C{docs/performance.md}), and the
+first subscriber waits for the whole pass to be queued before anything is
+sent.
+
+L{EagerServer} sends a write in the call itself when nothing is queued
+before it (the common case for a stream whose client keeps up), and queues
+only what the kernel did not take, exactly as Twisted would: order,
+backpressure (producers paused when the queue is full), connection loss
+(found and reported by C{doWrite}, as ever) and TLS on top are unchanged.
+L{EagerSendReactor} gives endpoints (C{serverFromString},
+C{strports.service}) TCP ports whose connections are L{EagerServer}s.
+"""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IReactorSSL, IReactorSocket, IReactorTCP
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+
+class EagerServer(tcp.Server):
+    """
+    A server-side TCP connection whose C{write} sends at once when nothing
+    is queued before it.
+    """
+
+    _holding: list[bytes] | None = None
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """
+        The writes made within are sent together, as one C{send}, when it
+        ends: a response's headers and its first bytes, written by Twisted
+        as separate calls, then leave in one segment.
+        """
+        if self._holding is not None:
+            yield
+            return
+        held: list[bytes] = []
+        self._holding = held
+        try:
+            yield
+        finally:
+            self._holding = None
+            if held:
+                self.write(b"".join(held))
+
+    def write(self, data: bytes) -> None:
+        if self._holding is not None and type(data) is bytes:
+            self._holding.append(data)
+            return
+        if (
+            self._tempDataLen
+            or self.offset != len(self.dataBuffer)
+            or self.TLS
+            or not self.connected
+            or self._writeDisconnected
+            or type(data) is not bytes
+        ):
+            # Queued bytes go first; TLS started on this connection (not a
+            # TLS port's) encrypts in its protocol; the rest is Twisted's
+            # own checks and errors.
+            super().write(data)
+            return
+        try:
+            sent = self.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # A lost connection: queue it as Twisted would, and let doWrite
+            # find the error and report it the usual way.
+            sent = 0
+        if sent < len(data):
+            super().write(data[sent:] if sent else data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        if self.TLS and self._holding is None:
+            super().writeSequence(iovec)
+            return
+        self.write(b"".join(iovec))
+
+
+class EagerPort(tcp.Port):
+    """
+    A TCP port whose connections are L{EagerServer}s.
+    """
+
+    transport = EagerServer
+
+
+@implementer(IReactorTCP, IReactorSSL, IReactorSocket)
+class EagerSendReactor:
+    """
+    A reactor, as an endpoint sees it, whose TCP (and TLS over TCP) ports
+    make L{EagerServer} connections; everything else is C{reactor}'s.
+
+    Pass it where a listening endpoint takes its reactor::
+
+        strports.service("tcp:8080", site, reactor=EagerSendReactor(reactor))
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> EagerPort:
+        listening = EagerPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+    def listenSSL(
+        self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = ""
+    ) -> EagerPort:
+        # As the reactor's own listenSSL: TLS in memory over a TCP port.
+        listening = self.listenTCP(port, TLSMemoryBIOFactory(contextFactory, False, factory), backlog, interface)
+        listening._type = "TLS"
+        return listening
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: Any, factory: Any) -> Any:
+        # Sockets passed by systemd (socket activation): TCP ones get
+        # eager connections, others (UNIX) are the reactor's.
+        if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+            return self._reactor.adoptStreamPort(fileDescriptor, addressFamily, factory)
+        listening = EagerPort._fromListeningDescriptor(self._reactor, fileDescriptor, addressFamily, factory)
+        listening.startListening()
+        return listening
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
