@@ -20,6 +20,7 @@ from twisted.web.server import Request, Site
 from ._app import MAX_BODY
 from ._errors import HeaderTooLarge, PayloadTooLarge, URITooLong
 from ._service import RenderService
+from ._transport import EagerServer
 
 _log = Logger()
 
@@ -56,17 +57,65 @@ def _lineTooLong(channel: Any, line: bytes) -> None:
     _refuseNow(channel, error.status, reason, error.code, f"a request line or header line is over {MAX_LINE} bytes")
 
 
+class _LastChunk:
+    """
+    The chunked framing of the last body write: an event fanned out to N
+    streams is the same bytes object N times, so it is framed once, not N
+    times. (Holds one frame; a miss costs what Twisted's own framing does.)
+    """
+
+    __slots__ = ("data", "chunk")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.chunk = b""
+
+    def of(self, data: bytes) -> bytes:
+        if data is not self.data:
+            self.chunk = b"%x\r\n%s\r\n" % (len(data), data)
+            self.data = data
+        return self.chunk
+
+
+_lastChunk = _LastChunk()
+
+
 class BoundedRequest(Request):
     """
     A request that keeps at most C{maxBody} bytes of body. Twisted would
     otherwise buffer any body in full (in memory, or a temporary file)
     before the application sees it; past the limit this one keeps nothing
     and the app answers 413.
+
+    Its C{write}, once a chunked response has started, hands the channel
+    the whole chunk in one call (framed once per event, see L{_LastChunk}):
+    what Twisted's own C{write} sends as three pieces, with the same checks.
     """
 
     maxBody = MAX_BODY
     tooLarge = False
     _answered = False
+
+    def write(self, data: bytes) -> None:
+        if (
+            self.chunked
+            and data
+            and not self.finished
+            and not self._disconnected
+            and self._encoder is None
+            and type(data) is bytes
+        ):
+            self.sentLength += len(data)
+            self.channel.write(_lastChunk.of(data))
+            return
+        if not self.startedWriting:
+            transport = self.channel.transport
+            if isinstance(transport, EagerServer):
+                # The headers and the first frame: one send, not two.
+                with transport.holding():
+                    super().write(data)
+                return
+        super().write(data)
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.maxBody:
