@@ -7,12 +7,16 @@ Render processes are the fake spawner's.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
+from twistedsse._app import TwistedSSEApp, _EventsFirst, _RequireUTF8
 from twistedsse._broker import MemoryBroker
 from twistedsse._build import buildResource, buildSite
 from twistedsse._card import CardRenderer
@@ -20,6 +24,7 @@ from twistedsse._command import CommandRenderer
 from twistedsse._job import JobState
 from twistedsse._service import RenderService
 from twistedsse._site import BoundedRequest
+from twistedsse._stream import StreamLimits, StreamSettings
 from twistedsse.testing import FakeSpawner
 
 from ._helpers import Connection, chunks, decode, splitResponse, ticksService
@@ -420,3 +425,86 @@ class BoundsTests(SynchronousTestCase):
             response = conn.take()
             self.assertRegex(response[:12], rb"HTTP/1\.1 4\d\d", raw[:40])
             conn.disconnect()
+
+
+class EventsRouteTests(SynchronousTestCase):
+    """
+    The events route is answered before Klein routes (it is the hot one);
+    every request to it, and every near miss, gets exactly the bytes
+    Klein's own route would have given.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.service = RenderService(
+            clock=self.clock,
+            spawner=FakeSpawner(),
+            broker=MemoryBroker(),
+            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
+            outputDir=Path(self.mktemp()),
+            maxRenders=2,
+        )
+        self.service.startService()
+        self.app = TwistedSSEApp(
+            self.service, self.clock, StreamSettings(keepalive=15.0, retry=1000), StreamLimits(maxPerJob=1)
+        )
+        self.jobID = self.service.submit("ticks", {}, lambda jobID: {}).id
+        self.service.broker.publish(self.jobID, "progress", {"p": 0.5})
+
+    def respond(self, resource: Any, method: str, path: str, headers: dict[str, str]) -> tuple[bytes, Any]:
+        conn = Connection(Site(resource, reactor=self.clock))
+        conn.request(method, path, headers)
+        raw = conn.take()
+        return raw, conn
+
+    def test_sameBytesAsKlein(self) -> None:
+        """
+        Open streams (with and without Last-Event-ID, GET and HEAD), an
+        unknown job, a stream past the per-job limit and near misses of
+        the path: byte for byte what Klein's route answers (but the Date).
+        """
+        fast = self.app.resource()
+        klein = _RequireUTF8(self.app.router.resource())
+        j = self.jobID
+        cases = [
+            ("GET", f"/renders/{j}/events", {}),
+            ("GET", f"/renders/{j}/events?lastEventId=1", {}),
+            ("GET", f"/renders/{j}/events", {"Last-Event-ID": "1"}),
+            ("HEAD", f"/renders/{j}/events", {}),
+            ("GET", "/renders/nope/events", {}),
+            ("GET", "/renders/%2Fx/events", {}),
+            ("GET", f"/renders/{j}/events/", {}),
+            ("GET", f"/renders//{j}/events", {}),
+            ("POST", f"/renders/{j}/events", {}),
+            ("DELETE", f"/renders/{j}/events", {}),
+            ("GET", "/renders/%C3%A9/events", {}),
+        ]
+        for method, path, headers in cases:
+            answers = []
+            for resource in (fast, klein):
+                raw, conn = self.respond(resource, method, path, headers)
+                # Past the per-job limit (1) while the first is open: 503.
+                second, other = self.respond(resource, method, path, headers)
+                answers.append([re.sub(rb"Date: [^\r]*", b"Date: -", r) for r in (raw, second)])
+                other.disconnect()
+                conn.disconnect()
+            self.assertEqual(answers[0], answers[1], f"{method} {path}")
+        self.assertEqual(self.app.limits.open, 0)
+        self.assertEqual(self.service.broker.subscriberCount(), 0)
+
+    def test_kleinNotAskedForTheEventsRoute(self) -> None:
+        """
+        The events route really is answered first: with a Klein resource
+        that fails every request, the stream still opens.
+        """
+
+        class Refuse(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                raise AssertionError("routed through Klein")
+
+        raw, conn = self.respond(_EventsFirst(self.app, Refuse()), "GET", f"/renders/{self.jobID}/events", {})
+        self.assertEqual(splitResponse(raw)[0], 200)
+        self.assertIn(b"event: progress", raw)
+        conn.disconnect()

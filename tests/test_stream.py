@@ -38,7 +38,7 @@ class StreamTests(SynchronousTestCase):
             conn.disconnect()
         self.assertEqual(self.broker.subscriberCount(), 0)
         self.assertEqual(
-            [c for c in self.clock.getDelayedCalls() if c.func.__name__ != "_updateLogDateTime"], []
+            [c for c in self.clock.getDelayedCalls() if getattr(c.func, "__name__", "") != "_updateLogDateTime"], []
         )
 
     def test_headersLeaveAtOnce(self) -> None:
@@ -91,21 +91,67 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual([e.event for e in events], ["progress", "complete"])
         self.assertNothingLeft(conn)
 
+    def advance(self, seconds: float, step: float = 0.5) -> None:
+        """
+        Let C{seconds} pass as a running reactor would, in small steps (one
+        big C{Clock.advance} runs a C{LoopingCall} once, as a blocked
+        reactor would).
+        """
+        self.clock.pump([step] * round(seconds / step))
+
     def test_keepaliveOnTheClock(self) -> None:
         """
-        A keepalive comment is written, as its own chunk, each time the
-        keepalive interval passes on the injected clock, and not before.
+        A quiet stream gets a keepalive comment, as its own chunk, each
+        time the keepalive interval passes on the injected clock without a
+        frame, and not before.
         """
         conn = self.connect()
         conn.request("GET", "/")
         conn.take()
-        self.clock.advance(14.9)
+        self.advance(14.5)
         self.assertEqual(conn.take(), b"")
-        self.clock.advance(0.1)
+        self.advance(0.5)
         self.assertEqual(chunks(conn.take()), [b": keepalive\n\n"])
-        self.clock.advance(15)
+        self.advance(14.5)
+        self.assertEqual(conn.take(), b"")
+        self.advance(0.5)
         self.assertEqual(chunks(conn.take()), [b": keepalive\n\n"])
         conn.disconnect()
+
+    def test_busyStreamGetsNoKeepalive(self) -> None:
+        """
+        Events are frames enough: a stream that got one within the interval
+        gets no keepalive, and gets one again an interval after it went
+        quiet.
+        """
+        conn = self.connect()
+        conn.request("GET", "/")
+        conn.take()
+        for i in range(12):
+            self.advance(5)
+            self.broker.publish("job1", "progress", {"i": i})
+        self.assertNotIn(b"keepalive", conn.take())
+        self.advance(15)
+        self.assertEqual(chunks(conn.take()), [b": keepalive\n\n"])
+        conn.disconnect()
+
+    def test_oneTimerForAllStreams(self) -> None:
+        """
+        However many streams are open, one timer sends their keepalives;
+        it stops with the last stream.
+        """
+        conns = [self.connect() for _ in range(50)]
+        for conn in conns:
+            conn.request("GET", "/")
+            conn.take()
+        ours = [c for c in self.clock.getDelayedCalls() if getattr(c.func, "__name__", "") != "_updateLogDateTime"]
+        self.assertEqual(len(ours), 1)
+        self.advance(15)
+        self.assertEqual({tuple(chunks(conn.take())) for conn in conns}, {(b": keepalive\n\n",)})
+        for conn in conns[1:]:
+            conn.disconnect()
+        self.assertEqual(len([c for c in self.clock.getDelayedCalls() if getattr(c.func, "__name__", "") != "_updateLogDateTime"]), 1)
+        self.assertNothingLeft(conns[0])
 
     def test_disconnectReleasesEverything(self) -> None:
         """
@@ -300,7 +346,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual([(e.event, e.id) for e in events], [("progress", "10"), ("complete", "11")])
         self.assertTrue(wire.endswith(b"0\r\n\r\n"))
         self.conn.disconnect()
-        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.func.__name__ != "_updateLogDateTime"], [])
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if getattr(c.func, "__name__", "") != "_updateLogDateTime"], [])
         self.assertEqual(self.limits.open, 0)
 
     def test_resumeWithNothingNew(self) -> None:
@@ -320,10 +366,10 @@ class BackpressureTests(SynchronousTestCase):
         A paused stream queues no keepalives on its full connection.
         """
         self.channel.pauseProducing()
-        self.clock.advance(15)
+        self.clock.pump([0.5] * 40)
         self.assertEqual(self.conn.take(), b"")
         self.channel.resumeProducing()
-        self.clock.advance(15)
+        self.clock.pump([0.5] * 30)
         self.assertEqual(chunks(self.conn.take()), [b": keepalive\n\n"])
         self.conn.disconnect()
 

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
@@ -38,6 +39,7 @@ from ._errors import (
 )
 from . import _json
 from ._security import BearerTokens, CORSPolicy, CORSResource
+from ._keepalive import Keepalives
 from ._service import RenderService
 from ._stream import EventStreamResource, StreamLimits, StreamSettings, lastEventID, startStreamHeaders
 
@@ -121,6 +123,52 @@ class _RequireUTF8(Resource):
         return self._wrapped.render(request)
 
 
+class _EventsFirst(Resource):
+    """
+    The events route, answered before Klein routes the request: it is the
+    one route opened by thousands of clients at once (a render's watchers,
+    and their reconnects), and Klein's per-request routing (binding a
+    werkzeug map, matching, two Deferreds) is about a third of what a new
+    stream costs (see docs/performance.md). Exactly C{/renders/ID/events}
+    (GET or HEAD) is taken here, with the same route method and error
+    handler Klein would use; anything else, however close, goes to Klein.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: "TwistedSSEApp", klein: IResource) -> None:
+        super().__init__()
+        self._app = app
+        self._klein = klein
+
+    def render(self, request: Any) -> Any:
+        post = request.postpath
+        if (
+            len(post) == 3
+            and post[0] == b"renders"
+            and post[2] == b"events"
+            and post[1]
+            and b"/" not in post[1]
+            and request.method in (b"GET", b"HEAD")
+        ):
+            app = self._app
+            try:
+                jobID = post[1].decode("utf-8")
+            except UnicodeDecodeError:
+                return self._klein.render(request)
+            try:
+                resource = app.events(request, jobID)
+            except TwistedSSEError as error:
+                # Written as Klein writes a handler's answer (chunked).
+                request.write(app._ourError(request, Failure(error)))
+                request.finish()
+                return NOT_DONE_YET
+            request.prepath.extend(post)
+            request.postpath = []
+            return resource.render(request)
+        return self._klein.render(request)
+
+
 @attrs.define(slots=False)
 class TwistedSSEApp:
     """
@@ -139,6 +187,10 @@ class TwistedSSEApp:
     auth: BearerTokens = BearerTokens()
     cors: CORSPolicy = CORSPolicy()
     _static: Mapping[str, bytes] = attrs.field(factory=_loadStatic)
+    _keepalives: Keepalives = attrs.field(
+        default=attrs.Factory(lambda self: Keepalives(self.clock, self.settings.keepalive), takes_self=True),
+        init=False,
+    )
 
     router = Klein()
 
@@ -147,7 +199,7 @@ class TwistedSSEApp:
         The app as a twisted.web resource, to serve or to mount under a
         parent resource.
         """
-        resource: IResource = _RequireUTF8(self.router.resource())
+        resource: IResource = _RequireUTF8(_EventsFirst(self, self.router.resource()))
         if self.cors.origins:
             return CORSResource(resource, self.cors)
         return resource
@@ -209,7 +261,8 @@ class TwistedSSEApp:
     def _stream(self, jobID: str, **kw: Any) -> EventStreamResource:
         self.limits.check(jobID)
         return EventStreamResource(
-            self.service.broker, jobID, self.clock, self.settings, limits=self.limits, **kw
+            self.service.broker, jobID, self.clock, self.settings, limits=self.limits,
+            keepalives=self._keepalives, **kw,
         )
 
     # -- the page --------------------------------------------------------

@@ -27,7 +27,6 @@ import attrs
 import socket
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -37,6 +36,7 @@ from zope.interface import implementer
 from ._errors import TooManyStreams
 from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent, encodeRetry
 from ._interfaces import IJobBroker, ISubscriber
+from ._keepalive import Keepalives
 
 _log = Logger()
 
@@ -193,15 +193,16 @@ def _socketOptions(transport: ITCPTransport, writeTimeout: float) -> None:
 class _Stream:
     """
     One open event stream: the subscriber the broker delivers to, the push
-    producer Twisted pauses when the client stops reading, and the owner of
-    the keepalive and write-deadline timers. Everything it holds is released
-    in L{_Stream._closed} (the request's C{notifyFinish}), whether the job
-    ended, the client left, or the server is stopping.
+    producer Twisted pauses when the client stops reading, a member of the
+    shared L{Keepalives} timer, and the owner of its write-deadline timer.
+    Everything it holds is released in L{_Stream._closed} (the request's
+    C{notifyFinish}), whether the job ended, the client left, or the server
+    is stopping.
     """
 
     __slots__ = (
-        "_request", "_clock", "_settings", "_rewriteID", "_onClose", "_keepalive", "_unsubscribe",
-        "_open", "_paused", "_latest", "_terminal", "_deadline", "_replaying",
+        "_request", "_clock", "_settings", "_rewriteID", "_onClose", "_keepalives", "_unsubscribe",
+        "_open", "_paused", "_latest", "_terminal", "_deadline", "_replaying", "_wrote",
     )  # fmt: skip
 
     def __init__(
@@ -211,13 +212,14 @@ class _Stream:
         settings: StreamSettings,
         rewriteID: Callable[[str], str] | None = None,
         onClose: Callable[[], None] | None = None,
+        keepalives: Keepalives | None = None,
     ) -> None:
         self._request = request
         self._clock = clock
         self._settings = settings
         self._rewriteID = rewriteID
         self._onClose = onClose
-        self._keepalive: LoopingCall | None = None
+        self._keepalives = keepalives
         self._unsubscribe: Callable[[], None] | None = None
         self._open = True
         self._paused = False
@@ -225,6 +227,7 @@ class _Stream:
         self._terminal: tuple[Event, bytes] | None = None
         self._deadline: IDelayedCall | None = None
         self._replaying = False
+        self._wrote = False
 
     def start(self, broker: IJobBroker, jobID: str, after: str | None) -> None:
         request, settings = self._request, self._settings
@@ -237,10 +240,9 @@ class _Stream:
         # Headers leave with the first write: send it now, so that
         # EventSource fires "open" and proxies pass the response on.
         request.write(encodeRetry(settings.retry) if settings.retry else OPENED)
-        if settings.keepalive > 0:
-            loop = self._keepalive = LoopingCall(self._ping)
-            loop.clock = self._clock
-            loop.start(settings.keepalive, now=False)
+        self._wrote = True
+        if self._open and self._keepalives is not None:
+            self._keepalives.add(self)
         # The replay the client asked for is written whole even if its
         # buffer fills meanwhile (it is bounded by --history): coalescing
         # applies to live events only, or a resume would lose events.
@@ -255,9 +257,17 @@ class _Stream:
             # The terminal event came with the replay and ended the stream.
             unsubscribe()
 
-    def _ping(self) -> None:
-        # A paused stream's connection is full: a keepalive would only queue.
-        if not self._paused:
+    def keepalive(self) -> None:
+        """
+        Called by L{Keepalives} every half interval: write a keepalive
+        comment unless a frame went out since the last call, so that a quiet
+        stream gets one every interval and a busy one none. A paused
+        stream's connection is full: a keepalive would only queue.
+        """
+        if self._wrote:
+            self._wrote = False
+        elif not self._paused:
+            self._wrote = True
             self._request.write(KEEPALIVE)
 
     def deliver(self, event: Event, frame: bytes) -> None:
@@ -273,6 +283,7 @@ class _Stream:
             else:
                 self._latest = (event, frame)
             return
+        self._wrote = True
         self._request.write(frame)
         if terminal:
             self._end()
@@ -298,6 +309,8 @@ class _Stream:
         self._cancelDeadline()
         latest, self._latest = self._latest, None
         terminal, self._terminal = self._terminal, None
+        if latest is not None or terminal is not None:
+            self._wrote = True
         if latest is not None:
             self._request.write(latest[1])
         if terminal is not None:
@@ -326,9 +339,9 @@ class _Stream:
         self._open = False
         self._cancelDeadline()
         self._latest = self._terminal = None
-        if self._keepalive is not None and self._keepalive.running:
-            self._keepalive.stop()
-        self._keepalive = None
+        if self._keepalives is not None:
+            keepalives, self._keepalives = self._keepalives, None
+            keepalives.discard(self)
         if self._unsubscribe is not None:
             unsubscribe, self._unsubscribe = self._unsubscribe, None
             unsubscribe()
@@ -348,6 +361,8 @@ class EventStreamResource(Resource):
     @param rewriteID: maps the broker's event id to the one sent, for the
         one-request C{/render-stream} shape whose ids name the job too.
     @param limits: counts this stream while it is open.
+    @param keepalives: the timer that sends this stream's keepalives,
+        shared by every stream of an app; by default one of its own.
     """
 
     isLeaf = True
@@ -361,6 +376,7 @@ class EventStreamResource(Resource):
         after: str | None = None,
         rewriteID: Callable[[str], str] | None = None,
         limits: StreamLimits | None = None,
+        keepalives: Keepalives | None = None,
     ) -> None:
         super().__init__()
         self._broker = broker
@@ -370,6 +386,7 @@ class EventStreamResource(Resource):
         self._after = after
         self._rewriteID = rewriteID
         self._limits = limits
+        self._keepalives = keepalives if keepalives is not None else Keepalives(clock, settings.keepalive)
 
     def _lastSeen(self, request: Request) -> str | None:
         return self._after if self._after is not None else lastEventID(request)
@@ -392,7 +409,7 @@ class EventStreamResource(Resource):
             limits, jobID = self._limits, self._jobID
             limits.opened(jobID)
             onClose = lambda: limits.closed(jobID)  # noqa: E731
-        stream = _Stream(request, self._clock, self._settings, self._rewriteID, onClose)
+        stream = _Stream(request, self._clock, self._settings, self._rewriteID, onClose, self._keepalives)
         stream.start(self._broker, self._jobID, self._lastSeen(request))
         return NOT_DONE_YET
 
