@@ -4,6 +4,8 @@ The twistd plugin: options parsing, the service tree, and discovery.
 
 from __future__ import annotations
 
+import gc
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
@@ -92,6 +94,29 @@ class OptionsTests(SynchronousTestCase):
 
 
 class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        thresholds = gc.get_threshold()
+
+        def restore() -> None:
+            gc.unfreeze()
+            gc.set_threshold(*thresholds)
+
+        self.addCleanup(restore)
+
+    def test_garbageCollectorTuned(self) -> None:
+        """
+        The service process freezes what it built at startup out of the
+        cycle collector and raises the young-generation threshold (see
+        L{tap.tuneGarbageCollector}).
+        """
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0", "--output-dir", self.mktemp()])
+        gc.unfreeze()
+        gc.set_threshold(700, 10, 10)
+        tap.makeService(options, MemoryReactorClock())
+        self.assertEqual(gc.get_threshold(), tap.GC_THRESHOLDS)
+        self.assertGreater(gc.get_freeze_count(), 0)
+
     def test_serviceTree(self) -> None:
         """
         makeService builds the render service and one listening service per
