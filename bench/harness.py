@@ -1,10 +1,12 @@
 """
 The fan-out benchmark's harness (issue 5). Run it through C{bench/run},
-which sets up C{bench/.venv} and builds the load client first.
+which sets up C{bench/.venv}, installs the Express reference's packages and
+builds the load client and the C floor first.
 
 For each N and run, for each server (twistedsse under twistd, and the
-sse-starlette + uvicorn reference), in a process of its own pinned to core
-0: create one render of the stand-in renderer (C{bench/emit.py}, waiting
+references: sse-starlette + uvicorn, Express on Node.js, and the C floor,
+C{bench/floor_server.c}), in a process of its own pinned to core 0: create
+one render of the stand-in renderer (C{bench/emit.py}, waiting
 for a start file), connect N streams with the C load client
 (C{bench/sseload.c}, pinned to core 1), read the server's idle RSS, start
 the renderer, and wait until every stream has its 50 events and its end.
@@ -56,17 +58,22 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 VENV = BENCH / ".venv"
 PYTHON = VENV / "bin" / "python"
+EXPRESS = BENCH / "reference_express"
+FLOOR = VENV / "bin" / "floor_server"
 
 SERVER_CORE = 0
 CLIENT_CORE = 1
-#: The listening sockets' backlog (both servers): a burst of connects must
+#: The listening sockets' backlog (every server): a burst of connects must
 #: not overflow the SYN/accept queues (Twisted's default is 50).
 BACKLOG = 4096
 
 SERVERS = {
     "twistedsse": "twistedsse (twistd)",
     "starlette": "sse-starlette + uvicorn",
+    "express": "Express (Node.js)",
+    "c-floor": "C epoll floor",
 }
+DEFAULT_SERVERS = "twistedsse,starlette,express,c-floor"
 
 FULL_NS = [1, 100, 1000, 5000, 10000]
 QUICK_NS = [1, 100, 1000]
@@ -220,6 +227,25 @@ def stopProcess(process: subprocess.Popen[bytes], name: str, grace: float = 20.0
             pass
 
 
+def nodePath() -> str:
+    return shutil.which("node") or "/usr/bin/node"
+
+
+def missingServers(servers: list[str]) -> list[str]:
+    """
+    Why a server asked for cannot run (not set up by C{bench/run}).
+    """
+    problems = []
+    if "express" in servers:
+        if not (shutil.which("node") or Path("/usr/bin/node").exists()):
+            problems.append("express: node is not installed")
+        elif not (EXPRESS / "node_modules" / "express" / "package.json").exists():
+            problems.append("express: bench/reference_express/node_modules is missing (bench/run runs npm ci)")
+    if "c-floor" in servers and not os.access(FLOOR, os.X_OK):
+        problems.append(f"c-floor: {FLOOR.relative_to(ROOT)} is not built (bench/run builds it)")
+    return problems
+
+
 class Server:
     """
     One server under test, in its own session, pinned to the server core,
@@ -243,6 +269,18 @@ class Server:
             argv = [
                 str(PYTHON), str(BENCH / "reference_starlette.py"),
                 "--port", str(self.port), "--backlog", str(BACKLOG),
+                "--renderer", f"emit={emit}",
+            ]  # fmt: skip
+        elif kind == "express":
+            argv = [
+                nodePath(), str(EXPRESS / "server.js"),
+                "--host", "127.0.0.1", "--port", str(self.port), "--backlog", str(BACKLOG),
+                "--renderer", f"emit={emit}",
+            ]  # fmt: skip
+        elif kind == "c-floor":
+            argv = [
+                str(FLOOR),
+                "--host", "127.0.0.1", "--port", str(self.port), "--backlog", str(BACKLOG),
                 "--renderer", f"emit={emit}",
             ]  # fmt: skip
         else:
@@ -606,18 +644,30 @@ def fmt(value: Any, pattern: str) -> str:
     return pattern.format(value)
 
 
+def ratioBase(servers: list[str]) -> str:
+    """
+    The server the ratios are of: twistedsse when it ran, else the first.
+    """
+    return "twistedsse" if "twistedsse" in servers else servers[0]
+
+
 def table(summary: dict[str, dict[int, dict[str, Any]]], ns: list[int], servers: list[str]) -> str:
-    a = servers[0]
-    b = servers[1] if len(servers) > 1 else None
-    head = ["N", "metric"] + [SERVERS[s] for s in servers] + ([f"ratio {a}/{'ref' if b == 'starlette' else b}"] if b else [])
+    """
+    One column per server, then one ratio column per reference:
+    twistedsse (or the first server, without it) / that reference.
+    """
+    base = ratioBase(servers)
+    others = [s for s in servers if s != base]
+    head = ["N", "metric"] + [SERVERS[s] for s in servers] + [f"ratio {base}/{s}" for s in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in ns:
         for key, label, pattern in METRICS:
             row = [str(n), label]
-            values = [summary.get(s, {}).get(n, {}).get(key) for s in servers]
-            row += [fmt(v, pattern) for v in values]
-            if b:
-                x, y = values[0], values[1]
+            values = {s: summary.get(s, {}).get(n, {}).get(key) for s in servers}
+            row += [fmt(values[s], pattern) for s in servers]
+            x = values[base]
+            for s in others:
+                y = values[s]
                 row.append(f"{x / y:.2f}" if x is not None and y not in (None, 0) else "-")
             lines.append("| " + " | ".join(row) + " |")
         errors = {s: summary.get(s, {}).get(n, {}).get("errors") for s in servers}
@@ -629,10 +679,13 @@ def table(summary: dict[str, dict[int, dict[str, Any]]], ns: list[int], servers:
 
 def targets(summary: dict[str, dict[int, dict[str, Any]]]) -> str:
     """
-    Issue 5's targets, checked on the medians (twistedsse vs the reference).
+    Issue 5's targets, checked on the medians (twistedsse against the
+    references of the same run: sse-starlette, Express, the C floor).
     """
     t = summary.get("twistedsse", {})
     r = summary.get("starlette", {})
+    express = summary.get("express", {})
+    floor = summary.get("c-floor", {})
     rows = []
 
     def get(d: dict[int, dict[str, Any]], n: int, key: str) -> Any:
@@ -648,7 +701,16 @@ def targets(summary: dict[str, dict[int, dict[str, Any]]]) -> str:
                 ratio = cpu / ref if ref else None
                 check(f"N={n}: CPU/delivery <= 0.5x reference", f"{cpu:.2f} us vs {fmt(ref, '{:.2f}')} us (x{fmt(ratio, '{:.2f}')})",
                       ratio <= 0.5 if ratio is not None else None)  # fmt: skip
-                check(f"N={n}: CPU/delivery <= 12 us (Express)", f"{cpu:.2f} us", cpu <= 12)
+                check(f"N={n}: CPU/delivery <= 12 us (Express, as measured elsewhere in the issue)", f"{cpu:.2f} us",
+                      cpu <= 12)  # fmt: skip
+                ref = get(express, n, "cpu_ms_per_1000")
+                if ref is not None:
+                    check(f"N={n}: CPU/delivery at or below Express's (same run)",
+                          f"{cpu:.2f} us vs {ref:.2f} us (x{cpu / ref:.2f})", cpu <= ref)  # fmt: skip
+                ref = get(floor, n, "cpu_ms_per_1000")
+                if ref is not None:
+                    check(f"N={n}: CPU/delivery within 1.5x of the C floor (stretch)",
+                          f"{cpu:.2f} us vs {ref:.2f} us (x{cpu / ref:.2f})", cpu <= 1.5 * ref)  # fmt: skip
     if 1000 in t:
         p50, ref, p99 = get(t, 1000, "lat_p50_ms"), get(r, 1000, "lat_p50_ms"), get(t, 1000, "lat_p99_ms")
         if p50 is not None and ref:
@@ -683,7 +745,7 @@ def plot(summary: dict[str, dict[int, dict[str, Any]]], servers: list[str], path
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colours = {"twistedsse": "tab:blue", "starlette": "tab:orange"}
+    colours = {"twistedsse": "tab:blue", "starlette": "tab:orange", "express": "tab:green", "c-floor": "tab:gray"}
     for s in servers:
         cells = summary.get(s, {})
         ns = sorted(n for n in cells if cells[n].get("lat_p50_ms") is not None)
@@ -727,6 +789,18 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return None
 
+    def output(argv: list[str]) -> str | None:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+
+    try:
+        express = json.loads((EXPRESS / "node_modules" / "express" / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        express = None
+
     try:
         rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "twistedsse"],
@@ -746,6 +820,9 @@ def machine() -> dict[str, Any]:
         "uvicorn": version("uvicorn"),
         "uvloop": version("uvloop"),
         "httptools": version("httptools"),
+        "node": output([nodePath(), "--version"]),
+        "express": express,
+        "gcc": output(["gcc", "-dumpfullversion"]),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "loadavg_start": os.getloadavg(),
     }
@@ -757,7 +834,9 @@ def machineLine(m: dict[str, Any]) -> str:
         f"Twisted {m['twisted']}; twistedsse {m['twistedsse_git']}{' (+local changes)' if m['twistedsse_dirty'] else ''}; "
         f"sse-starlette {m['sse_starlette']}, starlette {m['starlette']}, uvicorn {m['uvicorn']} "
         f"(uvloop {m['uvloop']}, httptools {m['httptools']}); "
-        f"load average at start {m['loadavg_start'][0]:.2f}, at end {m.get('loadavg_end', (0,))[0]:.2f}"
+        + (f"Node.js {m['node']}, Express {m.get('express')}; " if m.get("node") else "")
+        + (f"C floor built by gcc {m['gcc']} -O2; " if m.get("gcc") else "")
+        + f"load average at start {m['loadavg_start'][0]:.2f}, at end {m.get('loadavg_end', (0,))[0]:.2f}"
     )
 
 
@@ -817,7 +896,8 @@ def report(document: dict[str, Any], plotTo: list[Path] | None = None) -> None:
     print(f"Machine: {machineLine(info)}.\n")
     if summary:
         print(table(summary, ns, servers))
-        print("\nratio = twistedsse / reference (below 1: twistedsse lower).\n")
+        base = ratioBase(servers)
+        print(f"\nratio = {base} / each other server (below 1: {base} lower).\n" if len(servers) > 1 else "")
         if "twistedsse" in summary:
             print(targets(summary))
         if plotTo:
@@ -835,7 +915,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 1,100,1000, 1 run, no profile")
     parser.add_argument("--ns", help="comma-separated subscriber counts (default: 1,100,1000,5000,10000)")
     parser.add_argument("--runs", type=int, help="runs per (server, N); the table shows medians (default 3)")
-    parser.add_argument("--servers", default="twistedsse,starlette", help="which servers (default both)")
+    parser.add_argument("--servers", default=DEFAULT_SERVERS,
+                        help=f"which servers, any of {', '.join(SERVERS)} (default all: {DEFAULT_SERVERS})")  # fmt: skip
     parser.add_argument("--events", type=int, default=50, help="progress events per render (default 50)")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between events (default 0.05)")
     parser.add_argument("--concurrency", type=int, default=1000, help="client connects in flight (default 1000)")
@@ -865,6 +946,11 @@ def main() -> None:
     for s in servers:
         if s not in SERVERS:
             parser.error(f"unknown server {s!r} (known: {', '.join(SERVERS)})")
+    if not servers:
+        parser.error("--servers names none")
+    problems = missingServers(servers)
+    if problems:
+        parser.error("; ".join(problems))
     doProfile = args.profile_only or (args.profile or not args.quick) and not args.no_profile
     limit = raiseNoFile(max(ns + [args.profile_n]) + 1024)
     if limit < max(ns) + 100:
