@@ -5,7 +5,7 @@ L{MemoryBroker}'s own details.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from twistedsse._broker import MemoryBroker, parseSequence
 from twistedsse._errors import UnknownJob
-from twistedsse._frames import Event
+from twistedsse._frames import Event, encodeEvent
 from twistedsse._interfaces import IJobBroker, ISubscriber
 from twistedsse._job import JobState
 
@@ -30,9 +30,15 @@ class Recorder:
     """
 
     got: list[tuple[Event, bytes]] = attrs.Factory(list)
+    batches: list[bytes] = attrs.Factory(list)
 
     def deliver(self, event: Event, frame: bytes) -> None:
         self.got.append((event, frame))
+
+    def deliverMany(self, events: Sequence[Event], frames: Sequence[bytes], joined: bytes) -> None:
+        self.batches.append(joined)
+        for event, frame in zip(events, frames):
+            self.deliver(event, frame)
 
     @property
     def ids(self) -> list[str | None]:
@@ -190,6 +196,48 @@ class BrokerContractTests:
         self.broker.publish("a", "progress", {})
         self.assertEqual((leaver.got, len(recorder.got)), (1, 1))
         self.assertEqual(self.broker.subscriberCount(), 0)
+
+    def test_publishManyIsPublishInOrder(self) -> None:
+        """
+        Events published together are numbered, recorded and delivered as
+        if published one by one; a subscriber gets them in one call, with
+        their frames joined once for all.
+        """
+        first, second = Recorder(), Recorder()
+        self.broker.subscribe("a", None, first)
+        self.broker.subscribe("a", None, second)
+        self.broker.publish("a", "progress", {"i": 0})
+        events = self.broker.publishMany("a", "progress", [{"i": 1}, {"i": 2}, {"i": 3}])
+        self.assertEqual([e.id for e in events], ["2", "3", "4"])
+        self.assertEqual(first.ids, ["1", "2", "3", "4"])
+        self.assertEqual(first.batches, [b"".join(encodeEvent(e) for e in events)])
+        self.assertIs(first.batches[0], second.batches[0])
+        late = Recorder()
+        self.broker.subscribe("a", "1", late)
+        self.assertEqual(late.ids, ["2", "3", "4"])
+        self.assertEqual([e.data for e, _ in late.got], ['{"i":1}', '{"i":2}', '{"i":3}'])
+
+    def test_publishManyRefusesTerminal(self) -> None:
+        """
+        Terminal events are published alone; nothing is published after one.
+        """
+        with self.assertRaises(ValueError):
+            self.broker.publishMany("a", "complete", [{}, {}])
+        self.broker.publish("a", "complete", {})
+        with self.assertRaises(ValueError):
+            self.broker.publishMany("a", "progress", [{}, {}])
+
+    def test_publishManyToSubscriberFromAhead(self) -> None:
+        """
+        A subscriber whose last id is ahead of the job gets, of events
+        published together, only those after its id.
+        """
+        recorder = Recorder()
+        self.broker.subscribe("a", "2", recorder)
+        self.broker.publishMany("a", "progress", [{"i": 1}, {"i": 2}, {"i": 3}, {"i": 4}])
+        self.assertEqual(recorder.ids, ["3", "4"])
+        self.broker.publishMany("a", "progress", [{"i": 5}, {"i": 6}])
+        self.assertEqual(recorder.ids, ["3", "4", "5", "6"])
 
     def test_historyBoundKeepsLatestAndTerminal(self) -> None:
         """

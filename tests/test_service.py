@@ -107,6 +107,23 @@ class ServiceTests(SynchronousTestCase):
         self.assertRaises(InvalidParams, self.service.submit, "file", [1])
         self.assertEqual(self.broker.jobs(), [])
 
+    def test_linesOfOneReadAreOneFanOut(self) -> None:
+        """
+        Lines that arrive in one read (the render printed faster than the
+        server read) are published together: one delivery to each
+        subscriber, every event in it, in order; the job's progress is the
+        last of them.
+        """
+        jobID = self.submit()
+        recorder = self.watch(jobID)
+        process = self.spawner.processes[-1]
+        process.stdout(b'{"i": 1}\n{"i": 2}\n{"i": 3}\n')
+        process.stdout(b'{"i": 4}\n')
+        self.assertEqual([event.data for event, _ in recorder.got], ['{"i":1}', '{"i":2}', '{"i":3}', '{"i":4}'])
+        self.assertEqual(len(recorder.batches), 1)
+        self.assertEqual(self.broker.get(jobID).progress, {"i": 4})
+        process.exit(0)
+
     def test_runsToSuccess(self) -> None:
         """
         A render runs with its plan's argv, env and stdin; each stdout line

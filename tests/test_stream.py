@@ -75,6 +75,35 @@ class StreamTests(SynchronousTestCase):
             self.assertEqual(wire, b"%x\r\n%s\r\n" % (len(encodeEvent(event)), encodeEvent(event)))
         conn.disconnect()
 
+    def test_eventsPublishedTogetherAreOneChunk(self) -> None:
+        """
+        Events published together (a busy server read several render lines
+        at once) leave in one write, one chunk holding each whole frame, in
+        order.
+        """
+        conn = self.connect()
+        conn.request("GET", "/")
+        conn.take()
+        events = self.broker.publishMany("job1", "progress", [{"i": i} for i in range(3)])
+        self.assertEqual(chunks(conn.take()), [b"".join(encodeEvent(e) for e in events)])
+        conn.disconnect()
+
+    def test_eventsPublishedTogetherWithRewrittenIDs(self) -> None:
+        """
+        A stream that rewrites ids (C{/render-stream}) gets each of them
+        with its own id.
+        """
+        resource = EventStreamResource(
+            self.broker, "job1", self.clock, StreamSettings(retry=0), rewriteID=lambda seq: "job1:" + seq
+        )
+        conn = Connection(Site(resource, reactor=self.clock))
+        conn.request("GET", "/")
+        conn.take()
+        self.broker.publishMany("job1", "progress", [{"i": i} for i in range(3)])
+        events = decode(b"".join(chunks(conn.take())))
+        self.assertEqual([e.id for e in events], ["job1:1", "job1:2", "job1:3"])
+        conn.disconnect()
+
     def test_terminalEventEndsTheResponse(self) -> None:
         """
         The terminal event is written, then the response ends (the chunked
@@ -348,6 +377,18 @@ class BackpressureTests(SynchronousTestCase):
         self.conn.disconnect()
         self.assertEqual([c for c in self.clock.getDelayedCalls() if getattr(c.func, "__name__", "") != "_updateLogDateTime"], [])
         self.assertEqual(self.limits.open, 0)
+
+    def test_pausedStreamCoalescesEventsPublishedTogether(self) -> None:
+        """
+        Events published together while paused: only the latest is kept.
+        """
+        self.channel.pauseProducing()
+        self.broker.publishMany("job1", "progress", [{"i": i} for i in range(5)])
+        self.assertEqual(self.conn.take(), b"")
+        self.channel.resumeProducing()
+        events = decode(b"".join(chunks(self.conn.take())))
+        self.assertEqual([(e.id, e.data) for e in events], [("5", '{"i":4}')])
+        self.conn.disconnect()
 
     def test_resumeWithNothingNew(self) -> None:
         """

@@ -9,7 +9,7 @@ decimal sequence numbers C{"1"}, C{"2"}, ... of each job.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 from twisted.logger import Logger
@@ -136,6 +136,31 @@ class MemoryBroker:
                 _log.failure("subscriber {subscriber!r} failed to take an event", subscriber=subscriber)
         return event
 
+    def publishMany(self, jobID: str, name: str, datas: Sequence[Any]) -> list[Event]:
+        if name in TERMINAL_EVENTS:
+            raise ValueError(f"job {jobID}: publishMany is for non-terminal events, not {name!r}")
+        if len(datas) == 1:
+            return [self.publish(jobID, name, datas[0])]
+        job = self._job(jobID)
+        if job.terminalSeq:
+            raise ValueError(f"job {jobID}: event {name!r} after its terminal event")
+        events: list[Event] = []
+        frames: list[bytes] = []
+        for data in datas:
+            seq = job.log.lastSeq + 1
+            event = Event(data=_json.dumps(data), event=name, id=str(seq))
+            frame = encodeEvent(event)
+            job.log.append(Entry(seq, event, frame))
+            events.append(event)
+            frames.append(frame)
+        joined = b"".join(frames)
+        for subscriber in tuple(job.subscribers.values()):
+            try:
+                subscriber.deliverMany(events, frames, joined)
+            except Exception:
+                _log.failure("subscriber {subscriber!r} failed to take events", subscriber=subscriber)
+        return events
+
     def subscribe(
         self, jobID: str, lastEventID: str | None, subscriber: ISubscriber
     ) -> Callable[[], None]:
@@ -203,3 +228,10 @@ class _After:
     def deliver(self, event: Event, frame: bytes) -> None:
         if event.id is not None and int(event.id) > self._after:
             self._subscriber.deliver(event, frame)
+
+    def deliverMany(self, events: Sequence[Event], frames: Sequence[bytes], joined: bytes) -> None:
+        if events[0].id is not None and int(events[0].id) > self._after:
+            self._subscriber.deliverMany(events, frames, joined)
+            return
+        for event, frame in zip(events, frames):
+            self.deliver(event, frame)

@@ -103,6 +103,14 @@ class ISubscriber(Interface):
         a subscriber ever gets.
         """
 
+    def deliverMany(events: Sequence[Any], frames: Sequence[bytes], joined: bytes) -> None:
+        """
+        Take consecutive non-terminal events published together, their wire
+        bytes, and those bytes joined (once for every subscriber): the same
+        as C{deliver} of each in order, which a subscriber that keeps up can
+        write as one.
+        """
+
 
 class IJobBroker(Interface):
     """
@@ -137,6 +145,13 @@ class IJobBroker(Interface):
         whose data is C{data} as JSON; return the L{Event}. After a
         terminal event (C{complete}, C{failed}, C{cancelled}) the job's
         subscribers are dropped: each got it as its last event.
+        """
+
+    def publishMany(jobID: str, name: str, datas: Sequence[Any]) -> Any:
+        """
+        C{publish} each of C{datas} in order (non-terminal events only),
+        fanned out together (L{ISubscriber.deliverMany}); return the
+        L{Event}s.
         """
 
     def subscribe(jobID: str, lastEventID: str | None, subscriber: ISubscriber) -> Callable[[], None]:

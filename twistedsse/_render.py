@@ -95,14 +95,16 @@ class _StderrTail:
 
 class RenderProtocol(ProcessProtocol):
     """
-    Feeds a render's stdout to its plan's parser and reports each progress
-    payload; writes the plan's stdin; records how the process ended.
+    Feeds a render's stdout to its plan's parser and reports the progress
+    payloads of each read together (several when the render printed
+    faster than they were read); writes the plan's stdin; records how the
+    process ended.
 
     @ivar ended: fires with an L{ExitStatus} when the process has exited
         and its pipes are closed. It never errbacks.
     """
 
-    def __init__(self, plan: RenderPlan, onProgress: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, plan: RenderPlan, onProgress: Callable[[list[dict[str, Any]]], None]) -> None:
         self._plan = plan
         self._onProgress = onProgress
         self._stderr = _StderrTail()
@@ -138,8 +140,8 @@ class RenderProtocol(ProcessProtocol):
             self._deliver(payloads)
 
     def _deliver(self, payloads: Any) -> None:
-        for payload in payloads:
-            self._onProgress(payload)
+        if payloads:
+            self._onProgress(list(payloads))
 
     def errReceived(self, data: bytes) -> None:
         self._stderr.feed(data)
@@ -307,7 +309,7 @@ def launch(
     spawner: IReactorProcess,
     clock: IReactorTime,
     plan: RenderPlan,
-    onProgress: Callable[[dict[str, Any]], None],
+    onProgress: Callable[[list[dict[str, Any]]], None],
     killGrace: float = 5.0,
     path: str | None = None,
 ) -> RunningRender:

@@ -199,7 +199,7 @@ class RenderService(Service):
                 self.spawner,
                 self.clock,
                 plan,
-                lambda payload: self._progress(jobID, payload),
+                lambda payloads: self._progress(jobID, payloads),
                 killGrace=self.killGrace,
                 path=str(self.outputDir),
             )
@@ -225,9 +225,11 @@ class RenderService(Service):
             lambda f: _log.failure("finishing render {jobID}", f, jobID=jobID)
         )
 
-    def _progress(self, jobID: str, payload: dict[str, Any]) -> None:
-        self.broker.publish(jobID, "progress", payload)
-        self.broker.update(attrs.evolve(self.broker.get(jobID), progress=payload))
+    def _progress(self, jobID: str, payloads: list[dict[str, Any]]) -> None:
+        # Several at once when the render printed faster than we read (the
+        # server is busy): one fan-out for all of them, not one each.
+        self.broker.publishMany(jobID, "progress", payloads)
+        self.broker.update(attrs.evolve(self.broker.get(jobID), progress=payloads[-1]))
 
     def _ended(self, status: ExitStatus, jobID: str) -> None:
         active = self._active.pop(jobID)

@@ -21,7 +21,7 @@ amount of memory, and never slows the others.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import attrs
 import socket
@@ -287,6 +287,18 @@ class _Stream:
         self._request.write(frame)
         if terminal:
             self._end()
+
+    def deliverMany(self, events: Sequence[Event], frames: Sequence[bytes], joined: bytes) -> None:
+        if not self._open:
+            return
+        if self._rewriteID is not None or (self._paused and not self._replaying):
+            for event, frame in zip(events, frames):
+                self.deliver(event, frame)
+            return
+        # Published together (the render printed them while the server was
+        # busy): they leave together, each frame whole, in one write.
+        self._wrote = True
+        self._request.write(joined)
 
     def _end(self) -> None:
         self._request.unregisterProducer()
