@@ -54,7 +54,7 @@ class Options(usage.Options):
     optParameters = [
         ["state-dir", "s", None, "Keep jobs (SQLite) and outputs here, across restarts (default: memory and a temporary directory)."],
         ["output-dir", "o", None, "Directory for render outputs (default: STATE-DIR/outputs, or a temporary one)."],
-        ["keepalive", "k", 15.0, "Seconds between keepalive comments.", _positive(float, "--keepalive", 0.01)],
+        ["keepalive", "k", 15.0, "A quiet stream gets a keepalive comment after this many seconds without a frame.", _positive(float, "--keepalive", 0.01)],
         ["max-renders", "m", os.cpu_count() or 1, "Renders run at once; the rest queue.", _positive(int, "--max-renders", 1)],
         ["history", None, 1000, "Events kept per job for late subscribers and resumes.", _positive(int, "--history", 2)],
         ["ffmpeg", None, None, "The ffmpeg executable (default: the imageio-ffmpeg one)."],
