@@ -20,7 +20,7 @@ from twisted.web.server import Request, Site
 from ._app import MAX_BODY
 from ._errors import HeaderTooLarge, PayloadTooLarge, URITooLong
 from ._service import RenderService
-from ._transport import EagerServer
+from ._transport import sendTogether
 
 _log = Logger()
 
@@ -109,12 +109,10 @@ class BoundedRequest(Request):
             self.channel.write(_lastChunk.of(data))
             return
         if not self.startedWriting:
-            transport = self.channel.transport
-            if isinstance(transport, EagerServer):
-                # The headers and the first frame: one send, not two.
-                with transport.holding():
-                    super().write(data)
-                return
+            # The headers and the first frame: one send, not two.
+            with sendTogether(getattr(self.channel, "transport", None)):
+                super().write(data)
+            return
         super().write(data)
 
     def gotLength(self, length: int | None) -> None:

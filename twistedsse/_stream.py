@@ -37,6 +37,7 @@ from ._errors import TooManyStreams
 from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent, encodeRetry
 from ._interfaces import IJobBroker, ISubscriber
 from ._keepalive import Keepalives
+from ._transport import sendTogether
 
 _log = Logger()
 
@@ -284,9 +285,13 @@ class _Stream:
                 self._latest = (event, frame)
             return
         self._wrote = True
-        self._request.write(frame)
         if terminal:
-            self._end()
+            # The last frame and the end of the response: one send.
+            with sendTogether(getattr(self._request.channel, "transport", None)):
+                self._request.write(frame)
+                self._end()
+            return
+        self._request.write(frame)
 
     def deliverMany(self, events: Sequence[Event], frames: Sequence[bytes], joined: bytes) -> None:
         if not self._open:

@@ -21,8 +21,8 @@ C{strports.service}) TCP ports whose connections are L{EagerServer}s.
 from __future__ import annotations
 
 import socket
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterable, Iterator
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorSSL, IReactorSocket, IReactorTCP
@@ -90,6 +90,16 @@ class EagerServer(tcp.Server):
             super().writeSequence(iovec)
             return
         self.write(b"".join(iovec))
+
+
+def sendTogether(transport: object) -> ContextManager[None]:
+    """
+    The writes made within go out in one C{send} if C{transport} is an
+    L{EagerServer} (on others, as they always do).
+    """
+    if isinstance(transport, EagerServer):
+        return transport.holding()
+    return nullcontext()
 
 
 class EagerPort(tcp.Port):

@@ -170,3 +170,43 @@ class EagerTransportTests(TestCase):
             received += chunk
         self.assertEqual(bytes(received), b"first" + body)
         yield held.lost
+
+    @inlineCallbacks
+    def test_heldWritesAreOneSend(self) -> None:
+        """
+        Writes made within C{holding()} (a response's headers and first
+        frame; the last frame and the end of the response) leave in one
+        C{send}, in order; outside it each write is its own.
+        """
+        held, client = yield self.connect()
+        client.settimeout(5)
+        transport = held.transport
+
+        class Counting:
+            def __init__(self, sock: socket.socket) -> None:
+                self.sock, self.sends = sock, []
+
+            def send(self, data: bytes) -> int:
+                self.sends.append(bytes(data))
+                return self.sock.send(data)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.sock, name)
+
+        counting = Counting(transport.socket)
+        transport.socket = counting
+        try:
+            with transport.holding():
+                transport.writeSequence([b"HTTP/1.1 200 OK\r\n", b"\r\n"])
+                with transport.holding():
+                    transport.write(b"6\r\nretry\n\r\n")
+                self.assertEqual(counting.sends, [])
+            transport.write(b"0\r\n\r\n")
+        finally:
+            transport.socket = counting.sock
+        self.assertEqual(counting.sends, [b"HTTP/1.1 200 OK\r\n\r\n6\r\nretry\n\r\n", b"0\r\n\r\n"])
+        expected = b"".join(counting.sends)
+        received = b""
+        while len(received) < len(expected):
+            received += client.recv(1000)
+        self.assertEqual(received, expected)
