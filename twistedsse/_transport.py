@@ -67,11 +67,12 @@ class EagerServer(tcp.Server):
             or self.TLS
             or not self.connected
             or self._writeDisconnected
+            or self._aborting
             or type(data) is not bytes
         ):
             # Queued bytes go first; TLS started on this connection (not a
-            # TLS port's) encrypts in its protocol; the rest is Twisted's
-            # own checks and errors.
+            # TLS port's) encrypts in its protocol; an aborted connection
+            # sends nothing more; the rest is Twisted's own checks and errors.
             super().write(data)
             return
         try:

@@ -210,3 +210,24 @@ class EagerTransportTests(TestCase):
         while len(received) < len(expected):
             received += client.recv(1000)
         self.assertEqual(received, expected)
+
+    @inlineCallbacks
+    def test_nothingSentAfterAbort(self) -> None:
+        """
+        After abortConnection nothing more is sent (the connection is
+        being dropped, not flushed), as with Twisted's own transport.
+        """
+        held, client = yield self.connect()
+        client.settimeout(5)
+        held.transport.write(b"before")
+        self.assertEqual(client.recv(100), b"before")
+        held.transport.abortConnection()
+        held.transport.write(b"after")
+        yield held.lost
+        rest = b""
+        try:
+            while chunk := client.recv(100):
+                rest += chunk
+        except ConnectionResetError:
+            pass
+        self.assertEqual(rest, b"")
