@@ -176,8 +176,9 @@ class BrokerContractTests:
 
     def test_unsubscribeDuringDelivery(self) -> None:
         """
-        A subscriber that unsubscribes another (or itself) while an event
-        is being delivered does not stop the others getting it.
+        A subscriber that unsubscribes another (and itself) while an event
+        is being delivered: the one it removed gets nothing more, from then
+        on; the others still get the event.
         """
         unsubscribes = []
 
@@ -190,11 +191,15 @@ class BrokerContractTests:
                 for u in unsubscribes:
                     u()
 
-        leaver, recorder = Leaver(), Recorder()
+        leaver, removed, other = Leaver(), Recorder(), Recorder()
         unsubscribes.append(self.broker.subscribe("a", None, leaver))
-        unsubscribes.append(self.broker.subscribe("a", None, recorder))
+        unsubscribes.append(self.broker.subscribe("a", None, removed))
+        self.broker.subscribe("a", None, other)
         self.broker.publish("a", "progress", {})
-        self.assertEqual((leaver.got, len(recorder.got)), (1, 1))
+        self.assertEqual((leaver.got, len(removed.got), len(other.got)), (1, 0, 1))
+        self.assertEqual(self.broker.subscriberCount(), 1)
+        self.broker.publish("a", "complete", {})
+        self.assertEqual((leaver.got, len(removed.got), len(other.got)), (1, 0, 2))
         self.assertEqual(self.broker.subscriberCount(), 0)
 
     def test_publishManyIsPublishInOrder(self) -> None:

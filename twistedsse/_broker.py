@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import _json
 from ._errors import UnknownJob
 from ._frames import TERMINAL_EVENTS, Event, encodeEvent
+from ._fanout import Fanout
 from ._interfaces import IJobBroker, ISubscriber
 from ._job import Entry, EventLog, JobSnapshot
 
@@ -47,7 +49,7 @@ def parseSequence(lastEventID: str | None) -> int:
 class _MemoryJob:
     snapshot: JobSnapshot
     log: EventLog
-    subscribers: dict[int, ISubscriber] = attrs.Factory(dict)
+    fanout: Fanout
     terminalSeq: int = 0
 
 
@@ -59,9 +61,12 @@ class MemoryBroker:
 
     @ivar history: how many events each job retains for late subscribers
         and resumes.
+    @ivar clock: lets a fan-out to many subscribers run a slice per reactor
+        turn (L{Fanout}); without one, each runs whole when published.
     """
 
     history: int = 1000
+    clock: IReactorTime | None = None
     _jobs: dict[str, _MemoryJob] = attrs.field(factory=dict, init=False)
     _nextToken: int = attrs.field(default=0, init=False)
     _subscriberCount: int = attrs.field(default=0, init=False)
@@ -69,7 +74,10 @@ class MemoryBroker:
     def create(self, snapshot: JobSnapshot) -> None:
         if snapshot.id in self._jobs:
             raise ValueError(f"job {snapshot.id!r} exists already")
-        self._jobs[snapshot.id] = _MemoryJob(snapshot, EventLog(self.history))
+        self._jobs[snapshot.id] = _MemoryJob(snapshot, EventLog(self.history), Fanout(self.clock, onDropped=self._dropped))
+
+    def _dropped(self, count: int) -> None:
+        self._subscriberCount -= count
 
     def restore(self, snapshot: JobSnapshot, events: Iterable[tuple[int, str, str]]) -> None:
         """
@@ -119,21 +127,12 @@ class MemoryBroker:
             raise ValueError(f"job {jobID}: event {name!r} after its terminal event")
         seq = job.log.lastSeq + 1
         event = Event(data=_json.dumps(data), event=name, id=str(seq))
-        frame = encodeEvent(event)
-        job.log.append(Entry(seq, event, frame))
+        entry = Entry(seq, event, encodeEvent(event))
+        job.log.append(entry)
         terminal = name in TERMINAL_EVENTS
         if terminal:
             job.terminalSeq = seq
-        subscribers = job.subscribers
-        if terminal:
-            job.subscribers = {}
-            self._subscriberCount -= len(subscribers)
-        # Copy: a delivery may end a stream, which unsubscribes.
-        for subscriber in tuple(subscribers.values()) if not terminal else subscribers.values():
-            try:
-                subscriber.deliver(event, frame)
-            except Exception:
-                _log.failure("subscriber {subscriber!r} failed to take an event", subscriber=subscriber)
+        job.fanout.publish([entry], terminal)
         return event
 
     def publishMany(self, jobID: str, name: str, datas: Sequence[Any]) -> list[Event]:
@@ -144,22 +143,15 @@ class MemoryBroker:
         job = self._job(jobID)
         if job.terminalSeq:
             raise ValueError(f"job {jobID}: event {name!r} after its terminal event")
-        events: list[Event] = []
-        frames: list[bytes] = []
+        entries: list[Entry] = []
         for data in datas:
             seq = job.log.lastSeq + 1
             event = Event(data=_json.dumps(data), event=name, id=str(seq))
-            frame = encodeEvent(event)
-            job.log.append(Entry(seq, event, frame))
-            events.append(event)
-            frames.append(frame)
-        joined = b"".join(frames)
-        for subscriber in tuple(job.subscribers.values()):
-            try:
-                subscriber.deliverMany(events, frames, joined)
-            except Exception:
-                _log.failure("subscriber {subscriber!r} failed to take events", subscriber=subscriber)
-        return events
+            entry = Entry(seq, event, encodeEvent(event))
+            job.log.append(entry)
+            entries.append(entry)
+        job.fanout.publish(entries)
+        return [entry.event for entry in entries]
 
     def subscribe(
         self, jobID: str, lastEventID: str | None, subscriber: ISubscriber
@@ -182,11 +174,11 @@ class MemoryBroker:
             subscriber = _After(after, subscriber)
         token = self._nextToken
         self._nextToken += 1
-        job.subscribers[token] = subscriber
+        job.fanout.add(token, subscriber, job.log.lastSeq)
         self._subscriberCount += 1
 
         def unsubscribe() -> None:
-            if job.subscribers.pop(token, None) is not None:
+            if job.fanout.remove(token):
                 self._subscriberCount -= 1
 
         return unsubscribe

@@ -96,7 +96,7 @@ def buildService(
     return kind(
         clock=reactor,
         spawner=reactor,
-        broker=broker if broker is not None else MemoryBroker(history=history),
+        broker=broker if broker is not None else MemoryBroker(history=history, clock=reactor),
         renderers=table,
         outputDir=Path(outputDir),
         maxRenders=maxRenders if maxRenders is not None else (os.cpu_count() or 1),

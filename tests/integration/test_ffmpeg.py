@@ -49,10 +49,12 @@ class FFmpegTests(ServerMixin, TestCase):
         """
         A card render with a hostile title streams many increasing progress
         events while it runs, then C{complete}; the MP4 is valid (ffmpeg
-        reads back 2 s and 60 frames) and is served as video/mp4 with Range.
+        reads back 4 s and 120 frames) and is served as video/mp4 with Range.
+        (720p, long enough that ffmpeg, at 10-20x real time here, prints
+        several progress blocks 50 ms apart.)
         """
         self.startServer()
-        params = {"title": HOSTILE, "subtitle": "sub'title:%{n}", "duration": 2, "size": "640x360", "fps": 30}
+        params = {"title": HOSTILE, "subtitle": "sub'title:%{n}", "duration": 4, "size": "1280x720", "fps": 30}
         job = yield self.post("card", params)
         events, done = stream(self.base + job["events_url"], self.pool)
         yield done
@@ -65,10 +67,10 @@ class FFmpegTests(ServerMixin, TestCase):
         percents = [p["percent"] for p in progress]
         self.assertEqual(percents, sorted(percents))
         self.assertLess(percents[0], percents[-1])
-        self.assertTrue(all(p["total_frames"] == 60 for p in progress))
+        self.assertTrue(all(p["total_frames"] == 120 for p in progress))
         result = json.loads(received[-1].data)
         self.assertEqual(result["output_url"], job["output_url"])
-        self.assertEqual(result["duration"], 2.0)
+        self.assertEqual(result["duration"], 4.0)
 
         output = yield treq.get(self.base + job["output_url"], pool=self.pool)
         body = yield treq.content(output)
@@ -79,8 +81,8 @@ class FFmpegTests(ServerMixin, TestCase):
         with open(path, "wb") as f:
             f.write(body)
         frames, duration = probe(path)
-        self.assertEqual(frames, 60)
-        self.assertAlmostEqual(duration, 2.0, delta=0.05)
+        self.assertEqual(frames, 120)
+        self.assertAlmostEqual(duration, 4.0, delta=0.05)
 
         ranged = yield treq.get(self.base + job["output_url"], headers={"Range": "bytes=0-99"}, pool=self.pool)
         part = yield treq.content(ranged)

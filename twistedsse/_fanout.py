@@ -1,0 +1,193 @@
+"""
+L{Fanout}: gives one job's new events to its subscribers in passes, a slice
+of subscribers per reactor turn.
+
+A pass over 10 000 streams is 10 000 sends (~130 ms on the benchmark
+machine). Run in one reactor turn, nothing else happens meanwhile (no new
+connection, no read of the render's next line), and an event printed during
+a pass waits for that pass to end, then for a pass of its own to reach its
+last subscriber: two passes at worst. Run a slice at a time, the render's
+next lines are read between slices and reach every subscriber the pass has
+not come to yet in the same write as the event they are waiting for; the
+pass then goes round again for the ones it had already served. No event
+waits more than about one pass, and the reactor stays responsive.
+
+Each subscriber has a cursor, the sequence number of the last event it was
+given. When the pass comes to it, it gets every queued event after its
+cursor in one call (L{ISubscriber.deliver} for one, C{deliverMany} for
+several: one write for a stream that keeps up). Subscribers at the same
+cursor get the very same bytes object, joined once. Order and exactly-once
+follow from the cursors; a terminal event is delivered to everyone at once
+(the job ends, its subscribers are dropped, and shutdown must not close
+connections before their final frame is written).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ._interfaces import ISubscriber
+from ._job import Entry
+
+_log = Logger()
+
+#: Deliveries per reactor turn (~5 ms of sends on the benchmark machine).
+SLICE = 400
+
+
+class _Member:
+    __slots__ = ("subscriber", "cursor", "active")
+
+    def __init__(self, subscriber: ISubscriber, cursor: int) -> None:
+        self.subscriber = subscriber
+        self.cursor = cursor
+        self.active = True
+
+
+class Fanout:
+    """
+    One job's subscribers and the events not yet given to all of them.
+
+    @param clock: schedules the next slice of a pass; with C{None} every
+        pass runs whole in the call that published (no timers).
+    @param onDropped: called with how many subscribers were dropped after
+        the terminal event (those that did not leave by themselves).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime | None = None,
+        slice: int = SLICE,
+        onDropped: Callable[[int], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._slice = slice
+        self._onDropped = onDropped
+        self._members: dict[int, _Member] = {}
+        self._queue: list[Entry] = []
+        self._head = 0
+        self._pass: list[_Member] | None = None
+        self._index = 0
+        self._batches: dict[int, tuple[Any, ...]] = {}
+        self._call: IDelayedCall | None = None
+        self._running = False
+        self._ending = False
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, token: int, subscriber: ISubscriber, cursor: int) -> None:
+        """
+        Add a subscriber that has been given every event up to C{cursor}.
+        """
+        self._members[token] = _Member(subscriber, cursor)
+
+    def remove(self, token: int) -> bool:
+        member = self._members.pop(token, None)
+        if member is None:
+            return False
+        member.active = False
+        return True
+
+    def publish(self, entries: list[Entry], terminal: bool = False) -> None:
+        """
+        Queue C{entries} (the next consecutive events) and give them out:
+        the first slice now, the rest in later reactor turns; all of it now
+        if C{terminal} (the last entry ends the job), after which there are
+        no subscribers left.
+        """
+        self._queue.extend(entries)
+        self._head = entries[-1].seq
+        self._batches.clear()
+        if self._pass is None:
+            self._startPass()
+        if terminal:
+            self._ending = True
+        if self._running:
+            return  # published from a delivery: the running slice goes on
+        if terminal or self._clock is None:
+            self._flush()
+        else:
+            self._step()
+
+    def _flush(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        while self._pass is not None:
+            self._runSlice()
+        if self._ending:
+            dropped = len(self._members)
+            for member in self._members.values():
+                member.active = False
+            self._members.clear()
+            if self._onDropped is not None and dropped:
+                self._onDropped(dropped)
+
+    def _step(self) -> None:
+        self._runSlice()
+        if self._ending or self._clock is None:
+            self._flush()
+        elif self._pass is not None and self._call is None:
+            self._call = self._clock.callLater(0, self._later)
+
+    def _later(self) -> None:
+        self._call = None
+        if self._pass is not None:
+            self._step()
+
+    def _startPass(self) -> None:
+        self._pass = list(self._members.values())
+        self._index = 0
+
+    def _runSlice(self) -> None:
+        order = self._pass
+        assert order is not None
+        self._running = True
+        budget = self._slice  # deliveries, not members: skipping is cheap
+        index, end = self._index, len(order)
+        try:
+            while index < end and budget:
+                member = order[index]
+                index += 1
+                if member.active and member.cursor < self._head:
+                    budget -= 1
+                    self._give(member)
+        finally:
+            self._index = index
+            self._running = False
+        if index < end:
+            return
+        head = self._head
+        if any(m.cursor < head for m in self._members.values()):
+            # Events came during this pass: round again for those it had
+            # already served (the others got them with the rest).
+            self._startPass()
+        else:
+            self._pass = None
+            self._queue.clear()
+            self._batches.clear()
+
+    def _give(self, member: _Member) -> None:
+        offset = member.cursor + 1 - self._queue[0].seq
+        batch = self._batches.get(offset)
+        if batch is None:
+            entries = self._queue[offset:]
+            if len(entries) == 1:
+                batch = (entries[0].event, entries[0].frame)
+            else:
+                frames = [e.frame for e in entries]
+                batch = ([e.event for e in entries], frames, b"".join(frames))
+            self._batches[offset] = batch
+        member.cursor = self._head
+        subscriber = member.subscriber
+        try:
+            if len(batch) == 2:
+                subscriber.deliver(*batch)
+            else:
+                subscriber.deliverMany(*batch)
+        except Exception:
+            _log.failure("subscriber {subscriber!r} failed to take events", subscriber=subscriber)
