@@ -477,6 +477,11 @@ def analyse(path: Path, n: int, k: int, result: dict[str, Any]) -> dict[str, Any
     out["connect_s"] = result["connected"]["connect_s"]
     out["streams_ok"] = result["connected"]["ok"]
     out["streams_completed"] = done["completed"]
+    unended = n - done.get("clean_end", n)
+    if done.get("timed_out") or unended:
+        # Every event arrived is not enough: each response must also end
+        # (the chunked terminator after the terminal event).
+        out["error"] = f"{unended} of {n} streams did not end cleanly (timed out: {bool(done.get('timed_out'))})"
     return out
 
 

@@ -104,14 +104,37 @@ class SlicedFanoutTests(SynchronousTestCase):
         self.assertEqual([s.ids for s in subscribers], [[1, 2]] * len(subscribers))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_terminalFlushesEverything(self) -> None:
+    def test_terminalWaitsForTheRestThenIsSliced(self) -> None:
         """
-        The terminal event goes to everyone at once, after whatever a pass
-        had still to give them; no timer and no subscriber is left.
+        The terminal event goes out only once everything before it has
+        reached everyone (ending streams is slower work than sending), then
+        a slice per turn like any other; once everyone has it, no timer and
+        no subscriber is left.
         """
         subscribers = self.subscribers(SLICE * 3)
         self.broker.publish("a", "progress", {})
         self.broker.publish("a", "complete", {})
+        for _ in range(10):
+            got = [s.ids for s in subscribers]
+            if any(2 in ids for ids in got):
+                self.assertTrue(all(1 in ids for ids in got), "the terminal event overtook the progress")
+            if not self.clock.getDelayedCalls():
+                break
+            self.assertEqual(self.broker.subscriberCount() > 0, True)
+            turn(self.clock)
+        self.assertEqual([[ids for ids, _ in s.calls] for s in subscribers], [[["1"], ["2"]]] * len(subscribers))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.broker.subscriberCount(), 0)
+
+    def test_flushGivesEverythingNow(self) -> None:
+        """
+        C{flush} (at shutdown, before connections close) gives every queued
+        event, the terminal one included, to everyone at once.
+        """
+        subscribers = self.subscribers(SLICE * 3)
+        self.broker.publish("a", "progress", {})
+        self.broker.publish("a", "failed", {})
+        self.broker.flush()
         self.assertEqual([s.ids for s in subscribers], [[1, 2]] * len(subscribers))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.broker.subscriberCount(), 0)
@@ -180,6 +203,10 @@ class SlicedFanoutTests(SynchronousTestCase):
                 left.add(index)
         broker.publish("j", "complete", {})
         published += 1
+        for _ in range(100):
+            if not clock.getDelayedCalls():
+                break
+            turn(clock)
         for index, (calls, joinedAt, _) in enumerate(members):
             ids = calls.ids
             self.assertEqual(ids, list(range(joinedAt + 1, joinedAt + 1 + len(ids))), "gap, repeat or disorder")

@@ -104,6 +104,34 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual([e.id for e in events], ["job1:1", "job1:2", "job1:3"])
         conn.disconnect()
 
+    def test_terminalQueuedBehindAPassEndsTheResponse(self) -> None:
+        """
+        With a sliced fan-out (one stream per reactor turn here), a stream
+        the pass had not come to when the render ended gets the queued
+        progress, then the terminal event, and its response ends; nothing
+        is left running.
+        """
+        clock = MemoryReactorClock()
+        broker = MemoryBroker(clock=clock, fanoutSlice=1)
+        broker.create(snapshot("job2"))
+        site = Site(EventStreamResource(broker, "job2", clock, StreamSettings(keepalive=0, retry=0)), reactor=clock)
+        conns = [Connection(site) for _ in range(3)]
+        for conn in conns:
+            conn.request("GET", "/")
+            conn.take()
+        progress = broker.publish("job2", "progress", {"p": 1})
+        self.assertEqual([len(c.take()) > 0 for c in conns], [True, False, False])
+        complete = broker.publish("job2", "complete", {})
+        broker.flush()
+        for conn in conns[1:]:
+            wire = conn.take()
+            self.assertEqual(chunks(wire), [encodeEvent(progress), encodeEvent(complete)])
+            self.assertTrue(wire.endswith(b"0\r\n\r\n"))
+        self.assertEqual(broker.subscriberCount(), 0)
+        for conn in conns:
+            conn.disconnect()
+        self.assertEqual([c for c in clock.getDelayedCalls() if getattr(c.func, "__name__", "") != "_updateLogDateTime"], [])
+
     def test_terminalEventEndsTheResponse(self) -> None:
         """
         The terminal event is written, then the response ends (the chunked

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from . import _json
 from ._errors import UnknownJob
 from ._frames import TERMINAL_EVENTS, Event, encodeEvent
-from ._fanout import Fanout
+from ._fanout import SLICE, Fanout
 from ._interfaces import IJobBroker, ISubscriber
 from ._job import Entry, EventLog, JobSnapshot
 
@@ -67,6 +67,7 @@ class MemoryBroker:
 
     history: int = 1000
     clock: IReactorTime | None = None
+    fanoutSlice: int = SLICE
     _jobs: dict[str, _MemoryJob] = attrs.field(factory=dict, init=False)
     _nextToken: int = attrs.field(default=0, init=False)
     _subscriberCount: int = attrs.field(default=0, init=False)
@@ -74,7 +75,11 @@ class MemoryBroker:
     def create(self, snapshot: JobSnapshot) -> None:
         if snapshot.id in self._jobs:
             raise ValueError(f"job {snapshot.id!r} exists already")
-        self._jobs[snapshot.id] = _MemoryJob(snapshot, EventLog(self.history), Fanout(self.clock, onDropped=self._dropped))
+        self._jobs[snapshot.id] = _MemoryJob(snapshot, EventLog(self.history), Fanout(self.clock, self.fanoutSlice, self._dropped))
+
+    def flush(self) -> None:
+        for job in self._jobs.values():
+            job.fanout.flush()
 
     def _dropped(self, count: int) -> None:
         self._subscriberCount -= count

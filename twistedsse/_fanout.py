@@ -17,9 +17,10 @@ given. When the pass comes to it, it gets every queued event after its
 cursor in one call (L{ISubscriber.deliver} for one, C{deliverMany} for
 several: one write for a stream that keeps up). Subscribers at the same
 cursor get the very same bytes object, joined once. Order and exactly-once
-follow from the cursors; a terminal event is delivered to everyone at once
-(the job ends, its subscribers are dropped, and shutdown must not close
-connections before their final frame is written).
+follow from the cursors. A terminal event goes out the same way (ending a
+stream is work too: the pass that ends 10 000 of them is sliced like any
+other); after it the job has no subscribers. L{Fanout.flush} gives out
+everything queued at once: at shutdown, before connections are closed.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Fanout:
         self._call: IDelayedCall | None = None
         self._running = False
         self._ending = False
+        self._held: Entry | None = None
 
     def __len__(self) -> int:
         return len(self._members)
@@ -95,44 +97,46 @@ class Fanout:
     def publish(self, entries: list[Entry], terminal: bool = False) -> None:
         """
         Queue C{entries} (the next consecutive events) and give them out:
-        the first slice now, the rest in later reactor turns; all of it now
-        if C{terminal} (the last entry ends the job), after which there are
+        the first slice now, the rest in later reactor turns. After a
+        C{terminal} entry (it ends the job) has reached everyone, there are
         no subscribers left.
         """
-        self._queue.extend(entries)
-        self._head = entries[-1].seq
-        self._batches.clear()
+        if terminal:
+            # Held until everything before it has reached everyone: ending
+            # a stream costs more than a send (the response's end, its log
+            # line), and the last progress must not wait behind that work.
+            self._ending = True
+            self._held = entries[-1]
+            entries = entries[:-1]
+        if entries:
+            self._queue.extend(entries)
+            self._head = entries[-1].seq
+            self._batches.clear()
         if self._pass is None:
             self._startPass()
-        if terminal:
-            self._ending = True
         if self._running:
             return  # published from a delivery: the running slice goes on
-        if terminal or self._clock is None:
-            self._flush()
+        if self._clock is None:
+            self.flush()
         else:
             self._step()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """
+        Give out everything queued now, whole.
+        """
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        while self._pass is not None:
-            self._runSlice()
-        if self._ending:
-            dropped = len(self._members)
-            for member in self._members.values():
-                member.active = False
-            self._members.clear()
-            if self._onDropped is not None and dropped:
-                self._onDropped(dropped)
+        while self._pass is not None and not self._running:
+            self._runSlice(len(self._pass) + 1)
 
     def _step(self) -> None:
-        self._runSlice()
-        if self._ending or self._clock is None:
-            self._flush()
-        elif self._pass is not None and self._call is None:
-            self._call = self._clock.callLater(0, self._later)
+        done = 0
+        while self._pass is not None and done < self._slice:
+            done += self._runSlice(self._slice - done)
+        if self._pass is not None and self._call is None:
+            self._call = self._clock.callLater(0, self._later)  # type: ignore[union-attr]
 
     def _later(self) -> None:
         self._call = None
@@ -143,11 +147,16 @@ class Fanout:
         self._pass = list(self._members.values())
         self._index = 0
 
-    def _runSlice(self) -> None:
+    def _runSlice(self, budget: int) -> int:
+        """
+        Go on with the pass for up to C{budget} deliveries (members with
+        nothing to get are skipped, and cost next to nothing); return how
+        many were made.
+        """
         order = self._pass
         assert order is not None
         self._running = True
-        budget = self._slice  # deliveries, not members: skipping is cheap
+        start = budget
         index, end = self._index, len(order)
         try:
             while index < end and budget:
@@ -156,20 +165,43 @@ class Fanout:
                 if member.active and member.cursor < self._head:
                     budget -= 1
                     self._give(member)
+            # Past the ones with nothing to get, so that a pass whose work
+            # is done ends now rather than after an empty turn.
+            while index < end and not (order[index].active and order[index].cursor < self._head):
+                index += 1
         finally:
             self._index = index
             self._running = False
         if index < end:
-            return
+            return start - budget
         head = self._head
         if any(m.cursor < head for m in self._members.values()):
             # Events came during this pass: round again for those it had
             # already served (the others got them with the rest).
             self._startPass()
+        elif self._held is not None:
+            # Everyone has everything before the terminal event: now it.
+            entry, self._held = self._held, None
+            self._queue = [entry]
+            self._head = entry.seq
+            self._batches.clear()
+            self._startPass()
         else:
             self._pass = None
             self._queue.clear()
             self._batches.clear()
+            if self._ending:
+                self._drop()
+        return start - budget
+
+    def _drop(self) -> None:
+        # Every one of them has had the terminal event.
+        dropped = len(self._members)
+        for member in self._members.values():
+            member.active = False
+        self._members.clear()
+        if self._onDropped is not None and dropped:
+            self._onDropped(dropped)
 
     def _give(self, member: _Member) -> None:
         offset = member.cursor + 1 - self._queue[0].seq

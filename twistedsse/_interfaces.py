@@ -105,10 +105,9 @@ class ISubscriber(Interface):
 
     def deliverMany(events: Sequence[Any], frames: Sequence[bytes], joined: bytes) -> None:
         """
-        Take consecutive non-terminal events published together, their wire
-        bytes, and those bytes joined (once for every subscriber): the same
-        as C{deliver} of each in order, which a subscriber that keeps up can
-        write as one.
+        Take consecutive non-terminal events, their wire bytes, and those
+        bytes joined (once for every subscriber): the same as C{deliver} of
+        each in order, which a subscriber that keeps up can write as one.
         """
 
 
@@ -152,6 +151,13 @@ class IJobBroker(Interface):
         C{publish} each of C{datas} in order (non-terminal events only),
         fanned out together (L{ISubscriber.deliverMany}); return the
         L{Event}s.
+        """
+
+    def flush() -> None:
+        """
+        Deliver every published event to every subscriber now (a broker
+        may spread a fan-out over several reactor turns): at shutdown,
+        before connections are closed.
         """
 
     def subscribe(jobID: str, lastEventID: str | None, subscriber: ISubscriber) -> Callable[[], None]:

@@ -329,6 +329,9 @@ class RenderService(Service):
         ended = [active.render.stop("shutdown") for active in self._active.values()]
 
         def closeStore(result: object) -> None:
+            # Every stream's final frame is written before the connections
+            # are closed (the fan-out may be mid-pass).
+            self.broker.flush()
             if self.store is not None:
                 self.store.close()
 

@@ -296,12 +296,17 @@ class _Stream:
     def deliverMany(self, events: Sequence[Event], frames: Sequence[bytes], joined: bytes) -> None:
         if not self._open:
             return
-        if self._rewriteID is not None or (self._paused and not self._replaying):
+        if (
+            self._rewriteID is not None
+            or (self._paused and not self._replaying)
+            or events[-1].event in TERMINAL_EVENTS  # not ours to send: one at a time
+        ):
             for event, frame in zip(events, frames):
                 self.deliver(event, frame)
             return
         # Published together (the render printed them while the server was
-        # busy): they leave together, each frame whole, in one write.
+        # busy), or queued while a fan-out pass came round: they leave
+        # together, each frame whole, in one write.
         self._wrote = True
         self._request.write(joined)
 
