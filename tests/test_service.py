@@ -293,6 +293,24 @@ class ServiceTests(SynchronousTestCase):
         self.submit()
         self.assertEqual(len(self.spawner.processes), 1)
 
+    def test_stopServiceDeliversEveryFinalEvent(self) -> None:
+        """
+        With a fan-out that would take several reactor turns, every
+        subscriber has its progress and final C{failed} event by the time
+        stopService's Deferred fires (connections are drained next).
+        """
+        self.broker.clock = self.clock
+        self.broker.fanoutSlice = 2
+        jobID = self.submit()
+        recorders = [self.watch(jobID) for _ in range(7)]
+        self.spawner.processes[-1].stdout(b'{"p": 1}\n')
+        d = self.service.stopService()
+        self.spawner.processes[-1].exit(signal="TERM")
+        self.successResultOf(d)
+        self.assertEqual([self.names(r) for r in recorders], [["progress", "failed"]] * 7)
+        self.assertEqual(self.broker.subscriberCount(), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_stopServiceEndsEverything(self) -> None:
         """
         Stopping the service fails queued renders and stops running ones
