@@ -3,9 +3,11 @@ L{EventStreamResource}: one job's events as a C{text/event-stream}
 response, the only module that touches a twisted.web C{Request}.
 
 The rule it exists for: every frame, keepalives included, is written with
-one C{request.write} the moment it exists. Nothing here holds bytes back;
-C{request.write} hands them to the transport in the same reactor turn, and
-the socket has TCP_NODELAY, so they leave at once. Proxies are told not to
+one C{request.write} the moment it reaches the stream (the broker's fan-out
+decides when that is, see L{twistedsse._fanout}). Nothing here holds bytes
+back; C{request.write} hands them to the transport, which sends them in the
+call (L{twistedsse._transport}), and the socket has TCP_NODELAY, so they
+leave at once. Proxies are told not to
 buffer (C{X-Accel-Buffering: no}) and nothing compresses the stream.
 
 The one exception is a client that stops reading. Each stream is a push
