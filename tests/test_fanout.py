@@ -16,9 +16,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from twistedsse._broker import MemoryBroker
-from twistedsse._fanout import SLICE
-from twistedsse._frames import Event
+from twistedsse._fanout import SLICE, Fanout
+from twistedsse._frames import Event, encodeEvent
 from twistedsse._interfaces import ISubscriber
+from twistedsse._job import Entry
 
 from ._helpers import snapshot
 
@@ -214,3 +215,23 @@ class SlicedFanoutTests(SynchronousTestCase):
                 self.assertEqual(ids[-1:], [published])
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(broker.subscriberCount(), 0)
+
+    def test_keepsOnlyWhatSomeoneLacks(self) -> None:
+        """
+        A server that stays behind for a whole render (a new event before
+        every pass ends) keeps only the events some subscriber has yet to
+        get, not all of them; everyone still gets each once, in order.
+        """
+        fanout = Fanout(self.clock, slice=1)
+        subscribers = [Calls() for _ in range(3)]
+        for token, s in enumerate(subscribers):
+            fanout.add(token, s, 0)
+        worst = 0
+        for seq in range(1, 1001):
+            event = Event(data="{}", event="progress", id=str(seq))
+            fanout.publish([Entry(seq, event, encodeEvent(event))])
+            worst = max(worst, fanout.pending)
+        self.assertLessEqual(worst, 4)
+        fanout.flush()
+        self.assertEqual(fanout.pending, 0)
+        self.assertEqual([s.ids for s in subscribers], [list(range(1, 1001))] * 3)

@@ -81,6 +81,14 @@ class Fanout:
     def __len__(self) -> int:
         return len(self._members)
 
+    @property
+    def pending(self) -> int:
+        """
+        How many events are kept because some subscriber has yet to get
+        them.
+        """
+        return len(self._queue) + (self._held is not None)
+
     def add(self, token: int, subscriber: ISubscriber, cursor: int) -> None:
         """
         Add a subscriber that has been given every event up to C{cursor}.
@@ -175,9 +183,16 @@ class Fanout:
         if index < end:
             return start - budget
         head = self._head
-        if any(m.cursor < head for m in self._members.values()):
+        low = min((m.cursor for m in self._members.values()), default=head)
+        if low < head:
             # Events came during this pass: round again for those it had
-            # already served (the others got them with the rest).
+            # already served (the others got them with the rest). What
+            # everyone has is dropped: a server that stays behind for a
+            # long render must not keep all of it.
+            done = low + 1 - self._queue[0].seq
+            if done > 0:
+                del self._queue[:done]
+                self._batches.clear()
             self._startPass()
         elif self._held is not None:
             # Everyone has everything before the terminal event: now it.
