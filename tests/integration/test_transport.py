@@ -231,3 +231,28 @@ class EagerTransportTests(TestCase):
         except ConnectionResetError:
             pass
         self.assertEqual(rest, b"")
+
+    @inlineCallbacks
+    def test_adoptedSocketIsEager(self) -> None:
+        """
+        A listening socket passed in (systemd socket activation:
+        C{--listen systemd:...}) is adopted with eager connections too.
+        """
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        listener.setblocking(False)
+        self.addCleanup(listener.close)
+        accepted: Deferred[_Held] = Deferred()
+        port = EagerSendReactor(reactor).adoptStreamPort(
+            listener.fileno(), socket.AF_INET, Factory.forProtocol(lambda: _Held(accepted))
+        )
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        held = yield accepted
+        self.addCleanup(held.transport.abortConnection)
+        self.assertIsInstance(held.transport, EagerServer)
+        client.settimeout(5)
+        held.transport.write(b"adopted")
+        self.assertEqual(client.recv(100), b"adopted")
