@@ -127,24 +127,18 @@ class MemoryBroker:
         return [job.snapshot for job in self._jobs.values()]
 
     def publish(self, jobID: str, name: str, data: Any) -> Event:
-        job = self._job(jobID)
-        if job.terminalSeq:
-            raise ValueError(f"job {jobID}: event {name!r} after its terminal event")
-        seq = job.log.lastSeq + 1
-        event = Event(data=_json.dumps(data), event=name, id=str(seq))
-        entry = Entry(seq, event, encodeEvent(event))
-        job.log.append(entry)
-        terminal = name in TERMINAL_EVENTS
-        if terminal:
-            job.terminalSeq = seq
-        job.fanout.publish([entry], terminal)
-        return event
+        return self._publish(jobID, name, [data], name in TERMINAL_EVENTS)[0]
 
     def publishMany(self, jobID: str, name: str, datas: Sequence[Any]) -> list[Event]:
         if name in TERMINAL_EVENTS:
             raise ValueError(f"job {jobID}: publishMany is for non-terminal events, not {name!r}")
-        if len(datas) == 1:
-            return [self.publish(jobID, name, datas[0])]
+        return self._publish(jobID, name, datas, False)
+
+    def _publish(self, jobID: str, name: str, datas: Sequence[Any], terminal: bool) -> list[Event]:
+        """
+        Number, encode (once) and record each event, then hand them to the
+        job's fan-out together.
+        """
         job = self._job(jobID)
         if job.terminalSeq:
             raise ValueError(f"job {jobID}: event {name!r} after its terminal event")
@@ -155,7 +149,9 @@ class MemoryBroker:
             entry = Entry(seq, event, encodeEvent(event))
             job.log.append(entry)
             entries.append(entry)
-        job.fanout.publish(entries)
+        if terminal:
+            job.terminalSeq = entries[-1].seq
+        job.fanout.publish(entries, terminal)
         return [entry.event for entry in entries]
 
     def subscribe(

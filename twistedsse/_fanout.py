@@ -167,15 +167,15 @@ class Fanout:
         start = budget
         index, end = self._index, len(order)
         try:
-            while index < end and budget:
+            while index < end:
                 member = order[index]
-                index += 1
                 if member.active and member.cursor < self._head:
+                    if not budget:
+                        # Stop at the next one with something to get: a
+                        # pass whose work is done ends now, not a turn later.
+                        break
                     budget -= 1
                     self._give(member)
-            # Past the ones with nothing to get, so that a pass whose work
-            # is done ends now rather than after an empty turn.
-            while index < end and not (order[index].active and order[index].cursor < self._head):
                 index += 1
         finally:
             self._index = index

@@ -301,7 +301,7 @@ class _Stream:
         if (
             self._rewriteID is not None
             or (self._paused and not self._replaying)
-            or events[-1].event in TERMINAL_EVENTS  # not ours to send: one at a time
+            or events[-1].event in TERMINAL_EVENTS  # (not in the contract) ends the stream
         ):
             for event, frame in zip(events, frames):
                 self.deliver(event, frame)

@@ -77,11 +77,9 @@ class EagerServer(tcp.Server):
             return
         try:
             sent = self.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
         except OSError:
-            # A lost connection: queue it as Twisted would, and let doWrite
-            # find the error and report it the usual way.
+            # Full (EAGAIN), interrupted, or a lost connection: queue it as
+            # Twisted would; doWrite sends it or reports the loss as ever.
             sent = 0
         if sent < len(data):
             super().write(data[sent:] if sent else data)
