@@ -121,7 +121,7 @@ class SlicedFanoutTests(SynchronousTestCase):
                 self.assertTrue(all(1 in ids for ids in got), "the terminal event overtook the progress")
             if not self.clock.getDelayedCalls():
                 break
-            self.assertEqual(self.broker.subscriberCount() > 0, True)
+            self.assertGreater(self.broker.subscriberCount(), 0)
             turn(self.clock)
         self.assertEqual([[ids for ids, _ in s.calls] for s in subscribers], [[["1"], ["2"]]] * len(subscribers))
         self.assertEqual(self.clock.getDelayedCalls(), [])

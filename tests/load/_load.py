@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.browsers._server import ROOT, Server, getJSON, postJSON
+from tests.integration.sseclient import parseHead
 from twistedsse._frames import TERMINAL_EVENTS
 
 #: Every progress event must reach a reading client this soon after the
@@ -277,16 +278,6 @@ class Dechunker:
         return b"".join(out)
 
 
-def parseHead(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers
-
-
 #: The frame of a one-line event with an id and a type, as the server
 #: writes every event.
 _EVENT = re.compile(rb"id: ([^\n]*)\nevent: ([^\n]*)\ndata: ([^\n]*)")
@@ -377,6 +368,10 @@ def tickOf(data: bytes) -> tuple[int, int]:
         return int(i), int(printed)
     value = json.loads(data)
     return value["i"], value["t_ns"]
+
+
+#: How often the load tests' clients read (see L{Loop.run}'s C{pace}).
+PACE = 0.002
 
 
 class Loop:

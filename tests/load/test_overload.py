@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ._load import (
     BOUND_MS,
+    PACE,
     Attempts,
     LoadTestCase,
     MemoryWatch,
@@ -30,9 +31,6 @@ from ._load import (
 )
 
 LIMIT = 200
-
-#: The clients read every 2 ms (see L{tests.load._load.Loop.run}).
-PACE = 0.002
 
 #: The bound on the server's memory growth. Measured: 4 to 6 MiB for 400
 #: connections and 200 streams of 200 small events; it would take 200 KiB

@@ -27,6 +27,7 @@ from pathlib import Path
 from ._load import (
     BOUND_MS,
     ETHERNET_MSS,
+    PACE,
     LoadTestCase,
     MemoryWatch,
     StreamClient,
@@ -37,9 +38,6 @@ from ._load import (
 
 #: A non-reading client's receive buffer: its window closes after a few KiB.
 SMALL_RCVBUF = 4096
-
-#: The readers read every 2 ms (see L{tests.load._load.Loop.run}).
-PACE = 0.002
 
 #: The bound on the server's memory growth during the slow-client run.
 #: Expected: about 200 x 64 KiB (each paused stream's Twisted buffer, which
