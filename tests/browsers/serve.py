@@ -7,15 +7,24 @@ switches that make the negative controls:
     --no-accel-header     suppress X-Accel-Buffering (nginx then buffers)
     --buffer-frames MS    the bug this project exists to prevent: hold
                           frames back and write them together every MS ms
+    --leak-streams        a deliberate leak: keep every stream's request
+                          (and so its channel and transport) forever
 
 and prints one line per listening port, C{LISTENING <description> <port>},
 then C{READY}, on stdout. Ends on SIGTERM like twistd.
 
-usage: python -m tests.browsers.serve [--no-accel-header] [--buffer-frames MS] TWISTEDSSE-OPTIONS...
+On SIGUSR1 it runs a full garbage collection and writes one line,
+C{CENSUS objects=N rss_kib=M}, to stderr: the objects the collector tracks
+and the resident memory once no garbage is left, which a leak check reads
+(tests/load/test_churn.py).
+
+usage: python -m tests.browsers.serve [--no-accel-header] [--buffer-frames MS] [--leak-streams] TWISTEDSSE-OPTIONS...
 """
 
 from __future__ import annotations
 
+import gc
+import signal
 import sys
 from typing import Any
 
@@ -59,7 +68,36 @@ def bufferFrames(reactor: Any, milliseconds: float) -> None:
     reactor.callLater(milliseconds / 1000, flush)
 
 
+_leaked: list[Any] = []
+
+
+def leakStreams() -> None:
+    """
+    Keep every stream's request alive: what a stream that is never
+    released costs per connection.
+    """
+    init = _stream._Stream.__init__
+
+    def leaking(self: Any, request: Any, *args: Any, **kwargs: Any) -> None:
+        _leaked.append(request)
+        init(self, request, *args, **kwargs)
+
+    _stream._Stream.__init__ = leaking  # type: ignore[method-assign]
+
+
+def census() -> None:
+    gc.collect()
+    with open("/proc/self/status") as status:
+        rss = next(line.split()[1] for line in status if line.startswith("VmRSS:"))
+    print(f"CENSUS objects={len(gc.get_objects())} rss_kib={rss}", file=sys.stderr, flush=True)
+
+
 def main(reactor: Any, argv: list[str]) -> Deferred[None]:
+    if "--leak-streams" in argv:
+        argv.remove("--leak-streams")
+        leakStreams()
+    # From a signal handler, only hand the work to the reactor's thread.
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(census))
     if "--no-accel-header" in argv:
         argv.remove("--no-accel-header")
         suppressAccelHeader()

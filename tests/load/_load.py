@@ -19,6 +19,7 @@ import json
 import os
 import re
 import selectors
+import signal
 import socket
 import struct
 import subprocess
@@ -162,6 +163,24 @@ class LoadServer:
 
     def fds(self) -> int:
         return fdCount(self.pid)
+
+    def census(self, timeout: float = 10.0) -> tuple[int, int]:
+        """
+        The objects the server's garbage collector tracks and its resident
+        memory (KiB), both right after a full collection (SIGUSR1, see
+        L{tests.browsers.serve}): what it keeps, whatever garbage it had.
+        """
+        before = self.logText().count("CENSUS ")
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.findall(r"CENSUS objects=(\d+) rss_kib=(\d+)", self.logText())
+            if len(found) > before:
+                objects, rss = found[-1]
+                return int(objects), int(rss)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no census from the server within {timeout} s")
+            time.sleep(0.02)
 
     def health(self) -> dict[str, Any]:
         code, body = getJSON(self.base + "/healthz", timeout=10)
