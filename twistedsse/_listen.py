@@ -54,7 +54,7 @@ def _loopbackAddress(host: str) -> bool:
         return False  # "" (every interface), or a name: not provably loopback
 
 
-def _systemdSocket(kw: Mapping[str, str], environ: Mapping[str, str]) -> bool:
+def _systemdSocket(kw: Mapping[str, str], environ: Mapping[str, str], firstFD: int) -> bool:
     """
     The socket systemd passed is bound to a loopback address (or is a Unix
     socket).
@@ -68,8 +68,13 @@ def _systemdSocket(kw: Mapping[str, str], environ: Mapping[str, str]) -> bool:
     if not 0 <= index < count:
         return False
     try:
-        probe = socket.socket(fileno=os.dup(SD_LISTEN_FDS_START + index))
+        fd = os.dup(firstFD + index)
     except OSError:
+        return False
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
         return False
     with probe:
         if probe.family == socket.AF_UNIX:
@@ -79,7 +84,9 @@ def _systemdSocket(kw: Mapping[str, str], environ: Mapping[str, str]) -> bool:
         return _loopbackAddress(probe.getsockname()[0])
 
 
-def loopbackOnly(description: str, environ: Mapping[str, str] | None = None) -> bool:
+def loopbackOnly(
+    description: str, environ: Mapping[str, str] | None = None, firstFD: int = SD_LISTEN_FDS_START
+) -> bool:
     """
     C{description} (strports) listens only where no other machine can
     connect: a TCP or TLS port on a loopback interface (C{127.0.0.0/8},
@@ -91,10 +98,13 @@ def loopbackOnly(description: str, environ: Mapping[str, str] | None = None) -> 
     kind = args[0] if args else ""
     if kind.isdigit():
         return False  # the old "8080" form: TCP on every interface
-    if kind in ("tcp", "tcp6", "ssl"):
+    if kind in ("tcp", "tcp6"):
+        # (tcp:PORT:INTERFACE is the positional form.)
+        return _loopbackAddress(kw.get("interface", args[2] if len(args) > 2 else ""))
+    if kind == "ssl":
         return _loopbackAddress(kw.get("interface", ""))
     if kind == "unix":
         return True
     if kind == "systemd":
-        return _systemdSocket(kw, os.environ if environ is None else environ)
+        return _systemdSocket(kw, os.environ if environ is None else environ, firstFD)
     return False
