@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
@@ -178,6 +180,32 @@ class ScopedTokenTests(_SiteCase):
             self.assertIn(b"Bearer", head[b"www-authenticate"], what)
             self.assertNotIn(token.encode() or b"\0", body, what)
         self.assertEqual(self.spawner.processes, [])
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.one_of(
+            st.text(st.characters(min_codepoint=0x21, max_codepoint=0xFF), max_size=200),
+            st.lists(st.binary(max_size=60), min_size=3, max_size=3).map(
+                lambda parts: b".".join(_b64(p) for p in parts).decode()
+            ),
+            st.tuples(st.dictionaries(st.sampled_from(["alg", "typ", "kid", "crit", "b64"]),
+                                      st.one_of(st.none(), st.text(max_size=8), st.integers(), st.booleans())),
+                      st.dictionaries(st.sampled_from(["exp", "iat", "nbf", "scope", "aud", "sub", "jti"]),
+                                      st.one_of(st.none(), st.text(max_size=8), st.floats(), st.integers(),
+                                                st.lists(st.integers(), max_size=2)))).map(
+                lambda hc: forged(hc[0], hc[1], b"sig")
+            ),
+        )
+    )  # fmt: skip
+    def test_anyGarbageIs401(self, token: str) -> None:
+        """
+        Whatever a client puts after C{Bearer} (any text, three base64url
+        parts, a JWT with any header and claims and a wrong signature) is a
+        JSON 401, never a 5xx.
+        """
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        status, _, body = self.call("POST", "/renders", headers, b'{"renderer": "ticks"}')
+        self.assertEqual((status, json.loads(body)["error"]), (401, "unauthorized"), token)
 
     def test_leewayAndLifetime(self) -> None:
         """
@@ -444,7 +472,7 @@ class ListenTests(SynchronousTestCase):
         """
         options = self.options("--public-name", "app.example", "--public-name", "b.example:8443")
         self.assertEqual(options["public-names"], ["app.example", "b.example:8443"])
-        for bad in ("", "a b", "http://a.example/"):
+        for bad in ("", "a b", "http://a.example/", "a..example", "x" * 70 + ".example"):
             self.assertRaises(UsageError, self.options, "--public-name", bad)
 
     def test_systemdSocketAddress(self) -> None:

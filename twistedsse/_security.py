@@ -196,7 +196,7 @@ class BearerTokens:
             scheme, _, value = header.partition(b" ")
             if scheme.lower() == b"bearer":
                 return value.strip()
-            return None
+            # (Another scheme is for a proxy in front of us: not ours.)
         if allowQuery:
             values = request.args.get(b"access_token")
             if values:

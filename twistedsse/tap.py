@@ -20,7 +20,7 @@ from ._build import _reactor, buildService, buildSite
 from ._site import ServerService
 from ._command import CommandRenderer
 from ._listen import loopbackOnly
-from ._security import readSecret, readTokens
+from ._security import HostPolicy, readSecret, readTokens
 from ._transport import EagerSendReactor
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -144,8 +144,12 @@ class Options(usage.Options):
         addresses and these (a guard against DNS rebinding); * allows any.
         """
         name = name.strip()
-        if not name or "/" in name or any(c.isspace() for c in name):
-            raise usage.UsageError(f"--public-name: expected a host name, got {name!r}")
+        try:
+            if not name or "/" in name or any(c.isspace() for c in name):
+                raise ValueError(name)
+            HostPolicy.of([name])
+        except (ValueError, UnicodeError):
+            raise usage.UsageError(f"--public-name: expected a host name, got {name!r}") from None
         self["public-names"].append(name)
 
     def postOptions(self) -> None:
