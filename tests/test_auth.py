@@ -253,10 +253,14 @@ class MintTokenTests(SynchronousTestCase):
 
     def test_exported(self) -> None:
         """
-        C{twistedsse.mintToken} is the public name of the helper.
+        C{twistedsse.mintToken} is the public name of the helper, and
+        C{twistedsse.redactedLogFormatter} that of the access log format
+        (for embedders with a L{Site} of their own).
         """
         self.assertIs(twistedsse.mintToken, _security.mintToken)
         self.assertIn("mintToken", twistedsse.__all__)
+        self.assertIs(twistedsse.redactedLogFormatter, _security.redactedLogFormatter)
+        self.assertIn("redactedLogFormatter", twistedsse.__all__)
 
 
 class HostTests(_SiteCase):
