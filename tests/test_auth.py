@@ -167,6 +167,8 @@ class ScopedTokenTests(_SiteCase):
             "NaN exp": jwt.encode({"exp": float("nan"), "scope": "create:*"}, SECRET),
             "Infinity exp": jwt.encode({"exp": float("inf"), "scope": "create:*"}, SECRET),
             "string exp": jwt.encode({"exp": "soon", "scope": "create:*"}, SECRET),
+            "huge exp": jwt.encode({"exp": 10**400, "scope": "create:*"}, SECRET),
+            "huge iat": jwt.encode({**good, "iat": -(10**400)}, SECRET),
             "list scope": jwt.encode({**good, "scope": ["create:*"]}, SECRET),
             "aud": jwt.encode({**good, "aud": "elsewhere"}, SECRET),
             "garbage": "a.b.c",

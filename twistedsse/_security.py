@@ -160,11 +160,15 @@ def _finite(claims: dict[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int of 400 digits
+        number = math.nan
+    if not math.isfinite(number):
         # (PyJWT's json.loads takes NaN and Infinity: an exp of NaN
         # compares false with everything, and would never expire.)
         raise Unauthorized(f"the token's {name} claim must be a finite number")
-    return float(value)
+    return number
 
 
 @attrs.frozen
