@@ -21,6 +21,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from twistedsse import mintToken
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -120,11 +122,20 @@ class ProcfileTests(SynchronousTestCase):
 
     def test_authOptionsFromTheEnvironment(self) -> None:
         """
-        C{TWISTEDSSE_AUTH} carries any authentication options, e.g.
-        C{--no-auth} for an operator whose own authentication stands in
-        front: no token is then asked for.
+        C{TWISTEDSSE_AUTH} carries any authentication options: C{--no-auth}
+        for an operator whose own authentication stands in front (no token
+        is then asked for), or several options at once.
         """
         _, port, output = self.run_(TWISTEDSSE_AUTH="--no-auth")
         self.assertIsNotNone(port, output)
         json_ = {"Content-Type": "application/json"}
         self.assertEqual(request(f"http://127.0.0.1:{port}/renders", "POST", {"renderer": "nope"}, json_), 422)
+        # Several options, split by the shell as the comment says.
+        tokens, secret = Path(self.mktemp()).absolute(), Path(self.mktemp()).absolute()
+        tokens.write_text("procfile-token\n")
+        secret.write_bytes(b"s" * 32)
+        _, port, output = self.run_(TWISTEDSSE_AUTH=f"--auth-token-file={tokens} --jwt-secret-file={secret}")
+        self.assertIsNotNone(port, output)
+        scoped = {**json_, "Authorization": "Bearer " + mintToken(b"s" * 32, ["create:nope"])}
+        self.assertEqual(request(f"http://127.0.0.1:{port}/renders", "POST", {"renderer": "nope"}, json_), 401)
+        self.assertEqual(request(f"http://127.0.0.1:{port}/renders", "POST", {"renderer": "nope"}, scoped), 422)
