@@ -81,7 +81,7 @@ class Connection:
         self.protocol.makeConnection(self.transport)
 
     def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
-        lines = [f"{method} {path} HTTP/1.1", "Host: test"]
+        lines = [f"{method} {path} HTTP/1.1", "Host: localhost"]
         for name, value in (headers or {}).items():
             lines.append(f"{name}: {value}")
         if body or method in ("POST", "PUT"):

@@ -357,11 +357,11 @@ class BoundsTests(SynchronousTestCase):
         body = b'{"renderer": "' + b"x" * (70 * 1024) + b'"}'
         for chunked in (False, True):
             if chunked:
-                raw = b"POST /renders HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                raw = b"POST /renders HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                 raw += b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 8192]), body[i : i + 8192]) for i in range(0, len(body), 8192))
                 raw += b"0\r\n\r\n"
             else:
-                raw = b"POST /renders HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+                raw = b"POST /renders HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
             kept: list[int] = []
 
             class Recording(BoundedRequest):
@@ -389,7 +389,7 @@ class BoundsTests(SynchronousTestCase):
         page and logged traceback.
         """
         for raw in (
-            b"GET /renders/%FF HTTP/1.1\r\nHost: t\r\n\r\n",
+            b"GET /renders/%FF HTTP/1.1\r\nHost: localhost\r\n\r\n",
             b"GET /healthz HTTP/1.1\r\nHost: \xff\r\n\r\n",
         ):
             conn = Connection(self.site)
@@ -416,7 +416,7 @@ class BoundsTests(SynchronousTestCase):
         refused by the HTTP layer (4xx), not handed to the app.
         """
         for raw in (
-            b"GET /" + b"a" * (9 * 1024) + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+            b"GET /" + b"a" * (9 * 1024) + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
             b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n",
             b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 4000) for i in range(6)) + b"\r\n",
         ):
@@ -475,7 +475,7 @@ class EventsRouteTests(SynchronousTestCase):
             ("GET", "/renders/%2Fx/events", {}),
             ("GET", f"/renders/{j}/events/", {}),
             ("GET", f"/renders//{j}/events", {}),
-            ("POST", f"/renders/{j}/events", {}),
+            ("POST", f"/renders/{j}/events", {"Content-Type": "application/json"}),
             ("DELETE", f"/renders/{j}/events", {}),
             ("GET", "/renders/%C3%A9/events", {}),
         ]

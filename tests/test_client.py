@@ -63,7 +63,7 @@ class ClientTests(SynchronousTestCase):
         service = ticksService(self.clock, spawner, self.mktemp())
         stub = StubTreq(buildResource(service, self.clock))
         jobID = service.submit("ticks", {}).id
-        subscription = subscribe(f"http://x/renders/{jobID}/events", self.events.append, clock=self.clock, client=stub)
+        subscription = subscribe(f"http://localhost/renders/{jobID}/events", self.events.append, clock=self.clock, client=stub)
         stub.flush()
         process = spawner.processes[0]
         process.stdout(b'{"progress": 0.5}\n')
@@ -88,7 +88,7 @@ class ClientTests(SynchronousTestCase):
             (200, b"id: 2\nevent: complete\ndata: {}\n\n", False),
         )
         stub = StubTreq(server)
-        subscription = subscribe("http://x/events", self.events.append, clock=self.clock, client=stub)
+        subscription = subscribe("http://localhost/events", self.events.append, clock=self.clock, client=stub)
         stub.flush()
         self.assertEqual([e.id for e in self.events], ["1"])
         self.clock.advance(0.499)
@@ -107,7 +107,7 @@ class ClientTests(SynchronousTestCase):
         C{204 No Content} ends the subscription normally.
         """
         stub = StubTreq(Scripted((204, b"", True)))
-        subscription = subscribe("http://x/e", self.events.append, clock=self.clock, client=stub, lastEventID="9")
+        subscription = subscribe("http://localhost/e", self.events.append, clock=self.clock, client=stub, lastEventID="9")
         stub.flush()
         self.successResultOf(subscription.done)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -118,7 +118,7 @@ class ClientTests(SynchronousTestCase):
         and body, and it does not reconnect.
         """
         stub = StubTreq(Scripted((404, b'{"error": "unknown_job"}', True)))
-        subscription = subscribe("http://x/e", self.events.append, clock=self.clock, client=stub)
+        subscription = subscribe("http://localhost/e", self.events.append, clock=self.clock, client=stub)
         stub.flush()
         error = self.failureResultOf(subscription.done, HTTPStatusError).value
         self.assertEqual((error.code, error.body), (404, b'{"error": "unknown_job"}'))
@@ -131,7 +131,7 @@ class ClientTests(SynchronousTestCase):
         """
         server = Scripted((200, b"id: 1\ndata: a\n\n", False))
         stub = StubTreq(server)
-        subscription = subscribe("http://x/e", self.events.append, clock=self.clock, client=stub)
+        subscription = subscribe("http://localhost/e", self.events.append, clock=self.clock, client=stub)
         stub.flush()
         subscription.close()
         stub.flush()

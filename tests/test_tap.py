@@ -110,7 +110,7 @@ class MakeServiceTests(SynchronousTestCase):
         L{tap.tuneGarbageCollector}).
         """
         options = tap.Options()
-        options.parseOptions(["--listen", "tcp:0", "--output-dir", self.mktemp()])
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--output-dir", self.mktemp()])
         gc.unfreeze()
         gc.set_threshold(700, 10, 10)
         tap.makeService(options, MemoryReactorClock())
@@ -123,7 +123,7 @@ class MakeServiceTests(SynchronousTestCase):
         --listen, without touching the global reactor.
         """
         options = tap.Options()
-        options.parseOptions(["--listen", "tcp:0", "--listen", "tcp:1", "--output-dir", self.mktemp()])
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:1:interface=127.0.0.1", "--output-dir", self.mktemp()])
         top = tap.makeService(options, MemoryReactorClock())
         children = list(top)
         self.assertIsInstance(children[0], RenderService)

@@ -37,6 +37,7 @@ from ._errors import (
 from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent
 from ._interfaces import IJobBroker, IProgressParser, IRenderer, ISubscriber, RenderPlan
 from ._job import JobSnapshot, JobState
+from ._security import mintToken, redactedLogFormatter
 from ._service import RenderService
 from ._stream import EventStreamResource
 from ._transport import EagerSendReactor
@@ -78,4 +79,6 @@ __all__ = [
     "buildSite",
     "encodeComment",
     "encodeEvent",
+    "mintToken",
+    "redactedLogFormatter",
 ]

@@ -38,7 +38,7 @@ from ._errors import (
     UnknownJob,
 )
 from . import _json
-from ._security import BearerTokens, CORSPolicy, CORSResource
+from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
 from ._service import RenderService
 from ._stream import EventStreamResource, StreamLimits, StreamSettings, lastEventID, startStreamHeaders
@@ -186,6 +186,7 @@ class TwistedSSEApp:
     limits: StreamLimits = attrs.field(factory=StreamLimits)
     auth: BearerTokens = BearerTokens()
     cors: CORSPolicy = CORSPolicy()
+    hosts: HostPolicy = HostPolicy()
     _static: Mapping[str, bytes] = attrs.field(factory=_loadStatic)
     _keepalives: Keepalives = attrs.field(
         default=attrs.Factory(lambda self: Keepalives(self.clock, self.settings.keepalive), takes_self=True),
@@ -199,7 +200,9 @@ class TwistedSSEApp:
         The app as a twisted.web resource, to serve or to mount under a
         parent resource.
         """
-        resource: IResource = _RequireUTF8(_EventsFirst(self, self.router.resource()))
+        resource: IResource = _RequireUTF8(
+            RequestGuard(_EventsFirst(self, self.router.resource()), self.hosts, self.auth, self.clock)
+        )
         if self.cors.origins:
             return CORSResource(resource, self.cors)
         return resource
@@ -311,13 +314,15 @@ class TwistedSSEApp:
 
     @router.route("/renders", methods=["POST"])
     def create(self, request: IRequest) -> bytes:
-        self.auth.check(request)
+        # 401 before the body is read; 403 once it names the renderer.
+        grant = self.auth.require(request, self.clock.seconds())
         body = _readJSON(request)
         if not isinstance(body, dict):
             raise InvalidBody('the body must be a JSON object like {"renderer": NAME, "params": {...}}')
         unknown = sorted(set(body) - {"renderer", "params"})
         if unknown:
             raise InvalidBody(f"unknown field {unknown[0]!r}; a render request has only renderer and params")
+        grant.need("create", str(body.get("renderer")))
         snapshot = self.service.submit(body.get("renderer"), body.get("params", {}), self._links(request))
         description = self._describe(request, snapshot.id)
         request.setHeader(b"location", description["status_url"].encode("ascii"))
@@ -329,7 +334,7 @@ class TwistedSSEApp:
 
     @router.route("/renders/<string:jobID>", methods=["DELETE"])
     def cancel(self, request: IRequest, jobID: str) -> bytes:
-        self.auth.check(request)
+        self.auth.check(request, self.clock.seconds(), "cancel", jobID)
         self.service.cancel(jobID)
         return _respond(request, 202, self._describe(request, jobID))
 
@@ -363,11 +368,12 @@ class TwistedSSEApp:
                 raise UnknownJob("Last-Event-ID does not name a render of this stream")
             self.service.broker.get(jobID)
             return self._stream(jobID, after=seq, rewriteID=_streamIDs(jobID))
-        # Starting a render needs the operator token, if one is set;
+        # Starting a render needs a token, if auth is configured;
         # re-attaching (above) only reads, which the job id allows.
-        self.auth.check(request, allowQuery=True)
+        grant = self.auth.require(request, self.clock.seconds(), allowQuery=True)
         args = request.args
         renderer = args.get(b"renderer", [b""])[0].decode("utf-8", "replace")
+        grant.need("create", renderer)
         raw = args.get(b"params", [None])[0]
         params: Any = {}
         if raw is not None:

@@ -19,7 +19,7 @@ from ._broker import MemoryBroker
 from ._card import CardRenderer
 from ._interfaces import IJobBroker, IRenderer
 from ._service import RenderService, defaultOutputDir
-from ._security import BearerTokens, CORSPolicy
+from ._security import BearerTokens, CORSPolicy, HostPolicy, redactedLogFormatter
 from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
@@ -118,6 +118,8 @@ def buildResource(
     maxStreamsPerJob: int = 0,
     authTokens: Iterable[bytes] = (),
     corsOrigins: Iterable[str] = (),
+    jwtSecret: bytes | None = None,
+    publicNames: Iterable[str] = (),
 ) -> IResource:
     """
     The HTTP API and page over C{service}, as a resource to serve or to
@@ -134,25 +136,40 @@ def buildResource(
         renders needs one (C{Authorization: Bearer TOKEN}).
     @param corsOrigins: origins (C{https://app.example}) whose pages may
         use the API and open event streams.
+    @param jwtSecret: the secret scoped tokens (JWTs, see
+        L{twistedsse.mintToken}) are signed with; if set, such tokens may
+        create and cancel renders within their scopes.
+    @param publicNames: C{Host} names (besides loopback and IP addresses)
+        that requests without a token may use; C{"*"}: any, for a parent
+        site that checks C{Host} itself.
     """
     return TwistedSSEApp(
         service,
         _reactor(reactor),
         StreamSettings(keepalive=keepalive, retry=retry, writeTimeout=writeTimeout),
         StreamLimits(maxStreams=maxStreams, maxPerJob=maxStreamsPerJob),
-        BearerTokens(tuple(authTokens)),
+        BearerTokens(tuple(authTokens), jwtSecret=jwtSecret),
         CORSPolicy.of(corsOrigins),
+        HostPolicy.of(publicNames),
     ).resource()
 
 
 def buildSite(service: RenderService, reactor: Any = None, **options: Any) -> DrainingSite:
     """
     A L{DrainingSite} serving L{buildResource} (which takes C{options}) at
-    its root.
+    its root. Its access log writes C{access_token} values as C{REDACTED}.
     """
     reactor = _reactor(reactor)
-    site = DrainingSite(buildResource(service, reactor, **options), reactor=reactor)
+    site = DrainingSite(
+        buildResource(service, reactor, **options), reactor=reactor, logFormatter=redactedLogFormatter
+    )
     site.displayTracebacks = False
+    # Bodies are JSON that the app reads: Twisted must not parse form
+    # submissions (a multipart body it cannot parse gets a bare 400 before
+    # the app's JSON 415, and a form's fields would join the query's in
+    # request.args). Site(parsePOSTFormSubmission=False) where Twisted has
+    # the parameter; the attribute is what its requests read.
+    site._parsePOSTFormSubmission = False
     return site
 
 

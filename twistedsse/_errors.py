@@ -11,7 +11,10 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     ├── PayloadTooLarge (413)               "body_too_large"
     ├── URITooLong (414)                    "uri_too_long"
     ├── HeaderTooLarge (431)                "header_too_large"
-    ├── Unauthorized (401)                  "unauthorized"
+    ├── Unauthorized (401)                  "unauthorized" (WWW-Authenticate)
+    ├── Forbidden (403)                     "forbidden" (a token without the scope)
+    ├── UnsupportedMediaType (415)          "unsupported_media_type"
+    ├── MisdirectedRequest (421)            "unknown_host" (Host not served)
     ├── Unprocessable (422)                 ValueError
     │   ├── InvalidBody                     "invalid_body"
     │   ├── UnknownRenderer                 "unknown_renderer"
@@ -84,6 +87,35 @@ class Unauthorized(TwistedSSEError):
 
     code = "unauthorized"
     status = 401
+
+
+class Forbidden(TwistedSSEError):
+    """
+    The request's token is valid, but its scopes do not cover this.
+    """
+
+    code = "forbidden"
+    status = 403
+
+
+class UnsupportedMediaType(TwistedSSEError):
+    """
+    A C{POST} without C{Content-Type: application/json}: refused, so that
+    no cross-site "simple" request (a form, C{no-cors} fetch) can act.
+    """
+
+    code = "unsupported_media_type"
+    status = 415
+
+
+class MisdirectedRequest(TwistedSSEError):
+    """
+    The C{Host} is not a name this server answers to without a token (a
+    guard against DNS rebinding).
+    """
+
+    code = "unknown_host"
+    status = 421
 
 
 class Unprocessable(TwistedSSEError, ValueError):

@@ -19,7 +19,8 @@ from twisted.python import usage
 from ._build import _reactor, buildService, buildSite
 from ._site import ServerService
 from ._command import CommandRenderer
-from ._security import readTokens
+from ._listen import loopbackOnly
+from ._security import HostPolicy, readSecret, readTokens
 from ._transport import EagerSendReactor
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -67,12 +68,19 @@ class Options(usage.Options):
         ["max-queued", None, 100, "Renders that may wait for a slot (0: no limit); past it, 429.", _positive(int, "--max-queued", 0)],
     ]
 
+    optFlags = [
+        ["no-auth", None, "Serve on a non-loopback address without any token: for operators whose own "
+         "authentication stands in front of this service."],
+    ]
+
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["renderers"] = []
         self["cors-origins"] = []
         self["auth-tokens"] = ()
+        self["jwt-secret"] = None
+        self["public-names"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -118,6 +126,32 @@ class Options(usage.Options):
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise usage.UsageError(f"--auth-token-file: {e}") from None
 
+    def opt_jwt_secret_file(self, path: str) -> None:
+        """
+        A file holding the secret (at least 32 bytes) that scoped tokens
+        are signed with (HS256 JWTs an app's backend mints for its pages,
+        see twistedsse.mintToken). A file, never the command line.
+        """
+        try:
+            self["jwt-secret"] = readSecret(path)
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--jwt-secret-file: {e}") from None
+
+    def opt_public_name(self, name: str) -> None:
+        """
+        A host name browsers use to reach this service (repeatable).
+        Requests without a token are answered only for loopback names, IP
+        addresses and these (a guard against DNS rebinding); * allows any.
+        """
+        name = name.strip()
+        try:
+            if not name or "/" in name or any(c.isspace() for c in name):
+                raise ValueError(name)
+            HostPolicy.of([name])
+        except (ValueError, UnicodeError):
+            raise usage.UsageError(f"--public-name: expected a host name, got {name!r}") from None
+        self["public-names"].append(name)
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
@@ -126,6 +160,16 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--listen {description}: no socket passed by systemd (LISTEN_FDS unset)"
                 )
+        # Secure by default: never open to the network without a token.
+        authenticated = bool(self["auth-tokens"]) or self["jwt-secret"] is not None
+        if not authenticated and not self["no-auth"]:
+            for description in self["listen"]:
+                if not loopbackOnly(description):
+                    raise usage.UsageError(
+                        f"--listen {description} is reachable beyond this machine, and no authentication "
+                        "is configured: give --auth-token-file (and/or --jwt-secret-file), or --no-auth "
+                        "if your own authentication stands in front of this service"
+                    )
 
 
 GC_THRESHOLDS = (10_000, 10, 10)
@@ -179,6 +223,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         maxStreamsPerJob=options["max-streams-per-job"],
         authTokens=options["auth-tokens"],
         corsOrigins=options["cors-origins"],
+        jwtSecret=options["jwt-secret"],
+        publicNames=options["public-names"],
     )
     top = ServerService(service, site, reactor)
     # TCP connections that send each frame in the write itself (see

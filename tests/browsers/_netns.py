@@ -193,16 +193,20 @@ WAIT_DONE = """window.twistedsse.done.then(function (end) {
 })"""
 
 
-def pageRender(b: Any, base: str, count: int, startFile: str) -> dict:
+def pageRender(b: Any, base: str, count: int, startFile: str, token: str | None = None) -> dict:
     """
     Load the demo page at C{base}, have it start a C{ticks} render of
     C{count} events that waits for C{startFile}, create that file once the
     page's EventSource is open (so every event is live, none replayed), and
     return what the page saw: C{{end, state, connections, reconnects,
     events}}, each event C{{type, id, data, receivedAt}}.
+
+    @param token: handed to the page in the URL fragment, as an app's
+        backend hands it a scoped token (no server sees a fragment).
     """
     params = json.dumps({"count": count, "start_file": startFile})
-    b.open(f"{base}/?renderer=ticks&params={quote(params)}&autostart=1")
+    fragment = f"#access_token={token}" if token else ""
+    b.open(f"{base}/?renderer=ticks&params={quote(params)}&autostart=1{fragment}")
     b.evaluate(WAIT_CONNECTED, timeout=30)
     Path(startFile).touch()
     return b.evaluate(WAIT_DONE, timeout=60)
@@ -217,11 +221,12 @@ def pageLatencies(seen: dict) -> list[float]:
 
 
 def browserClient(engine: str, base: str, count: int, startFile: str, netns: str | None = None,
-                  timeout: float = 120) -> dict:
+                  timeout: float = 120, token: str | None = None) -> dict:
     """
     L{pageRender} in a process of its own, inside C{netns} if given.
     """
     argv = [sys.executable, "-m", "tests.browsers._netns", engine, base, str(count), startFile]
+    argv += [token] if token else []
     process = subprocess.Popen(inNamespace(argv, netns), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=childEnvironment(), cwd=ROOT)
     try:
@@ -264,7 +269,7 @@ class Measuring:
             f"\n[latency] {what}: {summary(latencies)}, {len(late(latencies))} over {BOUND_MS:.0f} ms{batches}\n"
         )
 
-    def stream(self, base: str, what: str, **kw: Any) -> tuple[dict, list[float]]:
+    def stream(self, base: str, what: str, token: str | None = None, **kw: Any) -> tuple[dict, list[float]]:
         """
         One render through C{/render-stream} at C{base}, read by the socket
         client (L{socketClient}'s C{kw}): every event arrives, in order, then
@@ -272,8 +277,11 @@ class Measuring:
 
         Every event is live, none replayed: opening C{/render-stream} starts
         the render, so the stream is subscribed before the first line.
+
+        @param token: sent as C{access_token}, as an EventSource would.
         """
-        lines = socketClient(renderStreamURL(base, count=self.COUNT), **kw)
+        url = renderStreamURL(base, count=self.COUNT) + (f"&access_token={token}" if token else "")
+        lines = socketClient(url, **kw)
         head, events = lines[0], lines[1:]
         self.assertEqual(head["status"], 200)
         self.assertEqual([e["event"] for e in events], ["progress"] * self.COUNT + ["complete"])
@@ -298,7 +306,7 @@ class Measuring:
         self.assertEqual(late(latencies), [], summary(latencies))
 
 
-def main(engine: str, base: str, count: str, startFile: str) -> None:
+def main(engine: str, base: str, count: str, startFile: str, token: str | None = None) -> None:
     from twisted.trial.unittest import SkipTest
 
     from ._drivers import _descendants, browser
@@ -309,7 +317,7 @@ def main(engine: str, base: str, count: str, startFile: str) -> None:
     signal.signal(signal.SIGTERM, terminated)
     try:
         with browser(engine) as b:
-            seen = pageRender(b, base, int(count), startFile)
+            seen = pageRender(b, base, int(count), startFile, token)
             # Every process of the browser and its driver descends from us.
             seen["netns"] = sorted({namespaceOf(pid) for pid in [os.getpid(), *_descendants(os.getpid())]} - {None})
     except SkipTest as e:

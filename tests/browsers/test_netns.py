@@ -4,6 +4,11 @@ network namespace, listening only on its end of a veth pair, and the
 clients (the socket client, and Chromium with the demo page) in another.
 Every progress event must arrive within 100 ms of the render printing it.
 
+The veth address is not loopback, so the server needs authentication to
+start at all: it has operator tokens and a JWT secret, and each client
+starts its render with a short-lived scoped token (C{access_token} for the
+socket client, as an EventSource sends it; the URL fragment for the page).
+
 What this cannot show is whether C{TCP_NODELAY} matters: the hop has
 almost no round-trip time, so Nagle never waits (BROWSER-NOTES.md, "What
 a 100 ms check cannot see"). The socket option is asserted elsewhere.
@@ -15,17 +20,36 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from twistedsse import mintToken
+
 from ._netns import SERVER_ADDRESS, Measuring, NamespacePair, browserClient
 from ._server import Server
+
+SECRET = b"the-netns-test-secret-of-32-bytes-or-more"
 
 
 class NetworkNamespaceTests(Measuring, SynchronousTestCase):
     def setUp(self) -> None:
         self.namespaces = NamespacePair()
         self.addCleanup(self.namespaces.remove)
-        self.server = Server("--listen", f"tcp:0:interface={SERVER_ADDRESS}", netns=self.namespaces.server)
+        tokens, secret = Path(self.mktemp()).absolute(), Path(self.mktemp()).absolute()
+        tokens.write_text("operator-token\n")
+        secret.write_bytes(SECRET)
+        self.listen = f"tcp:0:interface={SERVER_ADDRESS}"
+        self.server = Server("--listen", self.listen, "--auth-token-file", str(tokens), "--jwt-secret-file",
+                             str(secret), netns=self.namespaces.server)  # fmt: skip
         self.addCleanup(self.server.stop)
         self.base = f"http://{SERVER_ADDRESS}:{self.server.port}"
+
+    def test_refusesTheHopWithoutAuthentication(self) -> None:
+        """
+        Without any authentication, a server told to listen on the veth
+        address (reachable from the other namespace) does not start, and
+        says why, naming C{--no-auth}.
+        """
+        with self.assertRaises(AssertionError) as caught:
+            Server("--listen", self.listen, netns=self.namespaces.server)
+        self.assertIn("--no-auth", str(caught.exception))
 
     def test_socketClientAcrossTheHop(self) -> None:
         """
@@ -35,9 +59,11 @@ class NetworkNamespaceTests(Measuring, SynchronousTestCase):
         veth.
         """
         before = self.namespaces.receivedBytes()
-        _, latencies = self.stream(self.base, "veth hop, socket client", netns=self.namespaces.client)
+        token = mintToken(SECRET, ["create:ticks"], ttl=120)
+        _, latencies = self.stream(self.base, "veth hop, socket client", token=token, netns=self.namespaces.client)
         self.assertGreater(self.namespaces.receivedBytes() - before, self.COUNT * 100)
         self.assertOnTime(latencies)
+        self.assertNotIn(token, self.server.logText())
 
     def test_chromiumAcrossTheHop(self) -> None:
         """
@@ -46,10 +72,13 @@ class NetworkNamespaceTests(Measuring, SynchronousTestCase):
         a 50-event render and receives every event, in order, within 100 ms.
         """
         before = self.namespaces.receivedBytes()
+        token = mintToken(SECRET, ["create:ticks"], ttl=120)
         seen = browserClient(
-            "chromium", self.base, self.COUNT, str(Path(self.mktemp()).absolute()), netns=self.namespaces.client
-        )
+            "chromium", self.base, self.COUNT, str(Path(self.mktemp()).absolute()), netns=self.namespaces.client,
+            token=token,
+        )  # fmt: skip
         latencies = self.page(seen, "veth hop, Chromium in the client namespace")
         self.assertGreater(self.namespaces.receivedBytes() - before, self.COUNT * 100)
         self.assertEqual(seen["netns"], [self.namespaces.identity(self.namespaces.client)])
         self.assertOnTime(latencies)
+        self.assertNotIn(token, self.server.logText())

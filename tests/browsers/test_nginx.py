@@ -27,7 +27,8 @@ class NginxMixin(Measuring):
         """
         A server (L{Server}'s C{args}), stopped at cleanup: it and its URL.
         """
-        server = Server(*args)
+        # nginx's default proxy_pass sends the upstream's name as Host.
+        server = Server("--public-name", "twistedsse", *args)
         self.addCleanup(server.stop)  # type: ignore[attr-defined]
         return server, f"http://127.0.0.1:{server.port}"
 

@@ -559,14 +559,15 @@ RAW_CASES: list[tuple[str, list[bytes], dict[str, Any]]] = [
      {"wait": 0.5}),
     ("a 70 KiB body", [b"POST /renders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Content-Length: 70000\r\n\r\n" + b" " * 70000], {"expect": 413}),
-    ("a 70 KiB chunked body", [b"POST /renders HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ("a 70 KiB chunked body", [b"POST /renders HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n"
                                + b"1000\r\n" + b" " * 4096 + b"\r\n"] * 1 + [b"1000\r\n" + b" " * 4096 + b"\r\n"] * 17
      + [b"0\r\n\r\n"], {"expect": 413}),
     ("Expect: 100-continue, too large", [b"POST /renders HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                                          b"Content-Length: 1000000\r\n\r\n"], {"wait": 0.5}),
-    ("pipelined", [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /renderers HTTP/1.1\r\nHost: x\r\n\r\n"
-                   b"POST /renders HTTP/1.1\r\nHost: x\r\nContent-Length: 21\r\n\r\n{\"renderer\": \"quick\"}"
-                   b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"], {"expect": [200, 200, 202, 404]}),
+    ("pipelined", [b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /renderers HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                   b"POST /renders HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 21\r\n\r\n{\"renderer\": \"quick\"}"
+                   b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"], {"expect": [200, 200, 202, 404]}),
     ("pipelined after a bad one", [b"GARBAGE\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"], {}),
     ("slowloris, then close", [b"GET /healthz HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: 1\r\n", b"X-B: 2\r\n"],
      {"pause": 0.2, "wait": 0.2}),

@@ -12,6 +12,15 @@
  *
  * window.twistedsse is the hook for automated browser tests; see the
  * comment above `api` below.
+ *
+ * Authentication: when the server asks for a token, the page sends the one
+ * in its "Access token" field as `Authorization: Bearer` on POST and
+ * DELETE, never in a URL. The field is kept in sessionStorage (this tab
+ * only). An app's backend can hand the page a short-lived scoped token in
+ * the URL fragment, `#access_token=TOKEN`: a fragment is never sent to any
+ * server (nor in a Referer), and the page moves it into the field and
+ * removes it from the address at once. Reading a render (its events,
+ * status and output) needs only its id.
  */
 (function () {
   "use strict";
@@ -21,6 +30,7 @@
   var LOG_LINES = 50;
   // The built-in card renderer's params, as sent; also the ids of its fields.
   var CARD_FIELDS = ["title", "subtitle", "duration", "size", "fps", "background", "foreground", "accent"];
+  var TOKEN_KEY = "twistedsse.access_token";
 
   // ---------------------------------------------------------------- helpers
 
@@ -111,6 +121,8 @@
 
   function requestJSON(method, url, body) {
     var init = { method: method, headers: { Accept: "application/json" }, credentials: "same-origin" };
+    var token = ui.token ? ui.token.value.trim() : "";
+    if (token && method !== "GET") init.headers.Authorization = "Bearer " + token;
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -189,7 +201,7 @@
       "stat-speed", "speed", "stat-time", "out-time", "stat-eta", "eta",
       "cancel", "result", "video", "result-info", "download", "failure",
       "failure-message", "failure-detail", "stderr", "cancelled",
-      "cancelled-message", "log", "log-count"
+      "cancelled-message", "log", "log-count", "token"
     ].forEach(function (id) {
       ui[id] = $(id);
     });
@@ -645,7 +657,8 @@
     var field = null;
     var m = /^params\.([A-Za-z0-9_]+)/.exec(err.detail || "");
     var formMatches = ui.renderer.value === renderer;
-    if (formMatches) {
+    if (err.code === "unauthorized" || err.code === "forbidden") field = ui.token;
+    else if (formMatches) {
       if (err.code === "unknown_renderer") field = ui.renderer;
       else if (!isCard() && err.code === "invalid_params") field = ui["params-json"];
       else if (m && isCard() && CARD_FIELDS.indexOf(m[1]) >= 0) field = ui[m[1]];
@@ -733,8 +746,42 @@
     }
   }
 
+  function storage() {
+    try {
+      return window.sessionStorage;
+    } catch (e) {
+      return null; // storage disabled: the field still works for this page
+    }
+  }
+
+  // The token from the address fragment (handed over by an app's backend),
+  // else the one kept for this tab; the fragment is removed at once.
+  function loadToken() {
+    var store = storage();
+    var hash = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    var handed = hash.get("access_token");
+    if (handed !== null) {
+      hash.delete("access_token");
+      var rest = hash.toString();
+      window.history.replaceState(window.history.state, "",
+        window.location.pathname + window.location.search + (rest ? "#" + rest : ""));
+      if (store) store.setItem(TOKEN_KEY, handed);
+      ui.token.value = handed;
+    } else if (store) {
+      ui.token.value = store.getItem(TOKEN_KEY) || "";
+    }
+    ui.token.addEventListener("input", function () {
+      var s = storage();
+      if (!s) return;
+      if (ui.token.value.trim()) s.setItem(TOKEN_KEY, ui.token.value.trim());
+      else s.removeItem(TOKEN_KEY);
+      if (ui.token.hasAttribute("aria-invalid")) setFormError("");
+    });
+  }
+
   function init() {
     bindUI();
+    loadToken();
     ui["render-form"].addEventListener("submit", onSubmit);
     ui.renderer.addEventListener("change", syncRendererFields);
     ui.cancel.addEventListener("click", function () {
