@@ -38,6 +38,7 @@ from ._errors import (
     UnknownJob,
 )
 from . import _json
+from ._frames import Event
 from ._security import BearerTokens, CORSPolicy, CORSResource
 from ._keepalive import Keepalives
 from ._service import RenderService
@@ -98,6 +99,19 @@ def _streamIDs(jobID: str) -> Any:
     """
     prefix = jobID + ":"
     return lambda seq: prefix + seq
+
+
+def _openingID(jobID: str, lastEventID: str) -> str:
+    """
+    The id a re-attached C{/render-stream} opens with: the client's own
+    (its next reconnect names the same point), or C{JOBID:0} (the whole
+    history) if it cannot be sent back intact.
+    """
+    try:
+        Event(data="", id=lastEventID)
+    except ValueError:
+        return jobID + ":0"
+    return lastEventID
 
 
 class _RequireUTF8(Resource):
@@ -350,7 +364,10 @@ class TwistedSSEApp:
         """
         Opening this stream starts a render; a browser's automatic
         reconnect (it sends C{Last-Event-ID}, whose ids here carry the job
-        id) re-attaches to that render and never starts a second one.
+        id) re-attaches to that render and never starts a second one. The
+        opening frame already carries an id (C{JOBID:0} on a new render,
+        the client's own on a re-attach), so a client that drops before
+        the first event re-attaches too.
         """
         if request.method == b"HEAD":
             # What a GET's headers would be; only a GET starts a render.
@@ -362,7 +379,7 @@ class TwistedSSEApp:
             if not sep or not jobID:
                 raise UnknownJob("Last-Event-ID does not name a render of this stream")
             self.service.broker.get(jobID)
-            return self._stream(jobID, after=seq, rewriteID=_streamIDs(jobID))
+            return self._stream(jobID, after=seq, rewriteID=_streamIDs(jobID), firstID=_openingID(jobID, last))
         # Starting a render needs the operator token, if one is set;
         # re-attaching (above) only reads, which the job id allows.
         self.auth.check(request, allowQuery=True)
@@ -375,5 +392,8 @@ class TwistedSSEApp:
                 params = _json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise MalformedJSON(f"the params query parameter is not valid JSON: {e}") from None
+        # The stream limits first: a 503 must not leave a render nobody
+        # watches (a new job has no streams: only the global limit applies).
+        self.limits.check(None)
         snapshot = self.service.submit(renderer, params, self._links(request))
-        return self._stream(snapshot.id, rewriteID=_streamIDs(snapshot.id))
+        return self._stream(snapshot.id, rewriteID=_streamIDs(snapshot.id), firstID=snapshot.id + ":0")

@@ -13,9 +13,12 @@ buffer (C{X-Accel-Buffering: no}) and nothing compresses the stream.
 The one exception is a client that stops reading. Each stream is a push
 producer: when the connection's buffers are full Twisted pauses it, and
 from then on it keeps only the latest live C{progress} event and the
-terminal event, and writes those when the client reads again. (The replay
-a client asks for when it connects, bounded by the job's history, is
-always written whole.) A client that reads
+terminal event, and writes those when the client reads again. The replay
+a client asks for when it connects (the job's history after its last event
+id) stops where the client stopped reading: the stream keeps only the id of
+the last event it wrote, and when the client reads again it asks the broker
+for the history after that id, so a client that reads nothing costs one
+frame past its connection's buffer, not the whole history. A client that reads
 nothing for C{writeTimeout} seconds while paused is disconnected (it can
 resume with C{Last-Event-ID}). So a slow or dead client costs a bounded
 amount of memory, and never slows the others.
@@ -127,14 +130,16 @@ class StreamLimits:
     _open: int = attrs.field(default=0, init=False)
     _perJob: dict[str, int] = attrs.field(factory=dict, init=False)
 
-    def check(self, jobID: str) -> None:
+    def check(self, jobID: str | None) -> None:
         """
+        @param jobID: the job the stream would watch; C{None} for a job not
+            made yet (it has no streams): only the global limit applies.
         @raise TooManyStreams: one more stream (for C{jobID}) would pass a
             limit.
         """
         if self.maxStreams and self._open >= self.maxStreams:
             raise TooManyStreams(f"the server has {self._open} open streams, its limit", self.retryAfter)
-        if self.maxPerJob and self._perJob.get(jobID, 0) >= self.maxPerJob:
+        if jobID is not None and self.maxPerJob and self._perJob.get(jobID, 0) >= self.maxPerJob:
             raise TooManyStreams(f"this render has {self.maxPerJob} open streams, its limit", self.retryAfter)
 
     def opened(self, jobID: str) -> None:
@@ -169,6 +174,26 @@ def _abort(request: Request) -> None:
 NOTSENT_LOWAT = 128 * 1024
 
 
+def openingFrame(retry: int, id: str | None = None) -> bytes:
+    """
+    The first frame of a stream: it makes the response's headers leave at
+    once. It sets the reconnection time (C{retry:}; a comment if C{0}), and
+    with C{id} the browser's last event id too, dispatching no event (no
+    C{data} line): a client that drops before the first event then
+    reconnects with that id (WHATWG "dispatch the event" sets the last
+    event ID before it returns on an empty data buffer).
+
+    @raise ValueError: C{id} is empty or holds CR, LF or NUL.
+    """
+    head = encodeRetry(retry) if retry else OPENED
+    if id is None:
+        return head
+    Event(data="", id=id)  # its validator refuses what cannot be sent intact
+    if not id:
+        raise ValueError("an opening id must not be empty")
+    return head[:-1] + b"id: " + id.encode("utf-8") + b"\n\n"
+
+
 def _socketOptions(transport: ITCPTransport, writeTimeout: float) -> None:
     """
     Linux, plain TCP only (under TLS getHandle() is not a socket):
@@ -201,11 +226,18 @@ class _Stream:
     Everything it holds is released in L{_Stream._closed} (the request's
     C{notifyFinish}), whether the job ended, the client left, or the server
     is stopping.
+
+    Paused during its replay, it writes no more of it: it is I{behind}, and
+    drops what the broker delivers (all of it is in the job's history)
+    until the client reads again; then it subscribes again after
+    C{_cursor}, the broker's id of the last event it wrote. Paused once
+    live, it coalesces (the latest progress, the terminal event).
     """
 
     __slots__ = (
         "_request", "_clock", "_settings", "_rewriteID", "_onClose", "_keepalives", "_unsubscribe",
         "_open", "_paused", "_latest", "_terminal", "_deadline", "_replaying", "_wrote",
+        "_broker", "_jobID", "_cursor", "_behind",
     )  # fmt: skip
 
     def __init__(
@@ -231,8 +263,16 @@ class _Stream:
         self._deadline: IDelayedCall | None = None
         self._replaying = False
         self._wrote = False
+        self._broker: IJobBroker | None = None
+        self._jobID = ""
+        self._cursor: str | None = None
+        self._behind = False
 
-    def start(self, broker: IJobBroker, jobID: str, after: str | None) -> None:
+    def start(self, broker: IJobBroker, jobID: str, after: str | None, firstID: str | None = None) -> None:
+        """
+        Send the headers and the opening frame (carrying C{firstID}, if
+        given), then the job's events after C{after}, then live ones.
+        """
         request, settings = self._request, self._settings
         request.notifyFinish().addBoth(self._closed)
         transport = tcpTransport(request)
@@ -242,23 +282,39 @@ class _Stream:
         request.registerProducer(self, True)
         # Headers leave with the first write: send it now, so that
         # EventSource fires "open" and proxies pass the response on.
-        request.write(encodeRetry(settings.retry) if settings.retry else OPENED)
+        request.write(openingFrame(settings.retry, firstID))
         self._wrote = True
         if self._open and self._keepalives is not None:
             self._keepalives.add(self)
-        # The replay the client asked for is written whole even if its
-        # buffer fills meanwhile (it is bounded by --history): coalescing
-        # applies to live events only, or a resume would lose events.
-        self._replaying = True
-        try:
-            unsubscribe = broker.subscribe(jobID, after, self)
-        finally:
-            self._replaying = False
+        self._broker, self._jobID, self._cursor = broker, jobID, after
         if self._open:
+            self._subscribe()
+
+    def _subscribe(self) -> None:
+        """
+        Subscribe after C{_cursor}: the broker writes the replay through
+        L{deliver} in this call. If the client's buffer fills part-way,
+        the rest waits for L{resumeProducing}; if it drained again already
+        (within the call), go on at once.
+        """
+        assert self._broker is not None
+        while True:
+            self._behind = False
+            self._replaying = True
+            try:
+                unsubscribe = self._broker.subscribe(self._jobID, self._cursor, self)
+            finally:
+                self._replaying = False
+            if not self._open:
+                # The terminal event came with the replay and ended the
+                # stream (or the client left meanwhile).
+                unsubscribe()
+                return
+            if self._behind and not self._paused:
+                unsubscribe()
+                continue
             self._unsubscribe = unsubscribe
-        else:
-            # The terminal event came with the replay and ended the stream.
-            unsubscribe()
+            return
 
     def keepalive(self) -> None:
         """
@@ -276,18 +332,27 @@ class _Stream:
     def deliver(self, event: Event, frame: bytes) -> None:
         if not self._open:
             return
+        if self._paused or self._replaying:
+            # Off the hot path: a stream that keeps up and is live skips it.
+            if self._behind or (self._paused and self._replaying):
+                # Paused during the replay: the rest of it, and live events
+                # meanwhile, are in the history after the cursor.
+                self._behind = True
+                return
+            if self._paused:
+                # Coalesce: the latest progress supersedes the earlier ones.
+                if self._rewriteID is not None and event.id is not None:
+                    frame = encodeEvent(attrs.evolve(event, id=self._rewriteID(event.id)))
+                if event.event in TERMINAL_EVENTS:
+                    self._terminal = (event, frame)
+                else:
+                    self._latest = (event, frame)
+                return
+            self._cursor = event.id
         if self._rewriteID is not None and event.id is not None:
             frame = encodeEvent(attrs.evolve(event, id=self._rewriteID(event.id)))
-        terminal = event.event in TERMINAL_EVENTS
-        if self._paused and not self._replaying:
-            # Coalesce: the latest progress supersedes the earlier ones.
-            if terminal:
-                self._terminal = (event, frame)
-            else:
-                self._latest = (event, frame)
-            return
         self._wrote = True
-        if terminal:
+        if event.event in TERMINAL_EVENTS:
             # The last frame and the end of the response: one send.
             with sendTogether(getattr(self._request.channel, "transport", None)):
                 self._request.write(frame)
@@ -300,7 +365,8 @@ class _Stream:
             return
         if (
             self._rewriteID is not None
-            or (self._paused and not self._replaying)
+            or self._paused
+            or self._replaying
             or events[-1].event in TERMINAL_EVENTS  # (not in the contract) ends the stream
         ):
             for event, frame in zip(events, frames):
@@ -331,6 +397,11 @@ class _Stream:
             return
         self._paused = False
         self._cancelDeadline()
+        if self._behind:
+            if not self._replaying:
+                self._catchUp()
+            # (Within the replay: _subscribe goes on when it returns.)
+            return
         latest, self._latest = self._latest, None
         terminal, self._terminal = self._terminal, None
         if latest is not None or terminal is not None:
@@ -340,6 +411,24 @@ class _Stream:
         if terminal is not None:
             self._request.write(terminal[1])
             self._end()
+
+    def _catchUp(self) -> None:
+        """
+        The client reads again after the replay stopped: subscribe afresh
+        after the last event written. Events dropped from the history
+        meanwhile come as a C{reset}, as on a resume.
+        """
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
+        try:
+            self._subscribe()
+        except Exception:
+            # The job is gone (expired): end the stream; the client's
+            # reconnect learns why.
+            _log.failure("event stream of {jobID} could not catch up", jobID=self._jobID)
+            if self._open:
+                self._end()
 
     def stopProducing(self) -> None:
         # The connection is going away; notifyFinish will clean up.
@@ -387,6 +476,9 @@ class EventStreamResource(Resource):
     @param limits: counts this stream while it is open.
     @param keepalives: the timer that sends this stream's keepalives,
         shared by every stream of an app; by default one of its own.
+    @param firstID: an id the opening frame gives the client before any
+        event (C{/render-stream}'s C{JOBID:SEQ}), so that a reconnect,
+        however early, names the render it was watching.
     """
 
     isLeaf = True
@@ -401,6 +493,7 @@ class EventStreamResource(Resource):
         rewriteID: Callable[[str], str] | None = None,
         limits: StreamLimits | None = None,
         keepalives: Keepalives | None = None,
+        firstID: str | None = None,
     ) -> None:
         super().__init__()
         self._broker = broker
@@ -410,6 +503,7 @@ class EventStreamResource(Resource):
         self._after = after
         self._rewriteID = rewriteID
         self._limits = limits
+        self._firstID = firstID
         self._keepalives = keepalives if keepalives is not None else Keepalives(clock, settings.keepalive)
 
     def _lastSeen(self, request: Request) -> str | None:
@@ -434,7 +528,7 @@ class EventStreamResource(Resource):
             limits.opened(jobID)
             onClose = lambda: limits.closed(jobID)  # noqa: E731
         stream = _Stream(request, self._clock, self._settings, self._rewriteID, onClose, self._keepalives)
-        stream.start(self._broker, self._jobID, self._lastSeen(request))
+        stream.start(self._broker, self._jobID, self._lastSeen(request), self._firstID)
         return NOT_DONE_YET
 
     def render_HEAD(self, request: Request) -> bytes:
