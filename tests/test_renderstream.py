@@ -82,23 +82,24 @@ class RenderStreamTests(SynchronousTestCase):
     def test_dropBeforeTheFirstEventReattaches(self) -> None:
         """
         With the one render slot busy, C{/render-stream} queues its render;
-        its opening frame (C{retry:} with C{id: JOBID:0}, no data, so no
-        event) already names it, so a client that drops before any event
-        reconnects with C{Last-Event-ID: JOBID:0} and re-attaches to that
-        render: one queued render, not two (before: the opening frame had
-        no id, the reconnect none, and C{/healthz} said C{queued: 2}). The
-        re-attached stream then gets the render's events, then the end.
+        its opening frame (a C{render} event, id C{JOBID:0}, with
+        C{retry:}) already names it, so a client that drops before the
+        render's first event reconnects with C{Last-Event-ID: JOBID:0} and
+        re-attaches to that render: one queued render, not two (before: the
+        opening frame was C{retry:} alone, the reconnect had no id, and
+        C{/healthz} said C{queued: 2}). The re-attached stream opens with
+        C{retry:} alone, then gets the render's events, then the end.
         """
         blocker = self.service.submit("ticks", {})
         client = EventSourceLike(self.site)
         client.connect()
         self.assertEqual(client.status, 200)
         (job,) = [j for j in self.service.broker.jobs() if j.id != blocker.id]
-        self.assertEqual(client.body, f"retry: 1000\nid: {job.id}:0\n\n".encode())
-        self.assertEqual((client.events, client.lastEventID), ([], f"{job.id}:0"))
+        self.assertTrue(client.body.startswith(f"id: {job.id}:0\nevent: render\nretry: 1000\ndata: {{".encode()))
+        self.assertEqual((client.events, client.lastEventID), ([("render", f"{job.id}:0")], f"{job.id}:0"))
         client.drop()
         client.connect()
-        self.assertEqual(client.status, 200)
+        self.assertEqual((client.status, client.body), (200, b"retry: 1000\n\n"))
         self.assertEqual(self.healthz()["renders"], {"running": 1, "queued": 1, "max": 1})
         self.assertEqual(len(self.service.broker.jobs()), 2)
         self.spawner.processes[0].exit(0)
@@ -106,7 +107,9 @@ class RenderStreamTests(SynchronousTestCase):
         process.stdout(b'{"progress": 0.5}\n')
         process.exit(0)
         client.read()
-        self.assertEqual(client.events, [("progress", f"{job.id}:1"), ("complete", f"{job.id}:2")])
+        self.assertEqual(
+            client.events, [("render", f"{job.id}:0"), ("progress", f"{job.id}:1"), ("complete", f"{job.id}:2")]
+        )
         self.assertEqual(len(self.spawner.processes), 2)
         client.drop()
         self.assertEqual(self.service.broker.subscriberCount(), 0)
@@ -124,25 +127,32 @@ class RenderStreamTests(SynchronousTestCase):
         process = self.spawner.processes[0]
         process.stdout(b'{"progress": 0.1}\n{"progress": 0.2}\n{"progress": 0.3}\n')
         client.connect()
-        self.assertTrue(client.body.startswith(f"retry: 1000\nid: {jobID}:0\n\n".encode()), client.body)
-        self.assertEqual([id for _, id in client.events], [f"{jobID}:{i}" for i in (1, 2, 3)])
+        self.assertEqual([id for _, id in client.events], [f"{jobID}:{i}" for i in (0, 1, 2, 3)])
         self.assertEqual(len(self.spawner.processes), 1)
         client.drop()
 
-    def test_reattachOpensWithTheClientsID(self) -> None:
+    def test_renderEventDescribesTheRender(self) -> None:
         """
-        A re-attached stream's opening frame carries the id the client sent:
-        dropped again before the next event, it names the same point.
+        The C{render} event's data is the render as C{GET /renders/ID}
+        describes it (its id, state and URLs: the page can cancel it); a
+        page that does not listen for it sees nothing (it is a named
+        event), and a re-attach does not get it again.
         """
         client = EventSourceLike(self.site)
         client.connect()
-        jobID = client.lastEventID.split(":")[0]
-        self.spawner.processes[0].stdout(b'{"progress": 0.1}\n{"progress": 0.2}\n')
-        client.read()
+        (render,) = EventStreamDecoder().feed(client.body)
+        data = json.loads(render.data)
+        jobID = data["id"]
+        self.assertEqual((render.event, render.id), ("render", f"{jobID}:0"))
+        self.assertEqual(data["state"], "running")
+        self.assertEqual(data["events_url"], f"/renders/{jobID}/events")
+        conn = Connection(self.site)
+        conn.request("GET", data["status_url"])
+        self.assertEqual(json.loads(splitResponse(conn.take())[2])["id"], jobID)
+        conn.disconnect()
         client.drop()
         client.connect()
-        self.assertEqual(client.body, f"retry: 1000\nid: {jobID}:2\n\n".encode())
-        self.assertEqual(client.lastEventID, f"{jobID}:2")
+        self.assertEqual(client.body, b"retry: 1000\n\n")
         client.drop()
 
     def test_streamLimitCheckedBeforeTheRenderStarts(self) -> None:
@@ -189,7 +199,7 @@ class RenderStreamTests(SynchronousTestCase):
         process.exit(0)
         client.read()
         self.assertEqual(
-            client.events,
+            client.events[1:],
             [("progress", f"{jobID}:1"), ("progress", f"{jobID}:2"), ("progress", f"{jobID}:3"), ("complete", f"{jobID}:4")],
         )
         self.assertEqual(self.service.broker.subscriberCount(), 0)

@@ -222,7 +222,7 @@ class ReplayBackpressureTests(SynchronousTestCase):
         once, each with its rewritten id.
         """
         broker = self.makeJob(50, history=1000)
-        reader = self.open(broker, rewriteID=lambda seq: "job1:" + seq, after="0", firstID="job1:0")
+        reader = self.open(broker, rewriteID=lambda seq: "job1:" + seq, after="0")
         broker.publish("job1", "complete", {})
         while not reader.ended:
             reader.drain()

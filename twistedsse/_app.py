@@ -101,19 +101,6 @@ def _streamIDs(jobID: str) -> Any:
     return lambda seq: prefix + seq
 
 
-def _openingID(jobID: str, lastEventID: str) -> str:
-    """
-    The id a re-attached C{/render-stream} opens with: the client's own
-    (its next reconnect names the same point), or C{JOBID:0} (the whole
-    history) if it cannot be sent back intact.
-    """
-    try:
-        Event(data="", id=lastEventID)
-    except ValueError:
-        return jobID + ":0"
-    return lastEventID
-
-
 class _RequireUTF8(Resource):
     """
     Klein answers a path or C{Host} that is not UTF-8 with an HTML 400 and
@@ -365,9 +352,9 @@ class TwistedSSEApp:
         Opening this stream starts a render; a browser's automatic
         reconnect (it sends C{Last-Event-ID}, whose ids here carry the job
         id) re-attaches to that render and never starts a second one. The
-        opening frame already carries an id (C{JOBID:0} on a new render,
-        the client's own on a re-attach), so a client that drops before
-        the first event re-attaches too.
+        first frame is a C{render} event (the render, as C{GET
+        /renders/ID} describes it) with id C{JOBID:0}, so a client that
+        drops before the render's first event re-attaches too.
         """
         if request.method == b"HEAD":
             # What a GET's headers would be; only a GET starts a render.
@@ -379,7 +366,7 @@ class TwistedSSEApp:
             if not sep or not jobID:
                 raise UnknownJob("Last-Event-ID does not name a render of this stream")
             self.service.broker.get(jobID)
-            return self._stream(jobID, after=seq, rewriteID=_streamIDs(jobID), firstID=_openingID(jobID, last))
+            return self._stream(jobID, after=seq, rewriteID=_streamIDs(jobID))
         # Starting a render needs the operator token, if one is set;
         # re-attaching (above) only reads, which the job id allows.
         self.auth.check(request, allowQuery=True)
@@ -396,4 +383,10 @@ class TwistedSSEApp:
         # watches (a new job has no streams: only the global limit applies).
         self.limits.check(None)
         snapshot = self.service.submit(renderer, params, self._links(request))
-        return self._stream(snapshot.id, rewriteID=_streamIDs(snapshot.id), firstID=snapshot.id + ":0")
+        # The first frame names the render (a C{render} event, id
+        # C{JOBID:0}): a client that drops before the render's first event
+        # re-attaches to it rather than starting another.
+        opening = Event(
+            data=_json.dumps(self._describe(request, snapshot.id)), event="render", id=snapshot.id + ":0"
+        )
+        return self._stream(snapshot.id, rewriteID=_streamIDs(snapshot.id), opening=opening)

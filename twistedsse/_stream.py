@@ -174,24 +174,23 @@ def _abort(request: Request) -> None:
 NOTSENT_LOWAT = 128 * 1024
 
 
-def openingFrame(retry: int, id: str | None = None) -> bytes:
+def openingFrame(retry: int, event: Event | None = None) -> bytes:
     """
-    The first frame of a stream: it makes the response's headers leave at
-    once. It sets the reconnection time (C{retry:}; a comment if C{0}), and
-    with C{id} the browser's last event id too, dispatching no event (no
-    C{data} line): a client that drops before the first event then
-    reconnects with that id (WHATWG "dispatch the event" sets the last
-    event ID before it returns on an empty data buffer).
+    The first frame of a stream, which makes the response's headers leave
+    at once: C{retry:} (the reconnection time), or the comment C{: open}
+    with C{retry} 0. With C{event}, that event, carrying C{retry:} too.
 
-    @raise ValueError: C{id} is empty or holds CR, LF or NUL.
+    An opening event gives the client its first id before anything else
+    happens (C{/render-stream}'s C{render} event, id C{JOBID:0}): a client
+    that drops before the first real event reconnects with it. The event
+    needs data: WHATWG's "dispatch the event" sets the last event ID even
+    for a block without data, and Chromium does, but Firefox and WebKit
+    keep an id only from a block they dispatch as an event (measured:
+    tests/browsers/test_renderstream.py).
     """
-    head = encodeRetry(retry) if retry else OPENED
-    if id is None:
-        return head
-    Event(data="", id=id)  # its validator refuses what cannot be sent intact
-    if not id:
-        raise ValueError("an opening id must not be empty")
-    return head[:-1] + b"id: " + id.encode("utf-8") + b"\n\n"
+    if event is not None:
+        return encodeEvent(attrs.evolve(event, retry=retry or None))
+    return encodeRetry(retry) if retry else OPENED
 
 
 def _socketOptions(transport: ITCPTransport, writeTimeout: float) -> None:
@@ -268,10 +267,10 @@ class _Stream:
         self._cursor: str | None = None
         self._behind = False
 
-    def start(self, broker: IJobBroker, jobID: str, after: str | None, firstID: str | None = None) -> None:
+    def start(self, broker: IJobBroker, jobID: str, after: str | None, opening: Event | None = None) -> None:
         """
-        Send the headers and the opening frame (carrying C{firstID}, if
-        given), then the job's events after C{after}, then live ones.
+        Send the headers and the opening frame (with the C{opening} event,
+        if given), then the job's events after C{after}, then live ones.
         """
         request, settings = self._request, self._settings
         request.notifyFinish().addBoth(self._closed)
@@ -282,7 +281,7 @@ class _Stream:
         request.registerProducer(self, True)
         # Headers leave with the first write: send it now, so that
         # EventSource fires "open" and proxies pass the response on.
-        request.write(openingFrame(settings.retry, firstID))
+        request.write(openingFrame(settings.retry, opening))
         self._wrote = True
         if self._open and self._keepalives is not None:
             self._keepalives.add(self)
@@ -476,9 +475,9 @@ class EventStreamResource(Resource):
     @param limits: counts this stream while it is open.
     @param keepalives: the timer that sends this stream's keepalives,
         shared by every stream of an app; by default one of its own.
-    @param firstID: an id the opening frame gives the client before any
-        event (C{/render-stream}'s C{JOBID:SEQ}), so that a reconnect,
-        however early, names the render it was watching.
+    @param opening: an event sent in the opening frame, before the
+        history (C{/render-stream}'s C{render} event, whose id C{JOBID:0}
+        makes a reconnect, however early, name the render it watches).
     """
 
     isLeaf = True
@@ -493,7 +492,7 @@ class EventStreamResource(Resource):
         rewriteID: Callable[[str], str] | None = None,
         limits: StreamLimits | None = None,
         keepalives: Keepalives | None = None,
-        firstID: str | None = None,
+        opening: Event | None = None,
     ) -> None:
         super().__init__()
         self._broker = broker
@@ -503,7 +502,7 @@ class EventStreamResource(Resource):
         self._after = after
         self._rewriteID = rewriteID
         self._limits = limits
-        self._firstID = firstID
+        self._opening = opening
         self._keepalives = keepalives if keepalives is not None else Keepalives(clock, settings.keepalive)
 
     def _lastSeen(self, request: Request) -> str | None:
@@ -528,7 +527,7 @@ class EventStreamResource(Resource):
             limits.opened(jobID)
             onClose = lambda: limits.closed(jobID)  # noqa: E731
         stream = _Stream(request, self._clock, self._settings, self._rewriteID, onClose, self._keepalives)
-        stream.start(self._broker, self._jobID, self._lastSeen(request), self._firstID)
+        stream.start(self._broker, self._jobID, self._lastSeen(request), self._opening)
         return NOT_DONE_YET
 
     def render_HEAD(self, request: Request) -> bytes:
