@@ -274,8 +274,9 @@ class Measuring:
         the render, so the stream is subscribed before the first line.
         """
         lines = socketClient(renderStreamURL(base, count=self.COUNT), **kw)
-        head, events = lines[0], lines[1:]
+        head, opening, events = lines[0], lines[1], lines[2:]
         self.assertEqual(head["status"], 200)
+        self.assertEqual(opening["event"], "render")
         self.assertEqual([e["event"] for e in events], ["progress"] * self.COUNT + ["complete"])
         self.assertEqual([json.loads(e["data"])["i"] for e in events[:-1]], list(range(1, self.COUNT + 1)))
         latencies = socketLatencies(events)
