@@ -17,6 +17,7 @@ from twisted.web.server import Site
 
 from twistedsse._broker import MemoryBroker
 from twistedsse._decoder import EventStreamDecoder
+from twistedsse._errors import UnknownJob
 from twistedsse._stream import EventStreamResource, StreamSettings
 
 from ._helpers import Connection, snapshot, splitResponse
@@ -283,5 +284,33 @@ class ReplayBackpressureTests(SynchronousTestCase):
         self.assertTrue(reader.transport.full)
         self.clock.advance(30)
         self.assertTrue(reader.transport.disconnecting)
+        reader.conn.disconnect()
+        self.assertNothingLeft(broker)
+
+    def test_jobGoneWhileNotReading(self) -> None:
+        """
+        If the job is gone (expired) by the time a client that stopped
+        reading during its replay reads again, its stream ends (its
+        reconnect then learns why), and nothing of it is left.
+        """
+
+        class Forgetting(MemoryBroker):
+            forgotten = False
+
+            def subscribe(self, jobID: str, lastEventID: str | None, subscriber: object) -> object:
+                if self.forgotten:
+                    raise UnknownJob(f"no render with id {jobID!r}")
+                return super().subscribe(jobID, lastEventID, subscriber)  # type: ignore[arg-type]
+
+        broker = Forgetting(history=1000)
+        broker.create(snapshot("job1"))
+        for i in range(1, 101):
+            broker.publish("job1", "progress", {"i": i, "pad": "x" * PAD})
+        reader = self.open(broker)
+        self.assertTrue(reader.transport.full)
+        broker.forgotten = True
+        reader.drain()  # read: the stream goes on, finds no job, ends
+        reader.drain()
+        self.assertTrue(reader.ended)
         reader.conn.disconnect()
         self.assertNothingLeft(broker)

@@ -38,7 +38,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from ._errors import TooManyStreams
+from ._errors import TooManyStreams, UnknownJob
 from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent, encodeRetry
 from ._interfaces import IJobBroker, ISubscriber
 from ._keepalive import Keepalives
@@ -422,9 +422,13 @@ class _Stream:
             unsubscribe()
         try:
             self._subscribe()
+        except UnknownJob:
+            # The job is gone (expired) while the client was not reading:
+            # end the stream; its reconnect learns why.
+            _log.info("event stream of {jobID} ended: the job is gone", jobID=self._jobID)
+            if self._open:
+                self._end()
         except Exception:
-            # The job is gone (expired): end the stream; the client's
-            # reconnect learns why.
             _log.failure("event stream of {jobID} could not catch up", jobID=self._jobID)
             if self._open:
                 self._end()
