@@ -112,17 +112,55 @@ class BrokerContractTests:
         self.broker.publish("a", "progress", {"i": 3})
         self.assertEqual(recorder.ids, ["2", "3", "4"])
 
-    def test_idAheadOfTheJobFiltersLiveEvents(self) -> None:
+    def test_idAheadOfARunningJobCountsAsUnknown(self) -> None:
         """
-        A last id beyond the job's latest event: the subscriber gets only
-        the events after it, live ones included.
+        A last id beyond a running job's latest event (not one it issued)
+        counts as an id the broker cannot read: the whole retained
+        history, then every live event, the terminal one included, after
+        which the subscriber is dropped. (It used to filter on the id:
+        with C{999999} nothing ever came, not even the terminal event, and
+        the stream never ended.)
         """
-        self.broker.publish("a", "progress", {"i": 1})
-        recorder = Recorder()
-        self.broker.subscribe("a", "3", recorder)
-        for i in range(2, 6):
+        for i in range(5):
             self.broker.publish("a", "progress", {"i": i})
-        self.assertEqual(recorder.ids, ["4", "5"])
+        recorder = Recorder()
+        self.broker.subscribe("a", "999999", recorder)
+        self.assertEqual(recorder.ids, ["1", "2", "3", "4", "5"])
+        self.broker.publish("a", "progress", {"i": 5})
+        self.broker.publish("a", "complete", {})
+        self.assertEqual(recorder.ids, ["1", "2", "3", "4", "5", "6", "7"])
+        self.assertEqual(recorder.got[-1][0].event, "complete")
+        self.assertEqual(self.broker.subscriberCount(), 0)
+
+    def test_idAheadOfAFinishedJob(self) -> None:
+        """
+        A last id beyond a finished job's terminal event: the job is
+        caught up for it (the stream answers C{204}); subscribed anyway,
+        it gets the whole history and the terminal event, and stays
+        subscribed to nothing.
+        """
+        for i in range(5):
+            self.broker.publish("a", "progress", {"i": i})
+        self.broker.publish("a", "complete", {})
+        self.assertTrue(self.broker.caughtUp("a", "999999"))
+        recorder = Recorder()
+        self.broker.subscribe("a", "999999", recorder)
+        self.assertEqual(recorder.ids, ["1", "2", "3", "4", "5", "6"])
+        self.assertEqual(self.broker.subscriberCount(), 0)
+
+    def test_zeroIsBeforeTheFirstEvent(self) -> None:
+        """
+        C{"0"} (what C{/render-stream} opens with, C{JOBID:0}) names the
+        point before a job's first event: the whole history.
+        """
+        recorder = Recorder()
+        self.broker.subscribe("a", "0", recorder)
+        self.broker.publish("a", "progress", {"i": 1})
+        self.broker.publish("a", "progress", {"i": 2})
+        self.assertEqual(recorder.ids, ["1", "2"])
+        later = Recorder()
+        self.broker.subscribe("a", "0", later)
+        self.assertEqual(later.ids, ["1", "2"])
 
     def test_unsubscribe(self) -> None:
         """
@@ -234,15 +272,14 @@ class BrokerContractTests:
 
     def test_publishManyToSubscriberFromAhead(self) -> None:
         """
-        A subscriber whose last id is ahead of the job gets, of events
-        published together, only those after its id.
+        A subscriber whose last id was ahead of the job gets every event
+        published together, as one batch.
         """
         recorder = Recorder()
         self.broker.subscribe("a", "2", recorder)
         self.broker.publishMany("a", "progress", [{"i": 1}, {"i": 2}, {"i": 3}, {"i": 4}])
-        self.assertEqual(recorder.ids, ["3", "4"])
-        self.broker.publishMany("a", "progress", [{"i": 5}, {"i": 6}])
-        self.assertEqual(recorder.ids, ["3", "4", "5", "6"])
+        self.assertEqual(recorder.ids, ["1", "2", "3", "4"])
+        self.assertEqual(len(recorder.batches), 1)
 
     def test_historyBoundKeepsLatestAndTerminal(self) -> None:
         """

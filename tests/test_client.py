@@ -102,6 +102,26 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(subscription.connections, 2)
         self.assertTrue(server.requests[-1]._disconnected, "the client did not hang up")
 
+    def test_idWithoutDataIsSentOnReconnect(self) -> None:
+        """
+        An opening frame with an id and no data (C{/render-stream}'s
+        C{id: JOBID:0}) dispatches no event, but the reconnect after a drop
+        before the first event sends that id, as a browser does.
+        """
+        server = Scripted(
+            (200, b"retry: 500\nid: job:0\n\n", True),
+            (200, b"id: job:1\nevent: complete\ndata: {}\n\n", False),
+        )
+        stub = StubTreq(server)
+        subscription = subscribe("http://x/events", self.events.append, clock=self.clock, client=stub)
+        stub.flush()
+        self.assertEqual(self.events, [])
+        self.clock.advance(0.5)
+        stub.flush()
+        self.assertEqual(server.lastEventIDs, [None, b"job:0"])
+        self.assertEqual([e.id for e in self.events], ["job:1"])
+        self.successResultOf(subscription.done)
+
     def test_204Ends(self) -> None:
         """
         C{204 No Content} ends the subscription normally.

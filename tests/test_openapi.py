@@ -237,10 +237,11 @@ class RoutesTests(SynchronousTestCase):
     def test_streamEventsAreTheServersEvents(self) -> None:
         """
         Both event streams document exactly C{progress}, C{reset} plus the terminal
-        events of L{twistedsse._frames}, each with a data schema.
+        events of L{twistedsse._frames}, each with a data schema;
+        C{/render-stream} also its opening C{render} event.
         """
-        expected = {"progress", "reset"} | set(TERMINAL_EVENTS)
         for path in ("/renders/{jobID}/events", "/render-stream"):
+            expected = {"progress", "reset"} | set(TERMINAL_EVENTS) | ({"render"} if path == "/render-stream" else set())
             operation = self.spec["paths"][path]["get"]
             self.assertEqual(set(operation["x-events"]), expected, path)
             self.assertIn("text/event-stream", operation["responses"]["200"]["content"])

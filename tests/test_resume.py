@@ -10,7 +10,7 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
@@ -23,14 +23,48 @@ from ._helpers import Connection, chunks, snapshot, splitResponse
 EVENTS = 40
 
 
+class SmallBuffer(StringTransport):
+    """
+    A connection whose send buffer holds C{limit} bytes: past that it
+    pauses its producer (the stream), as a full socket does, until the
+    client reads.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.full = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.limit and not self.full and self.producer is not None:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, seq: list[bytes]) -> None:
+        self.write(b"".join(seq))
+
+    def take(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.full:
+            self.full = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+        return data
+
+
 class Client:
     """
     A client that keeps its last event id and everything it saw, across
-    connections, as EventSource does.
+    connections, as EventSource does. With C{buffer}, its connections hold
+    that many bytes before the stream is paused (it reads everything
+    waiting whenever it reads).
     """
 
-    def __init__(self, site: Site) -> None:
+    def __init__(self, site: Site, buffer: int | None = None) -> None:
         self.site = site
+        self.buffer = buffer
         self.seen: list[tuple[str | None, str | None]] = []
         self.lastEventID: str | None = None
         self.conn: Connection | None = None
@@ -38,16 +72,32 @@ class Client:
         self.done = False
 
     def connect(self) -> None:
-        self.conn = Connection(self.site)
+        self.conn = Connection(self.site, None if self.buffer is None else SmallBuffer(self.buffer))
         self.decoder = EventStreamDecoder()
         headers = {"Last-Event-ID": self.lastEventID} if self.lastEventID else {}
         self.conn.request("GET", "/", headers)
-        status, _, body = splitResponse(self.conn.take())
+        raw = self.takeAll()
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        status, _, _ = splitResponse(head + b"\r\n\r\n")
         if status == 204:
             self.done = True
             self.drop()
             return
-        self.take(body)
+        self.take(b"".join(chunks(rest)) if b"chunked" in head.lower() else rest)
+
+    def takeAll(self) -> bytes:
+        """
+        Everything waiting, reading until the stream stops writing (a
+        paused stream writes more as soon as it is read).
+        """
+        assert self.conn is not None
+        transport = self.conn.transport
+        if not isinstance(transport, SmallBuffer):
+            return self.conn.take()
+        data = transport.take()
+        while transport.full or transport.value():
+            data += transport.take()
+        return data
 
     def take(self, body: bytes) -> None:
         for event in self.decoder.feed(body):
@@ -58,7 +108,7 @@ class Client:
 
     def read(self) -> None:
         if self.conn is not None:
-            self.take(b"".join(chunks(self.conn.take())))
+            self.take(b"".join(chunks(self.takeAll())))
 
     def drop(self) -> None:
         if self.conn is not None:
@@ -78,16 +128,19 @@ class ResumeTests(SynchronousTestCase):
     @given(
         drops=st.sets(st.integers(min_value=0, max_value=EVENTS), max_size=12),
         offline=st.integers(min_value=0, max_value=5),
+        buffer=st.sampled_from([None, 1, 60, 150, 400]),
     )
-    def test_everyEventExactlyOnce(self, drops: set[int], offline: int) -> None:
+    def test_everyEventExactlyOnce(self, drops: set[int], offline: int, buffer: int | None) -> None:
         """
         Whatever events the client is disconnected after, and however many
         are published while it is away, the union of what it saw is the
         job's whole event list, in order, each once; and a reconnect after
-        the end gets 204.
+        the end gets 204. So too when its connection holds only a few
+        events (or none) before the stream is paused: a replay stopped
+        part-way goes on where it stopped.
         """
         broker, site = self.makeSite(history=EVENTS + 10)
-        client = Client(site)
+        client = Client(site, buffer)
         client.connect()
         away = 0
         for i in range(1, EVENTS + 1):

@@ -38,6 +38,7 @@ from ._errors import (
     UnknownJob,
 )
 from . import _json
+from ._frames import Event
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
 from ._service import RenderService
@@ -355,7 +356,10 @@ class TwistedSSEApp:
         """
         Opening this stream starts a render; a browser's automatic
         reconnect (it sends C{Last-Event-ID}, whose ids here carry the job
-        id) re-attaches to that render and never starts a second one.
+        id) re-attaches to that render and never starts a second one. The
+        first frame is a C{render} event (the render, as C{GET
+        /renders/ID} describes it) with id C{JOBID:0}, so a client that
+        drops before the render's first event re-attaches too.
         """
         if request.method == b"HEAD":
             # What a GET's headers would be; only a GET starts a render.
@@ -381,5 +385,14 @@ class TwistedSSEApp:
                 params = _json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise MalformedJSON(f"the params query parameter is not valid JSON: {e}") from None
+        # The stream limits first: a 503 must not leave a render nobody
+        # watches (a new job has no streams: only the global limit applies).
+        self.limits.check(None)
         snapshot = self.service.submit(renderer, params, self._links(request))
-        return self._stream(snapshot.id, rewriteID=_streamIDs(snapshot.id))
+        # The first frame names the render (a C{render} event, id
+        # C{JOBID:0}): a client that drops before the render's first event
+        # re-attaches to it rather than starting another.
+        opening = Event(
+            data=_json.dumps(self._describe(request, snapshot.id)), event="render", id=snapshot.id + ":0"
+        )
+        return self._stream(snapshot.id, rewriteID=_streamIDs(snapshot.id), opening=opening)

@@ -162,10 +162,27 @@ class IJobBroker(Interface):
 
     def subscribe(jobID: str, lastEventID: str | None, subscriber: ISubscriber) -> Callable[[], None]:
         """
-        Deliver the job's retained events after C{lastEventID} (all of them
-        for C{None} or an id this broker cannot parse), then every new one
-        as it is published, with nothing missed or repeated in between.
-        Returns the idempotent unsubscribe function.
+        Deliver the job's retained events after C{lastEventID}, then every
+        new one as it is published, with nothing missed or repeated in
+        between. Returns the idempotent unsubscribe function.
+
+        C{lastEventID} is C{None}, an id this broker issued for the job, or
+        anything a client sent. C{None}, C{"0"} (before the job's first
+        event: C{/render-stream} names a render with C{JOBID:0} before it
+        has any), an id the broker cannot parse and an id ahead of the
+        job's last event all mean the same: the whole retained history.
+        (Filtering on an id from ahead would hold back every event, the
+        terminal one too, and the stream would never end.) If events after
+        C{lastEventID} were dropped from the history, a C{reset} event
+        (the job's state, and how many were missed) comes first.
+
+        The retained events are delivered synchronously, in this call, and
+        the subscriber need not write them all: a stream whose client stops
+        reading part-way keeps the id of the last event it wrote,
+        unsubscribes, and subscribes again with that id when the client
+        reads again (L{twistedsse._stream}). So the history is the only
+        buffer a slow client's replay needs, and a subscribe must cost
+        about what the events it delivers cost.
 
         @raise twistedsse._errors.UnknownJob: no such job.
         """
@@ -186,6 +203,9 @@ class IJobBroker(Interface):
         """
         Whether a client that has seen up to C{lastEventID} has seen the
         job's terminal event: there is nothing more it could ever receive.
+        True for an id at or after a finished job's terminal event (the
+        stream answers C{204}); never for a job still running, whatever the
+        id.
         """
 
     def subscriberCount() -> int:

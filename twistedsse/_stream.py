@@ -13,9 +13,12 @@ buffer (C{X-Accel-Buffering: no}) and nothing compresses the stream.
 The one exception is a client that stops reading. Each stream is a push
 producer: when the connection's buffers are full Twisted pauses it, and
 from then on it keeps only the latest live C{progress} event and the
-terminal event, and writes those when the client reads again. (The replay
-a client asks for when it connects, bounded by the job's history, is
-always written whole.) A client that reads
+terminal event, and writes those when the client reads again. The replay
+a client asks for when it connects (the job's history after its last event
+id) stops where the client stopped reading: the stream keeps only the id of
+the last event it wrote, and when the client reads again it asks the broker
+for the history after that id, so a client that reads nothing costs one
+frame past its connection's buffer, not the whole history. A client that reads
 nothing for C{writeTimeout} seconds while paused is disconnected (it can
 resume with C{Last-Event-ID}). So a slow or dead client costs a bounded
 amount of memory, and never slows the others.
@@ -35,7 +38,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from ._errors import TooManyStreams
+from ._errors import TooManyStreams, UnknownJob
 from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent, encodeRetry
 from ._interfaces import IJobBroker, ISubscriber
 from ._keepalive import Keepalives
@@ -127,14 +130,16 @@ class StreamLimits:
     _open: int = attrs.field(default=0, init=False)
     _perJob: dict[str, int] = attrs.field(factory=dict, init=False)
 
-    def check(self, jobID: str) -> None:
+    def check(self, jobID: str | None) -> None:
         """
+        @param jobID: the job the stream would watch; C{None} for a job not
+            made yet (it has no streams): only the global limit applies.
         @raise TooManyStreams: one more stream (for C{jobID}) would pass a
             limit.
         """
         if self.maxStreams and self._open >= self.maxStreams:
             raise TooManyStreams(f"the server has {self._open} open streams, its limit", self.retryAfter)
-        if self.maxPerJob and self._perJob.get(jobID, 0) >= self.maxPerJob:
+        if jobID is not None and self.maxPerJob and self._perJob.get(jobID, 0) >= self.maxPerJob:
             raise TooManyStreams(f"this render has {self.maxPerJob} open streams, its limit", self.retryAfter)
 
     def opened(self, jobID: str) -> None:
@@ -169,6 +174,25 @@ def _abort(request: Request) -> None:
 NOTSENT_LOWAT = 128 * 1024
 
 
+def openingFrame(retry: int, event: Event | None = None) -> bytes:
+    """
+    The first frame of a stream, which makes the response's headers leave
+    at once: C{retry:} (the reconnection time), or the comment C{: open}
+    with C{retry} 0. With C{event}, that event, carrying C{retry:} too.
+
+    An opening event gives the client its first id before anything else
+    happens (C{/render-stream}'s C{render} event, id C{JOBID:0}): a client
+    that drops before the first real event reconnects with it. The event
+    needs data: WHATWG's "dispatch the event" sets the last event ID even
+    for a block without data, and Chromium does, but Firefox and WebKit
+    keep an id only from a block they dispatch as an event (measured:
+    tests/browsers/test_renderstream.py).
+    """
+    if event is not None:
+        return encodeEvent(attrs.evolve(event, retry=retry or None))
+    return encodeRetry(retry) if retry else OPENED
+
+
 def _socketOptions(transport: ITCPTransport, writeTimeout: float) -> None:
     """
     Linux, plain TCP only (under TLS getHandle() is not a socket):
@@ -201,11 +225,18 @@ class _Stream:
     Everything it holds is released in L{_Stream._closed} (the request's
     C{notifyFinish}), whether the job ended, the client left, or the server
     is stopping.
+
+    Paused during its replay, it writes no more of it: it is I{behind}, and
+    drops what the broker delivers (all of it is in the job's history)
+    until the client reads again; then it subscribes again after
+    C{_cursor}, the broker's id of the last event it wrote. Paused once
+    live, it coalesces (the latest progress, the terminal event).
     """
 
     __slots__ = (
         "_request", "_clock", "_settings", "_rewriteID", "_onClose", "_keepalives", "_unsubscribe",
         "_open", "_paused", "_latest", "_terminal", "_deadline", "_replaying", "_wrote",
+        "_broker", "_jobID", "_cursor", "_behind",
     )  # fmt: skip
 
     def __init__(
@@ -231,8 +262,16 @@ class _Stream:
         self._deadline: IDelayedCall | None = None
         self._replaying = False
         self._wrote = False
+        self._broker: IJobBroker | None = None
+        self._jobID = ""
+        self._cursor: str | None = None
+        self._behind = False
 
-    def start(self, broker: IJobBroker, jobID: str, after: str | None) -> None:
+    def start(self, broker: IJobBroker, jobID: str, after: str | None, opening: Event | None = None) -> None:
+        """
+        Send the headers and the opening frame (with the C{opening} event,
+        if given), then the job's events after C{after}, then live ones.
+        """
         request, settings = self._request, self._settings
         request.notifyFinish().addBoth(self._closed)
         transport = tcpTransport(request)
@@ -242,23 +281,39 @@ class _Stream:
         request.registerProducer(self, True)
         # Headers leave with the first write: send it now, so that
         # EventSource fires "open" and proxies pass the response on.
-        request.write(encodeRetry(settings.retry) if settings.retry else OPENED)
+        request.write(openingFrame(settings.retry, opening))
         self._wrote = True
         if self._open and self._keepalives is not None:
             self._keepalives.add(self)
-        # The replay the client asked for is written whole even if its
-        # buffer fills meanwhile (it is bounded by --history): coalescing
-        # applies to live events only, or a resume would lose events.
-        self._replaying = True
-        try:
-            unsubscribe = broker.subscribe(jobID, after, self)
-        finally:
-            self._replaying = False
+        self._broker, self._jobID, self._cursor = broker, jobID, after
         if self._open:
+            self._subscribe()
+
+    def _subscribe(self) -> None:
+        """
+        Subscribe after C{_cursor}: the broker writes the replay through
+        L{deliver} in this call. If the client's buffer fills part-way,
+        the rest waits for L{resumeProducing}; if it drained again already
+        (within the call), go on at once.
+        """
+        assert self._broker is not None
+        while True:
+            self._behind = False
+            self._replaying = True
+            try:
+                unsubscribe = self._broker.subscribe(self._jobID, self._cursor, self)
+            finally:
+                self._replaying = False
+            if not self._open:
+                # The terminal event came with the replay and ended the
+                # stream (or the client left meanwhile).
+                unsubscribe()
+                return
+            if self._behind and not self._paused:
+                unsubscribe()
+                continue
             self._unsubscribe = unsubscribe
-        else:
-            # The terminal event came with the replay and ended the stream.
-            unsubscribe()
+            return
 
     def keepalive(self) -> None:
         """
@@ -276,18 +331,27 @@ class _Stream:
     def deliver(self, event: Event, frame: bytes) -> None:
         if not self._open:
             return
+        if self._paused or self._replaying:
+            # Off the hot path: a stream that keeps up and is live skips it.
+            if self._behind or (self._paused and self._replaying):
+                # Paused during the replay: the rest of it, and live events
+                # meanwhile, are in the history after the cursor.
+                self._behind = True
+                return
+            if self._paused:
+                # Coalesce: the latest progress supersedes the earlier ones.
+                if self._rewriteID is not None and event.id is not None:
+                    frame = encodeEvent(attrs.evolve(event, id=self._rewriteID(event.id)))
+                if event.event in TERMINAL_EVENTS:
+                    self._terminal = (event, frame)
+                else:
+                    self._latest = (event, frame)
+                return
+            self._cursor = event.id
         if self._rewriteID is not None and event.id is not None:
             frame = encodeEvent(attrs.evolve(event, id=self._rewriteID(event.id)))
-        terminal = event.event in TERMINAL_EVENTS
-        if self._paused and not self._replaying:
-            # Coalesce: the latest progress supersedes the earlier ones.
-            if terminal:
-                self._terminal = (event, frame)
-            else:
-                self._latest = (event, frame)
-            return
         self._wrote = True
-        if terminal:
+        if event.event in TERMINAL_EVENTS:
             # The last frame and the end of the response: one send.
             with sendTogether(getattr(self._request.channel, "transport", None)):
                 self._request.write(frame)
@@ -300,7 +364,8 @@ class _Stream:
             return
         if (
             self._rewriteID is not None
-            or (self._paused and not self._replaying)
+            or self._paused
+            or self._replaying
             or events[-1].event in TERMINAL_EVENTS  # (not in the contract) ends the stream
         ):
             for event, frame in zip(events, frames):
@@ -331,6 +396,11 @@ class _Stream:
             return
         self._paused = False
         self._cancelDeadline()
+        if self._behind:
+            if not self._replaying:
+                self._catchUp()
+            # (Within the replay: _subscribe goes on when it returns.)
+            return
         latest, self._latest = self._latest, None
         terminal, self._terminal = self._terminal, None
         if latest is not None or terminal is not None:
@@ -340,6 +410,28 @@ class _Stream:
         if terminal is not None:
             self._request.write(terminal[1])
             self._end()
+
+    def _catchUp(self) -> None:
+        """
+        The client reads again after the replay stopped: subscribe afresh
+        after the last event written. Events dropped from the history
+        meanwhile come as a C{reset}, as on a resume.
+        """
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
+        try:
+            self._subscribe()
+        except UnknownJob:
+            # The job is gone (expired) while the client was not reading:
+            # end the stream; its reconnect learns why.
+            _log.info("event stream of {jobID} ended: the job is gone", jobID=self._jobID)
+            if self._open:
+                self._end()
+        except Exception:
+            _log.failure("event stream of {jobID} could not catch up", jobID=self._jobID)
+            if self._open:
+                self._end()
 
     def stopProducing(self) -> None:
         # The connection is going away; notifyFinish will clean up.
@@ -387,6 +479,9 @@ class EventStreamResource(Resource):
     @param limits: counts this stream while it is open.
     @param keepalives: the timer that sends this stream's keepalives,
         shared by every stream of an app; by default one of its own.
+    @param opening: an event sent in the opening frame, before the
+        history (C{/render-stream}'s C{render} event, whose id C{JOBID:0}
+        makes a reconnect, however early, name the render it watches).
     """
 
     isLeaf = True
@@ -401,6 +496,7 @@ class EventStreamResource(Resource):
         rewriteID: Callable[[str], str] | None = None,
         limits: StreamLimits | None = None,
         keepalives: Keepalives | None = None,
+        opening: Event | None = None,
     ) -> None:
         super().__init__()
         self._broker = broker
@@ -410,6 +506,7 @@ class EventStreamResource(Resource):
         self._after = after
         self._rewriteID = rewriteID
         self._limits = limits
+        self._opening = opening
         self._keepalives = keepalives if keepalives is not None else Keepalives(clock, settings.keepalive)
 
     def _lastSeen(self, request: Request) -> str | None:
@@ -434,7 +531,7 @@ class EventStreamResource(Resource):
             limits.opened(jobID)
             onClose = lambda: limits.closed(jobID)  # noqa: E731
         stream = _Stream(request, self._clock, self._settings, self._rewriteID, onClose, self._keepalives)
-        stream.start(self._broker, self._jobID, self._lastSeen(request))
+        stream.start(self._broker, self._jobID, self._lastSeen(request), self._opening)
         return NOT_DONE_YET
 
     def render_HEAD(self, request: Request) -> bytes:

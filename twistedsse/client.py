@@ -131,6 +131,11 @@ class Subscription:
             if event.event in self._stopOn:
                 self._end()
                 return
+        if self._decoder.lastEventId:
+            # A block with an id and no data (C{/render-stream}'s opening
+            # C{id: JOBID:0}) dispatches no event but sets the id a
+            # reconnect sends, as in a browser.
+            self.lastEventID = self._decoder.lastEventId
         if self._decoder.retry is not None:
             self.retry = self._decoder.retry
 

@@ -282,8 +282,9 @@ class Measuring:
         """
         url = renderStreamURL(base, count=self.COUNT) + (f"&access_token={token}" if token else "")
         lines = socketClient(url, **kw)
-        head, events = lines[0], lines[1:]
+        head, opening, events = lines[0], lines[1], lines[2:]
         self.assertEqual(head["status"], 200)
+        self.assertEqual(opening["event"], "render")
         self.assertEqual([e["event"] for e in events], ["progress"] * self.COUNT + ["complete"])
         self.assertEqual([json.loads(e["data"])["i"] for e in events[:-1]], list(range(1, self.COUNT + 1)))
         latencies = socketLatencies(events)

@@ -301,7 +301,10 @@ class HTTP2ProtocolTests(_TLSServerMixin, SynchronousTestCase):
         self.assertEqual(response.headers[":status"], "200")
         self.assertEqual(response.headers["content-type"], "text/event-stream; charset=utf-8")
         self.assertNotIn("content-encoding", response.headers)
-        self.assertEqual(response.frames[0].data, b"retry: 2000\n\n")
+        # The opening frame: the render event (id JOBID:0), with retry.
+        (opening,) = EventStreamDecoder().feed(response.frames[0].data)
+        self.assertEqual((opening.event, opening.id.endswith(":0")), ("render", True))
+        self.assertIn(b"\nretry: 2000\n", response.frames[0].data)
         eventFrames = response.frames[1:]
         decoded = [EventStreamDecoder().feed(frame.data) for frame in eventFrames]
         self.assertEqual([len(events) for events in decoded], [1] * 51, "a DATA frame held other than one event")
@@ -354,7 +357,7 @@ class HTTP2ProtocolTests(_TLSServerMixin, SynchronousTestCase):
         for response in responses:
             self.assertEqual(response.headers[":status"], "200")
             events = response.events()
-            self.assertEqual([e.event for _, e in events], ["progress"] * 40 + ["complete"])
+            self.assertEqual([e.event for _, e in events], ["render"] + ["progress"] * 40 + ["complete"])
             perFrame = [len(EventStreamDecoder().feed(frame.data)) for frame in response.frames[1:]]
             self.assertEqual(perFrame, [1] * 41, "a DATA frame held other than one event")
             measured += latencies(response.progress())

@@ -37,7 +37,8 @@ class RealTimeTests(ServerMixin, TestCase):
         base = self.startServer([ticker()])
         lines = yield self.clientProcess(base + "/render-stream?renderer=ticks&params=%7B%22count%22%3A50%7D")
         self.assertEqual(lines[0]["status"], 200)
-        events = lines[1:]
+        self.assertEqual(lines[1]["event"], "render")
+        events = lines[2:]
         self.assertEqual([e["event"] for e in events], ["progress"] * 50 + ["complete"])
         self.assertEqual([json.loads(e["data"])["i"] for e in events[:-1]], list(range(1, 51)))
         latencies = self.latencies(events)

@@ -1,0 +1,316 @@
+"""
+The replay a stream starts with (the job's history after the client's last
+event id) under backpressure: a client that reads nothing gets one
+buffer's worth of it, not the whole history; when it reads again the
+stream goes on from the broker's history after the last event it wrote.
+Over a real L{Site} on an in-memory transport that pauses its producer as
+Twisted's does.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+
+from twistedsse._broker import MemoryBroker
+from twistedsse._decoder import EventStreamDecoder
+from twistedsse._errors import UnknownJob
+from twistedsse._stream import EventStreamResource, StreamSettings
+
+from ._helpers import Connection, snapshot, splitResponse
+
+#: Twisted's FileDescriptor.bufferSize: a transport pauses its producer
+#: once more than this is waiting to be sent.
+BUFFER = 64 * 1024
+PAD = 8 * 1024
+
+
+class BufferTransport(StringTransport):
+    """
+    A transport with a send buffer: it pauses its producer once more than
+    C{limit} bytes wait in it, as a full socket makes Twisted's do, and
+    L{drain} empties it (the client read everything) and resumes.
+
+    @ivar most: the most bytes ever waiting at once.
+    """
+
+    def __init__(self, limit: int = BUFFER) -> None:
+        super().__init__()
+        self.limit = limit
+        self.full = False
+        self.most = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        waiting = len(self.value())
+        self.most = max(self.most, waiting)
+        if waiting > self.limit and not self.full and self.producer is not None:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, seq: list[bytes]) -> None:
+        self.write(b"".join(seq))
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.full:
+            self.full = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+        return data
+
+
+class Reader:
+    """
+    The client end: de-chunks and decodes what it drains.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.transport: BufferTransport = conn.transport  # type: ignore[assignment]
+        self.decoder = EventStreamDecoder()
+        self.events: list[tuple[str | None, str | None, str]] = []
+        self.head = b""
+        self.body = bytearray()
+        self.ended = False
+
+    def drain(self) -> int:
+        """
+        Read everything waiting; return how many bytes that was.
+        """
+        data = self.transport.drain()
+        if not self.head:
+            head, _, data = data.partition(b"\r\n\r\n")
+            self.head = head
+        self.body += data
+        self._parse()
+        return len(data)
+
+    def _parse(self) -> None:
+        # Whole chunks only; a partial one stays for the next drain.
+        while self.body:
+            size, sep, rest = bytes(self.body).partition(b"\r\n")
+            if not sep:
+                return
+            n = int(size, 16)
+            if n == 0:
+                self.ended = True
+                del self.body[:]
+                return
+            if len(rest) < n + 2:
+                return
+            for event in self.decoder.feed(rest[:n]):
+                self.events.append((event.event, event.id, event.data))
+            del self.body[: len(size) + 2 + n + 2]
+
+
+class ReplayBackpressureTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+
+    def makeJob(self, events: int, history: int) -> MemoryBroker:
+        broker = MemoryBroker(history=history)
+        broker.create(snapshot("job1"))
+        for i in range(1, events + 1):
+            broker.publish("job1", "progress", {"i": i, "pad": "x" * PAD})
+        return broker
+
+    def open(self, broker: MemoryBroker, headers: dict[str, str] | None = None, **kw: object) -> Reader:
+        resource = EventStreamResource(
+            broker, "job1", self.clock, StreamSettings(keepalive=0, retry=0, writeTimeout=30.0), **kw  # type: ignore[arg-type]
+        )
+        conn = Connection(Site(resource, reactor=self.clock), BufferTransport())
+        conn.request("GET", "/", headers)
+        return Reader(conn)
+
+    def assertNothingLeft(self, broker: MemoryBroker) -> None:
+        self.assertEqual(broker.subscriberCount(), 0)
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if getattr(c.func, "__name__", "") != "_updateLogDateTime"], []
+        )
+
+    def test_clientThatReadsNothingGetsOneBuffer(self) -> None:
+        """
+        A client that connects to a job with 1 000 retained events of 8 KiB
+        (8 MiB) and reads nothing has at most Twisted's 64 KiB buffer plus
+        one frame written to it, however long it waits and whatever is
+        published meanwhile (before: the whole 8 MiB at once). Reading
+        again, buffer by buffer, it gets every event exactly once, in
+        order: the history, the live events published while it was not
+        reading, then the terminal event, and the response ends.
+        """
+        broker = self.makeJob(1000, history=1000)
+        reader = self.open(broker)
+        frame = len(broker.finalEvents("job1")[-1][2]) + 64
+        bound = BUFFER + frame + 16
+        self.assertLessEqual(reader.transport.most, bound)
+        for i in range(5):
+            broker.publish("job1", "progress", {"live": i})
+        broker.publish("job1", "complete", {"ok": True})
+        self.clock.advance(10)
+        self.assertLessEqual(len(reader.transport.value()), bound)
+        rounds = 0
+        while not reader.ended:
+            rounds += 1
+            self.assertLess(rounds, 1000, "the stream does not end")
+            reader.drain()
+            self.assertLessEqual(reader.transport.most, bound)
+        ids = [id for _, id, _ in reader.events]
+        self.assertEqual(ids, [str(i) for i in range(1, 1007)])
+        self.assertEqual([json.loads(data).get("live") for _, _, data in reader.events[1000:1005]], list(range(5)))
+        self.assertEqual(reader.events[-1][0], "complete")
+        self.assertGreater(rounds, 100)
+        reader.conn.disconnect()
+        self.assertNothingLeft(broker)
+
+    def test_thenLiveEventsFlowAsUsual(self) -> None:
+        """
+        Once the replay is caught up, the stream is an ordinary live one:
+        each new event is written at once.
+        """
+        broker = self.makeJob(100, history=1000)
+        reader = self.open(broker, {"Last-Event-ID": "10"})
+        while reader.transport.full:
+            reader.drain()
+        reader.drain()
+        self.assertEqual([id for _, id, _ in reader.events], [str(i) for i in range(11, 101)])
+        broker.publish("job1", "progress", {"i": 101})
+        reader.drain()
+        self.assertEqual(reader.events[-1][1], "101")
+        self.assertEqual(broker.subscriberCount(), 1)
+        reader.conn.disconnect()
+        self.assertNothingLeft(broker)
+
+    def test_historyDroppedMeanwhileGetsReset(self) -> None:
+        """
+        If events after the last one written leave the history while the
+        client is not reading, it then gets a C{reset} event (the current
+        state, how many it missed), as a resume would, and the retained
+        events after it: no silent gap, no repeat.
+        """
+        broker = self.makeJob(100, history=100)
+        reader = self.open(broker)
+        reader.drain()  # the first buffer read; the next one written
+        self.assertTrue(reader.transport.full)
+        for i in range(101, 201):
+            broker.publish("job1", "progress", {"i": i, "pad": "x" * PAD})
+        broker.publish("job1", "complete", {})
+        while not reader.ended:
+            reader.drain()
+        names = [name for name, _, _ in reader.events]
+        self.assertEqual(names.count("reset"), 1)
+        at = names.index("reset")
+        self.assertGreater(at, 0)
+        ids = [int(id) for _, id, _ in reader.events if id is not None]
+        # Events 1..at were written before the job went on without the
+        # client; 102..201 are what the history holds now (its last 100).
+        self.assertEqual(ids[:at], list(range(1, at + 1)))
+        self.assertEqual(ids[at], 101)
+        self.assertEqual(ids[at + 1 :], list(range(102, 202)))
+        self.assertEqual(names[-1], "complete")
+        self.assertEqual(json.loads(reader.events[at][2])["missed"], 101 - at)
+        reader.conn.disconnect()
+        self.assertNothingLeft(broker)
+
+    def test_rewrittenIDsUnderBackpressure(self) -> None:
+        """
+        A stream that rewrites ids (C{/render-stream}'s C{JOBID:SEQ}) goes
+        on from the broker's own id of the last event it wrote: every event
+        once, each with its rewritten id.
+        """
+        broker = self.makeJob(50, history=1000)
+        reader = self.open(broker, rewriteID=lambda seq: "job1:" + seq, after="0")
+        broker.publish("job1", "complete", {})
+        while not reader.ended:
+            reader.drain()
+        self.assertEqual([id for _, id, _ in reader.events], [f"job1:{i}" for i in range(1, 52)])
+        reader.conn.disconnect()
+        self.assertNothingLeft(broker)
+
+    def test_pausedFromTheFirstWrite(self) -> None:
+        """
+        A connection already full when the stream opens (its opening frame
+        fills it): no replay at all until the client reads, then all of it.
+        """
+        broker = self.makeJob(10, history=1000)
+        resource = EventStreamResource(broker, "job1", self.clock, StreamSettings(keepalive=0, retry=0))
+        conn = Connection(Site(resource, reactor=self.clock), BufferTransport(limit=10))
+        conn.request("GET", "/")
+        reader = Reader(conn)
+        reader.drain()
+        self.assertEqual(reader.events, [])
+        while reader.transport.full:
+            reader.drain()
+        reader.drain()
+        self.assertEqual([id for _, id, _ in reader.events], [str(i) for i in range(1, 11)])
+        conn.disconnect()
+        self.assertNothingLeft(broker)
+
+    def test_drainedWithinTheReplay(self) -> None:
+        """
+        A connection that pauses and resumes within one write of the replay
+        (its buffer drained at once): the replay goes straight on, every
+        event once, in order.
+        """
+
+        class Bouncing(BufferTransport):
+            def write(self, data: bytes) -> None:
+                StringTransport.write(self, data)
+                if self.producer is not None and len(self.value()) > 3 * PAD:
+                    self.producer.pauseProducing()
+                    self.producer.resumeProducing()
+
+        broker = self.makeJob(20, history=1000)
+        resource = EventStreamResource(broker, "job1", self.clock, StreamSettings(keepalive=0, retry=0))
+        conn = Connection(Site(resource, reactor=self.clock), Bouncing())
+        conn.request("GET", "/")
+        _, _, body = splitResponse(conn.take())
+        self.assertEqual([e.id for e in EventStreamDecoder().feed(body)], [str(i) for i in range(1, 21)])
+        self.assertEqual(broker.subscriberCount(), 1)
+        conn.disconnect()
+        self.assertNothingLeft(broker)
+
+    def test_stalledDuringTheReplayIsDropped(self) -> None:
+        """
+        A client that stops reading during its replay and never reads again
+        is dropped after the write timeout, and nothing of it is left.
+        """
+        broker = self.makeJob(100, history=1000)
+        reader = self.open(broker)
+        self.assertTrue(reader.transport.full)
+        self.clock.advance(30)
+        self.assertTrue(reader.transport.disconnecting)
+        reader.conn.disconnect()
+        self.assertNothingLeft(broker)
+
+    def test_jobGoneWhileNotReading(self) -> None:
+        """
+        If the job is gone (expired) by the time a client that stopped
+        reading during its replay reads again, its stream ends (its
+        reconnect then learns why), and nothing of it is left.
+        """
+
+        class Forgetting(MemoryBroker):
+            forgotten = False
+
+            def subscribe(self, jobID: str, lastEventID: str | None, subscriber: object) -> object:
+                if self.forgotten:
+                    raise UnknownJob(f"no render with id {jobID!r}")
+                return super().subscribe(jobID, lastEventID, subscriber)  # type: ignore[arg-type]
+
+        broker = Forgetting(history=1000)
+        broker.create(snapshot("job1"))
+        for i in range(1, 101):
+            broker.publish("job1", "progress", {"i": i, "pad": "x" * PAD})
+        reader = self.open(broker)
+        self.assertTrue(reader.transport.full)
+        broker.forgotten = True
+        reader.drain()  # read: the stream goes on, finds no job, ends
+        reader.drain()
+        self.assertTrue(reader.ended)
+        reader.conn.disconnect()
+        self.assertNothingLeft(broker)
