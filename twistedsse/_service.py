@@ -29,6 +29,7 @@ from ._errors import (
     OutputNotReady,
     QueueFull,
     RenderProtocolError,
+    UnknownJob,
     UnknownRenderer,
 )
 from ._expiry import Deadlines
@@ -542,13 +543,22 @@ class RenderService(Service):
         Delete a finished job: its output, its memory, its rows; remember
         its id as expired for another C{expireAfter}.
         """
+        now = self.clock.seconds()
+        try:
+            ended = self.broker.get(jobID).endedAt
+        except UnknownJob:
+            return
+        # Forgotten one period after the expiry was due (not after this
+        # call, which a busy or suspended process may make late), as a
+        # restart would compute it.
+        forgetAt = (now if ended is None else ended + self.expireAfter) + self.expireAfter
         self._deleteOutputs(jobID)
         self.broker.expire(jobID)
-        now = self.clock.seconds()
-        self._expireStored(jobID, now + self.expireAfter, now)
+        self._expireStored(jobID, forgetAt, now)
 
     def _expireStored(self, jobID: str, forgetAt: float, now: float) -> None:
         if forgetAt <= now:
+            self.broker.forget(jobID)
             if self.store is not None:
                 self._tryStore(self.store.delete, jobID)
             return
