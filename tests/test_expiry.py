@@ -596,3 +596,52 @@ class StoreFullTests(SynchronousTestCase):
         self.assertEqual([e.event for e, _ in recorder.got], ["failed"])
         self.assertEqual(len(self.spawner.processes), 1)
         self.assertEqual(self.service.broker.get(running).state, JobState.SUCCEEDED)
+
+
+class OptionTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """
+        By default finished jobs expire after a day, outputs have no total
+        limit, and renders need 100 MiB free on the output filesystem.
+        """
+        from twistedsse import tap
+
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(options["expire-after"], 86400.0)
+        self.assertEqual(options["max-output-bytes"], 0)
+        self.assertEqual(options["min-free-bytes"], 100 * 1024 * 1024)
+
+    def test_passedToTheService(self) -> None:
+        """
+        C{--expire-after}, C{--max-output-bytes} and C{--min-free-bytes}
+        reach the render service; negative values are refused.
+        """
+        import gc
+
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.python import usage
+
+        from twistedsse import tap
+
+        thresholds = gc.get_threshold()
+        self.addCleanup(lambda: (gc.unfreeze(), gc.set_threshold(*thresholds)))
+        options = tap.Options()
+        options.parseOptions([
+            "--listen", "tcp:0", "--state-dir", self.mktemp(), "--expire-after", "3600",
+            "--max-output-bytes", "1000000", "--min-free-bytes", "0",
+        ])  # fmt: skip
+        service = list(tap.makeService(options, MemoryReactorClock()))[0]
+        self.assertEqual((service.expireAfter, service.maxOutputBytes, service.minFreeBytes), (3600.0, 1000000, 0))
+        self.assertIsNotNone(service.store)
+        service.store.close()
+        self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--expire-after", "-1"])
+
+    def test_systemdUnitKeepsState(self) -> None:
+        """
+        The shipped systemd unit keeps jobs and outputs together
+        (C{--state-dir}), so a restart orphans no output.
+        """
+        unit = (Path(__file__).parent.parent / "docs" / "systemd" / "twistedsse.service").read_text()
+        self.assertIn("--state-dir /var/lib/twistedsse", unit)
+        self.assertNotIn("--output-dir", unit.split("ExecStart=")[1].split("\n\n")[0].split("KillSignal")[0])
