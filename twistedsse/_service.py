@@ -213,9 +213,9 @@ class RenderService(Service):
         if not (snapshot.result or {}).get("output_url"):
             raise OutputNotReady(f"render {jobID} made no output file")
         if not path.is_file():
-            raise OutputExpired(
-                f"the output of render {jobID} has been deleted to make room for newer ones"
-            )
+            # Deleted since: to make room for newer outputs
+            # (maxOutputBytes), or by hand.
+            raise OutputExpired(f"the output of render {jobID} has been deleted")
         return path
 
     def activeCount(self) -> int:
@@ -410,13 +410,16 @@ class RenderService(Service):
         """
         Load the jobs of earlier runs. One that never ended (the process
         stopped, or was killed, while it was queued or running) ends now as
-        C{failed}, "interrupted": never a job that hangs forever.
+        C{failed}, "interrupted": never a job that hangs forever. One that
+        expired while the service was down is deleted, not loaded, and its
+        id remembered as expired as if the service had run all along.
         """
         self._restored = True
         now = self.clock.seconds()
         for jobID, forgetAt in store.expired(now):
             self.broker.expire(jobID)
             self._deadlines.add(forgetAt, ("forget", jobID))
+        found: list[tuple[float, str, int]] = []
         for snapshot, events in store.load():
             ended = snapshot.endedAt
             if snapshot.state.terminal and ended is not None and self.expireAfter > 0:
@@ -430,14 +433,16 @@ class RenderService(Service):
             if snapshot.state is JobState.SUCCEEDED:
                 path = self.outputDir / f"{snapshot.id}.mp4"
                 try:
-                    self._outputs[snapshot.id] = path.stat().st_size
+                    found.append((ended or 0.0, snapshot.id, path.stat().st_size))
                 except OSError:
                     pass
             if not snapshot.state.terminal:
                 for leftover in self.outputDir.glob(f"{snapshot.id}.*"):
                     _unlink(leftover)
                 self._end(snapshot.id, JobState.FAILED, "failed", self._interrupted())
-
+        # Oldest first, by when they ended: the first to go for room.
+        for _, jobID, size in sorted(found, key=lambda item: item[0]):
+            self._outputs[jobID] = size
 
     # -- bounded storage -----------------------------------------------
 
