@@ -331,6 +331,47 @@ class CompactionTests(SynchronousTestCase):
         self.assertEqual([(e.event, e.id) for e, _ in recorder.got], [("reset", "8"), ("cancelled", "9")])
 
 
+class BrokerExpiryTests(SynchronousTestCase):
+    def test_expireThenForget(self) -> None:
+        """
+        An expired job is gone from the broker and every per-job method
+        raises L{JobExpired} (410) until the id is forgotten, then
+        L{UnknownJob} (404); an expired id cannot be created again.
+        """
+        from ._helpers import snapshot
+
+        broker = MemoryBroker()
+        broker.create(snapshot("x"))
+        broker.publish("x", "cancelled", {})
+        broker.expire("x")
+        for call in (
+            lambda: broker.get("x"),
+            lambda: broker.subscribe("x", None, Recorder()),
+            lambda: broker.caughtUp("x", "1"),
+            lambda: broker.finalEvents("x"),
+        ):
+            self.assertRaises(JobExpired, call)
+        self.assertEqual(broker.jobs(), [])
+        self.assertRaises(ValueError, broker.create, snapshot("x"))
+        self.assertEqual(broker.expiredCount(), 1)
+        broker.forget("x")
+        error = self.assertRaises(UnknownJob, broker.get, "x")
+        self.assertNotIsInstance(error, JobExpired)
+        self.assertEqual(broker.expiredCount(), 0)
+
+    def test_removeForgetsEntirely(self) -> None:
+        """
+        A removed job (one that could not be stored) is simply unknown.
+        """
+        from ._helpers import snapshot
+
+        broker = MemoryBroker()
+        broker.create(snapshot("y"))
+        broker.remove("y")
+        self.assertNotIsInstance(self.assertRaises(UnknownJob, broker.get, "y"), JobExpired)
+        self.assertEqual(broker.expiredCount(), 0)
+
+
 class OutputBudgetTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = Path(self.mktemp())
