@@ -159,8 +159,14 @@ class SQLiteJobStore:
         Delete the expired ids whose time to be forgotten has come; return
         the others as C{(id, forgetAt)}.
         """
-        self._db.execute("delete from expired where forget_at <= ?", (now,))
-        return list(self._db.execute("select id, forget_at from expired order by forget_at"))
+        rows = list(
+            self._db.execute("select id, forget_at from expired where forget_at > ? order by forget_at", (now,))
+        )
+        try:
+            self._db.execute("delete from expired where forget_at <= ?", (now,))
+        except sqlite3.Error:
+            pass  # (a full disk) deleted at a later start; they are not returned
+        return rows
 
     def close(self) -> None:
         self._db.close()
