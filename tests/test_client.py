@@ -75,6 +75,8 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual([e.event for e in self.events], ["progress", "complete"])
         self.successResultOf(subscription.done)
         self.assertEqual((subscription.connections, subscription.lastEventID), (1, "2"))
+        # The finished job's expiry is the service's one timer until it stops.
+        self.successResultOf(service.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(service.broker.subscriberCount(), 0)
 

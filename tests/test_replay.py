@@ -150,7 +150,6 @@ class ReplayBackpressureTests(SynchronousTestCase):
         self.assertLessEqual(reader.transport.most, bound)
         for i in range(5):
             broker.publish("job1", "progress", {"live": i})
-        broker.publish("job1", "complete", {"ok": True})
         self.clock.advance(10)
         self.assertLessEqual(len(reader.transport.value()), bound)
         rounds = 0
@@ -159,6 +158,11 @@ class ReplayBackpressureTests(SynchronousTestCase):
             self.assertLess(rounds, 1000, "the stream does not end")
             reader.drain()
             self.assertLessEqual(reader.transport.most, bound)
+            if len(reader.events) == 1005 and rounds < 1000:
+                # Caught up: the job ends now (had it ended while the
+                # client was behind, its history would be compacted, see
+                # test_jobEndsWhileTheClientIsBehind).
+                broker.publish("job1", "complete", {"ok": True})
         ids = [id for _, id, _ in reader.events]
         self.assertEqual(ids, [str(i) for i in range(1, 1007)])
         self.assertEqual([json.loads(data).get("live") for _, _, data in reader.events[1000:1005]], list(range(5)))
@@ -198,6 +202,8 @@ class ReplayBackpressureTests(SynchronousTestCase):
         self.assertTrue(reader.transport.full)
         for i in range(101, 201):
             broker.publish("job1", "progress", {"i": i, "pad": "x" * PAD})
+        while not reader.events or reader.events[-1][1] != "200":
+            reader.drain()
         broker.publish("job1", "complete", {})
         while not reader.ended:
             reader.drain()
@@ -207,12 +213,39 @@ class ReplayBackpressureTests(SynchronousTestCase):
         self.assertGreater(at, 0)
         ids = [int(id) for _, id, _ in reader.events if id is not None]
         # Events 1..at were written before the job went on without the
-        # client; 102..201 are what the history holds now (its last 100).
+        # client; 101..200 are what the history held when it read again
+        # (its last 100), and 201 ended the job after that.
         self.assertEqual(ids[:at], list(range(1, at + 1)))
-        self.assertEqual(ids[at], 101)
-        self.assertEqual(ids[at + 1 :], list(range(102, 202)))
+        self.assertEqual(ids[at], 100)
+        self.assertEqual(ids[at + 1 :], list(range(101, 202)))
         self.assertEqual(names[-1], "complete")
-        self.assertEqual(json.loads(reader.events[at][2])["missed"], 101 - at)
+        self.assertEqual(json.loads(reader.events[at][2])["missed"], 100 - at)
+        reader.conn.disconnect()
+        self.assertNothingLeft(broker)
+
+    def test_jobEndsWhileTheClientIsBehind(self) -> None:
+        """
+        A job that ends while its client is not reading keeps only its
+        latest progress and terminal event: the client, reading again,
+        gets what was written before, then a C{reset} naming how many it
+        missed, the latest progress and the terminal event, and the
+        response ends. Never more than one buffer waits for it.
+        """
+        broker = self.makeJob(1000, history=1000)
+        reader = self.open(broker)
+        frame = len(broker.finalEvents("job1")[-1][2]) + 64
+        bound = BUFFER + frame + 16
+        broker.publish("job1", "complete", {"ok": True})
+        while not reader.ended:
+            reader.drain()
+            self.assertLessEqual(reader.transport.most, bound)
+        names = [name for name, _, _ in reader.events]
+        ids = [int(id) for _, id, _ in reader.events]
+        self.assertEqual(names[-3:], ["reset", "progress", "complete"])
+        self.assertEqual(ids[-3:], [999, 1000, 1001])
+        seen = len(names) - 3
+        self.assertEqual(ids[:seen], list(range(1, seen + 1)))
+        self.assertEqual(json.loads(reader.events[-3][2])["missed"], 999 - seen)
         reader.conn.disconnect()
         self.assertNothingLeft(broker)
 
@@ -224,6 +257,8 @@ class ReplayBackpressureTests(SynchronousTestCase):
         """
         broker = self.makeJob(50, history=1000)
         reader = self.open(broker, rewriteID=lambda seq: "job1:" + seq, after="0")
+        while len(reader.events) < 50:
+            reader.drain()
         broker.publish("job1", "complete", {})
         while not reader.ended:
             reader.drain()

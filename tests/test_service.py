@@ -72,6 +72,9 @@ class ServiceTests(SynchronousTestCase):
             renderTimeout=60,
             killGrace=5,
             newID=lambda: next(self.ids),
+            # Expiry has its own tests (test_expiry); here no timer may
+            # outlive a render.
+            expireAfter=0,
         )
         self.service.startService()
 

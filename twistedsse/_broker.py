@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import _json
-from ._errors import UnknownJob
+from ._errors import JobExpired, UnknownJob
 from ._frames import TERMINAL_EVENTS, Event, encodeEvent
 from ._fanout import SLICE, Fanout
 from ._interfaces import IJobBroker, ISubscriber
@@ -57,7 +57,11 @@ class _MemoryJob:
 @attrs.define
 class MemoryBroker:
     """
-    Keeps every job and its last C{history} events in memory.
+    Keeps every job and its last C{history} events in memory; once a job
+    has ended, only its latest progress and terminal event (a resume from
+    an older id gets a C{reset} first). L{MemoryBroker.expire} deletes a
+    job and remembers its id as expired (L{JobExpired}, 410) until
+    L{MemoryBroker.forget}; the service decides when (C{--expire-after}).
 
     @ivar history: how many events each job retains for late subscribers
         and resumes.
@@ -71,9 +75,10 @@ class MemoryBroker:
     _jobs: dict[str, _MemoryJob] = attrs.field(factory=dict, init=False)
     _nextToken: int = attrs.field(default=0, init=False)
     _subscriberCount: int = attrs.field(default=0, init=False)
+    _expired: set[str] = attrs.field(factory=set, init=False)
 
     def create(self, snapshot: JobSnapshot) -> None:
-        if snapshot.id in self._jobs:
+        if snapshot.id in self._jobs or snapshot.id in self._expired:
             raise ValueError(f"job {snapshot.id!r} exists already")
         self._jobs[snapshot.id] = _MemoryJob(snapshot, EventLog(self.history), Fanout(self.clock, self.fanoutSlice, self._dropped))
 
@@ -112,7 +117,39 @@ class MemoryBroker:
         try:
             return self._jobs[jobID]
         except KeyError:
+            if jobID in self._expired:
+                raise JobExpired(f"render {jobID} has expired: it and its output were deleted") from None
             raise UnknownJob(f"no render with id {jobID!r}") from None
+
+    def remove(self, jobID: str) -> None:
+        """
+        Forget a job entirely, as if it had never been (a job that could
+        not even be stored). Anything still queued for its subscribers is
+        given out first.
+        """
+        job = self._jobs.pop(jobID, None)
+        if job is not None:
+            job.fanout.flush()
+
+    def expire(self, jobID: str) -> None:
+        """
+        Delete a job and remember its id as expired: L{get} and the others
+        raise L{JobExpired} until L{forget}.
+        """
+        self.remove(jobID)
+        self._expired.add(jobID)
+
+    def forget(self, jobID: str) -> None:
+        """
+        Stop remembering an expired id: it is unknown (404) from now on.
+        """
+        self._expired.discard(jobID)
+
+    def expiredCount(self) -> int:
+        """
+        How many expired ids are remembered.
+        """
+        return len(self._expired)
 
     def get(self, jobID: str) -> JobSnapshot:
         return self._job(jobID).snapshot
@@ -152,6 +189,10 @@ class MemoryBroker:
         if terminal:
             job.terminalSeq = entries[-1].seq
         job.fanout.publish(entries, terminal)
+        if terminal:
+            # The fan-out holds its own list of what it has still to give
+            # out: the log can shrink to what a late subscriber needs.
+            job.log.compact()
         return [entry.event for entry in entries]
 
     def subscribe(

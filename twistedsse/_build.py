@@ -65,6 +65,9 @@ def buildService(
     killGrace: float = 5.0,
     maxQueued: int = 0,
     stateDir: str | os.PathLike[str] | None = None,
+    expireAfter: float = 86400.0,
+    maxOutputBytes: int | None = None,
+    minFreeBytes: int = 100 * 1024 * 1024,
 ) -> RenderService:
     """
     A L{RenderService} with the built-in C{card} renderer (ffmpeg from
@@ -77,6 +80,12 @@ def buildService(
     @param stateDir: where jobs are kept across restarts (SQLite); by
         default they live in memory only.
     @param maxRenders: renders run at once; by default the CPU count.
+    @param expireAfter: seconds after a render ends when it and its output
+        are deleted (C{0}: never).
+    @param maxOutputBytes: total bytes of outputs kept (C{None}/C{0}: no
+        limit); the oldest finished ones go first.
+    @param minFreeBytes: renders are refused while the output filesystem
+        has less free space (C{0}: no check).
     """
     reactor = _reactor(reactor)
     table: dict[str, IRenderer] = {"card": CardRenderer(ffmpeg=ffmpeg)}
@@ -104,6 +113,9 @@ def buildService(
         killGrace=killGrace,
         maxQueued=maxQueued,
         store=store,
+        expireAfter=expireAfter,
+        maxOutputBytes=maxOutputBytes,
+        minFreeBytes=minFreeBytes,
     )
 
 

@@ -21,9 +21,12 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     │   └── InvalidParams                   "invalid_params" (names the field)
     ├── NotFound (404)                      LookupError
     │   └── UnknownJob                      "unknown_job"
+    │       └── JobExpired (410)            "job_expired" (deleted after --expire-after)
     ├── MethodNotAllowed (405)              "method_not_allowed"
     ├── TooManyStreams (503)                "too_many_streams" (Retry-After)
     ├── QueueFull (429)                     "queue_full" (Retry-After)
+    ├── InsufficientStorage (507)           "insufficient_storage"
+    ├── OutputExpired (410)                 "output_expired"
     └── Conflict (409)
         ├── JobFinished                     "job_finished"
         └── OutputNotReady                  "output_not_ready"
@@ -156,6 +159,39 @@ class NotFound(TwistedSSEError, LookupError):
 
 class UnknownJob(NotFound):
     code = "unknown_job"
+
+
+class JobExpired(UnknownJob):
+    """
+    The job existed, ended, and was deleted C{--expire-after} seconds
+    later (410 Gone). A subclass of L{UnknownJob} so that code which only
+    asks "is there such a job?" needs no second C{except}; the id is
+    remembered as expired for another expiry period, then answers 404.
+    """
+
+    code = "job_expired"
+    status = 410
+
+
+class OutputExpired(TwistedSSEError, LookupError):
+    """
+    The render succeeded, but its output file has been deleted since (the
+    oldest outputs go first when C{--max-output-bytes} would be passed).
+    """
+
+    code = "output_expired"
+    status = 410
+
+
+class InsufficientStorage(TwistedSSEError):
+    """
+    A render cannot be created or started: the output filesystem is
+    nearly full (C{--min-free-bytes}), or the job store cannot be written
+    (disk full).
+    """
+
+    code = "insufficient_storage"
+    status = 507
 
 
 class MethodNotAllowed(TwistedSSEError):

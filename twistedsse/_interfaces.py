@@ -213,3 +213,21 @@ class IJobBroker(Interface):
         How many subscriptions are open, over all jobs (for leak checks and
         health).
         """
+
+    def remove(jobID: str) -> None:
+        """
+        Forget a job as if it had never been (one that could not even be
+        stored): its id is unknown from now on.
+        """
+
+    def expire(jobID: str) -> None:
+        """
+        Delete a finished job and remember its id as expired: the per-job
+        methods raise L{twistedsse._errors.JobExpired} for it until
+        C{forget}.
+        """
+
+    def forget(jobID: str) -> None:
+        """
+        Stop remembering an expired id: it is unknown from now on.
+        """

@@ -118,11 +118,17 @@ class EventLog:
     last, so what is dropped is always old progress: a late subscriber still
     gets the latest progress and the outcome ("progress may be compacted to
     the latest, terminal events always kept").
+
+    Once the job has ended, L{EventLog.compact} keeps only its latest
+    progress and its terminal event: a finished job costs two entries, not
+    C{limit}, for as long as it is kept. The retained sequence numbers are
+    then no longer contiguous.
     """
 
     limit: int = attrs.field()
     _entries: deque[Entry] = attrs.field(factory=deque, init=False)
     _lastSeq: int = attrs.field(default=0, init=False)
+    _contiguous: bool = attrs.field(default=True, init=False)
 
     @limit.validator
     def _checkLimit(self, attribute: object, value: int) -> None:
@@ -135,6 +141,8 @@ class EventLog:
         """
         if entry.seq <= self._lastSeq:
             raise ValueError(f"event sequence must increase: {entry.seq} after {self._lastSeq}")
+        if self._entries and entry.seq != self._lastSeq + 1:
+            self._contiguous = False
         self._lastSeq = entry.seq
         self._entries.append(entry)
         if len(self._entries) > self.limit:
@@ -155,8 +163,26 @@ class EventLog:
             return ()
         if not self._entries or seq < self._entries[0].seq:
             return tuple(self._entries)
+        if not self._contiguous:
+            # A compacted (or restored) log: a couple of entries.
+            return tuple(entry for entry in self._entries if entry.seq > seq)
         # Sequence numbers are contiguous within the deque.
         return tuple(islice(self._entries, seq - self._entries[0].seq + 1, None))
+
+    def compact(self) -> None:
+        """
+        Keep only the last entry (a finished job's terminal event) and the
+        latest C{progress} entry before it.
+        """
+        if len(self._entries) <= 1:
+            return
+        last = self._entries[-1]
+        progress = next(
+            (e for e in reversed(self._entries) if e is not last and e.event.event == "progress"), None
+        )
+        kept = [last] if progress is None else [progress, last]
+        self._contiguous = len(kept) == 1 or kept[0].seq + 1 == kept[1].seq
+        self._entries = deque(kept)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -8,11 +8,13 @@ it, and an embedding application may call it directly.
 
 from __future__ import annotations
 
+import os
 import secrets
+import sqlite3
 import tempfile
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import attrs
 from twisted.application.service import Service
@@ -20,7 +22,17 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
 
-from ._errors import JobFinished, OutputNotReady, QueueFull, RenderProtocolError, UnknownRenderer
+from ._errors import (
+    InsufficientStorage,
+    JobFinished,
+    OutputExpired,
+    OutputNotReady,
+    QueueFull,
+    RenderProtocolError,
+    UnknownJob,
+    UnknownRenderer,
+)
+from ._expiry import Deadlines
 from ._interfaces import IJobBroker, IRenderer, RenderPlan
 from ._job import JobSnapshot, JobState
 from ._render import ExitStatus, RunningRender, launch
@@ -62,6 +74,18 @@ class RenderService(Service):
         it, L{QueueFull}.
     @param store: where jobs are kept across restarts, or C{None} for
         memory only.
+    @param expireAfter: seconds after a job ends when it and its output
+        are deleted (memory, disk, store; C{0}: never). Its id answers
+        L{twistedsse._errors.JobExpired} for as long again, then is
+        forgotten.
+    @param maxOutputBytes: the total size of outputs on disk (C{None} or
+        C{0}: no limit). Each running render reserves an equal share,
+        C{maxOutputBytes // maxRenders}, which is also the most it may
+        write; room for it is made before it starts by deleting the oldest
+        finished outputs.
+    @param minFreeBytes: a render is refused (at submit) or failed (when
+        it would start) while the output filesystem has less free space.
+    @param statvfs: C{os.statvfs}, or a stand-in for tests.
     """
 
     def __init__(
@@ -78,6 +102,10 @@ class RenderService(Service):
         maxQueued: int = 0,
         store: SQLiteJobStore | None = None,
         newID: Callable[[], str] = newJobID,
+        expireAfter: float = 86400.0,
+        maxOutputBytes: int | None = None,
+        minFreeBytes: int = 0,
+        statvfs: Callable[[str], Any] = os.statvfs,
     ) -> None:
         if maxRenders < 1:
             raise ValueError(f"maxRenders must be at least 1, got {maxRenders!r}")
@@ -97,6 +125,13 @@ class RenderService(Service):
         self._queue: deque[str] = deque()
         self._active: dict[str, _Active] = {}
         self._stopping = False
+        self.expireAfter = expireAfter
+        self.maxOutputBytes = maxOutputBytes or None
+        self.minFreeBytes = minFreeBytes
+        self._statvfs = statvfs
+        self._deadlines = Deadlines(clock, self._due)
+        # Finished outputs on disk, oldest first, with their sizes.
+        self._outputs: dict[str, int] = {}
 
     # -- the API -------------------------------------------------------
 
@@ -116,6 +151,10 @@ class RenderService(Service):
         normalized = impl.validate(params)
         if self.maxQueued and len(self._queue) >= self.maxQueued and len(self._active) >= self.maxRenders:
             raise QueueFull(f"{len(self._queue)} renders are waiting already, the limit", retryAfter=10)
+        if self.running:
+            lacking = self._diskLacks()
+            if lacking is not None:
+                raise InsufficientStorage(lacking)
         jobID = self._newID()
         snapshot = JobSnapshot(
             id=jobID,
@@ -126,7 +165,13 @@ class RenderService(Service):
         )
         self.broker.create(snapshot)
         if self.store is not None:
-            self.store.save(snapshot)
+            try:
+                self.store.save(snapshot)
+            except (sqlite3.Error, OSError) as e:
+                # Not created at all: nobody has its id yet.
+                self.broker.remove(jobID)
+                _log.warn("could not store a new render: {e!r}", e=e)
+                raise InsufficientStorage(f"the job store cannot be written ({e})") from None
         if links is not None:
             self._links[jobID] = links(jobID)
         if self._stopping:
@@ -165,8 +210,12 @@ class RenderService(Service):
         if snapshot.state is not JobState.SUCCEEDED:
             raise OutputNotReady(f"render {jobID} is {snapshot.state.value}: no output yet")
         path = self.outputDir / f"{jobID}.mp4"
-        if not (snapshot.result or {}).get("output_url") or not path.is_file():
+        if not (snapshot.result or {}).get("output_url"):
             raise OutputNotReady(f"render {jobID} made no output file")
+        if not path.is_file():
+            # Deleted since: to make room for newer outputs
+            # (maxOutputBytes), or by hand.
+            raise OutputExpired(f"the output of render {jobID} has been deleted")
         return path
 
     def activeCount(self) -> int:
@@ -188,8 +237,8 @@ class RenderService(Service):
     def _start(self, jobID: str) -> None:
         snapshot = self.broker.get(jobID).transition(JobState.RUNNING, self.clock.seconds())
         self.broker.update(snapshot)
-        if self.store is not None:
-            self.store.save(snapshot)
+        if not self._saved(snapshot) or not self._roomFor(jobID):
+            return
         renderer = self.renderers[snapshot.renderer]
         plan = None
         try:
@@ -261,6 +310,9 @@ class RenderService(Service):
                 plan.finalize()
             if plan.output is not None and plan.output.is_file():
                 size = plan.output.stat().st_size
+                share = self._share()
+                if share is not None and size > share:
+                    raise _OverShare(f"{size} bytes, over its share of --max-output-bytes ({share})")
         except Exception as e:
             _log.warn("render {jobID}: output unusable: {e!r}", jobID=jobID, e=e)
             self._end(
@@ -278,6 +330,8 @@ class RenderService(Service):
             "size": size,
             "elapsed": round(self.clock.seconds() - (snapshot.startedAt or snapshot.createdAt), 3),
         }
+        if size is not None:
+            self._outputs[jobID] = size
         self._end(jobID, JobState.SUCCEEDED, "complete", result)
 
     def _end(self, jobID: str, state: JobState, event: str, payload: Mapping[str, Any]) -> None:
@@ -298,6 +352,8 @@ class RenderService(Service):
                 )
             except Exception:
                 _log.failure("could not store the end of render {jobID}", jobID=jobID)
+        if self.expireAfter > 0:
+            self._deadlines.add(self.clock.seconds() + self.expireAfter, ("expire", jobID))
 
     def _private(self, status: ExitStatus) -> ExitStatus:
         """
@@ -324,6 +380,7 @@ class RenderService(Service):
         """
         super().stopService()
         self._stopping = True
+        self._deadlines.stop()
         while self._queue:
             self._end(self._queue.popleft(), JobState.FAILED, "failed", self._interrupted())
         ended = [active.render.stop("shutdown") for active in self._active.values()]
@@ -344,6 +401,8 @@ class RenderService(Service):
         self._stopping = False
         if self.store is not None and not self._restored:
             self._restore(self.store)
+        self._evict(0)
+        self._deadlines.start()
         super().startService()
         self._pump()
 
@@ -351,15 +410,185 @@ class RenderService(Service):
         """
         Load the jobs of earlier runs. One that never ended (the process
         stopped, or was killed, while it was queued or running) ends now as
-        C{failed}, "interrupted": never a job that hangs forever.
+        C{failed}, "interrupted": never a job that hangs forever. One that
+        expired while the service was down is deleted, not loaded, and its
+        id remembered as expired as if the service had run all along.
         """
         self._restored = True
+        now = self.clock.seconds()
+        for jobID, forgetAt in store.expired(now):
+            self.broker.expire(jobID)
+            self._deadlines.add(forgetAt, ("forget", jobID))
+        found: list[tuple[float, str, int]] = []
         for snapshot, events in store.load():
+            ended = snapshot.endedAt
+            if snapshot.state.terminal and ended is not None and self.expireAfter > 0:
+                if ended + self.expireAfter <= now:
+                    # Expired while the service was down: deleted, not loaded.
+                    self._deleteOutputs(snapshot.id)
+                    self._expireStored(snapshot.id, ended + 2 * self.expireAfter, now)
+                    continue
+                self._deadlines.add(ended + self.expireAfter, ("expire", snapshot.id))
             self.broker.restore(snapshot, [(e.seq, e.name, e.data) for e in events])
+            if snapshot.state is JobState.SUCCEEDED:
+                path = self.outputDir / f"{snapshot.id}.mp4"
+                try:
+                    found.append((ended or 0.0, snapshot.id, path.stat().st_size))
+                except OSError:
+                    pass
             if not snapshot.state.terminal:
                 for leftover in self.outputDir.glob(f"{snapshot.id}.*"):
                     _unlink(leftover)
                 self._end(snapshot.id, JobState.FAILED, "failed", self._interrupted())
+        # Oldest first, by when they ended: the first to go for room.
+        for _, jobID, size in sorted(found, key=lambda item: item[0]):
+            self._outputs[jobID] = size
+
+    # -- bounded storage -----------------------------------------------
+
+    def _saved(self, snapshot: JobSnapshot) -> bool:
+        """
+        Write a job's snapshot; if the store cannot be written (disk full),
+        end the job C{failed} ("storage") instead: it must not stay
+        C{running} (or, after a restart, be "interrupted") without a
+        process.
+        """
+        if self.store is None:
+            return True
+        try:
+            self.store.save(snapshot)
+        except (sqlite3.Error, OSError) as e:
+            _log.warn("could not store render {jobID}: {e!r}", jobID=snapshot.id, e=e)
+            self._end(
+                snapshot.id,
+                JobState.FAILED,
+                "failed",
+                _failure(f"the job store cannot be written ({e})", reason="storage"),
+            )
+            return False
+        return True
+
+    def _diskLacks(self) -> str | None:
+        """
+        Why the output filesystem cannot take a new render (less than
+        C{minFreeBytes} free), or C{None}.
+        """
+        if self.minFreeBytes <= 0:
+            return None
+        where = self.outputDir
+        while not where.exists() and where.parent != where:
+            where = where.parent
+        try:
+            stat = self._statvfs(str(where))
+        except OSError as e:
+            return f"the output filesystem cannot be examined ({_clientReason(e)})"
+        free = stat.f_bavail * stat.f_frsize
+        if free < self.minFreeBytes:
+            return f"the output filesystem is nearly full: {free} bytes free, {self.minFreeBytes} needed"
+        return None
+
+    def _share(self) -> int | None:
+        """
+        What one render may write, and reserves while it runs.
+        """
+        if self.maxOutputBytes is None:
+            return None
+        return self.maxOutputBytes // self.maxRenders
+
+    def _roomFor(self, jobID: str) -> bool:
+        """
+        Before a render starts: fail it ("storage") if the disk is nearly
+        full; otherwise make room for its share by deleting the oldest
+        finished outputs.
+        """
+        lacking = self._diskLacks()
+        if lacking is not None:
+            self._end(jobID, JobState.FAILED, "failed", _failure(lacking, reason="storage"))
+            return False
+        self._evict(len(self._active) + 1)
+        return True
+
+    def _evict(self, renders: int) -> None:
+        """
+        Delete the oldest finished outputs until they and the shares of
+        C{renders} renders fit in C{maxOutputBytes}. Their jobs stay; their
+        C{/output} answers L{OutputExpired}.
+        """
+        share = self._share()
+        if share is None or self.maxOutputBytes is None:
+            return
+        budget = self.maxOutputBytes - renders * share
+        total = sum(self._outputs.values())
+        while self._outputs and total > budget:
+            jobID = next(iter(self._outputs))
+            total -= self._outputs.pop(jobID)
+            _log.info("deleting the output of render {jobID} to make room", jobID=jobID)
+            _unlink(self.outputDir / f"{jobID}.mp4")
+
+    def outputBytes(self) -> int:
+        """
+        The total size of the finished outputs on disk.
+        """
+        return sum(self._outputs.values())
+
+    def _due(self, key: Hashable) -> None:
+        kind, jobID = key  # type: ignore[misc]
+        if kind == "expire":
+            self._expire(jobID)
+        else:
+            self.broker.forget(jobID)
+            if self.store is not None:
+                try:
+                    self.store.forget(jobID)
+                except sqlite3.Error as e:
+                    _log.warn("could not forget render {jobID}: {e!r}", jobID=jobID, e=e)
+
+    def _expire(self, jobID: str) -> None:
+        """
+        Delete a finished job: its output, its memory, its rows; remember
+        its id as expired for another C{expireAfter}.
+        """
+        now = self.clock.seconds()
+        try:
+            ended = self.broker.get(jobID).endedAt
+        except UnknownJob:
+            return
+        # Forgotten one period after the expiry was due (not after this
+        # call, which a busy or suspended process may make late), as a
+        # restart would compute it.
+        forgetAt = (now if ended is None else ended + self.expireAfter) + self.expireAfter
+        self._deleteOutputs(jobID)
+        self.broker.expire(jobID)
+        self._expireStored(jobID, forgetAt, now)
+
+    def _expireStored(self, jobID: str, forgetAt: float, now: float) -> None:
+        if forgetAt <= now:
+            self.broker.forget(jobID)
+            if self.store is not None:
+                self._tryStore(self.store.delete, jobID)
+            return
+        self.broker.expire(jobID)
+        self._deadlines.add(forgetAt, ("forget", jobID))
+        if self.store is not None:
+            self._tryStore(self.store.expire, jobID, forgetAt)
+
+    def _tryStore(self, write: Callable[..., None], jobID: str, *args: Any) -> None:
+        try:
+            write(jobID, *args)
+        except sqlite3.Error as e:
+            _log.warn("could not delete render {jobID} from the store: {e!r}", jobID=jobID, e=e)
+
+    def _deleteOutputs(self, jobID: str) -> None:
+        self._outputs.pop(jobID, None)
+        if self.outputDir.is_dir():
+            for path in self.outputDir.glob(f"{jobID}.*"):
+                _unlink(path)
+
+
+class _OverShare(Exception):
+    """
+    A render wrote more than its share of C{--max-output-bytes}.
+    """
 
 
 def _failure(
@@ -380,7 +609,7 @@ def _clientReason(error: Exception) -> str:
     """
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    if isinstance(error, RenderProtocolError):
+    if isinstance(error, (RenderProtocolError, _OverShare)):
         return str(error)
     return type(error).__name__
 

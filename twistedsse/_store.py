@@ -6,6 +6,11 @@ service reads them back: finished renders keep their status, their final
 events and their output; renders that were queued or running when the
 process went away (even by SIGKILL) end as C{failed}, "interrupted".
 
+A finished job is deleted (its rows) when it expires; its id is then kept
+in C{expired}, with the time to forget it, so that a restart still answers
+410 for it, not 404, for as long as the service would have (one more
+expiry period): nothing is kept forever.
+
 stdlib C{sqlite3}, in WAL mode: each write is one small transaction, done
 in the reactor thread (a job has a handful in its life; events are not
 written as they stream).
@@ -34,6 +39,10 @@ create table if not exists events (
     name text not null,
     data text not null,
     primary key (job_id, seq)
+);
+create table if not exists expired (
+    id text primary key,
+    forget_at real not null
 );
 """
 
@@ -120,6 +129,44 @@ class SQLiteJobStore:
             (snapshotFromRecord(_json.loads(text)), events.get(jobID, []))
             for jobID, text in self._db.execute("select id, snapshot from jobs order by created_at")
         ]
+
+    def expire(self, jobID: str, forgetAt: float) -> None:
+        """
+        Delete a job (and its events), and remember its id as expired until
+        C{forgetAt}.
+        """
+        with self._db:
+            self._db.execute("begin")
+            self._db.execute("delete from jobs where id = ?", (jobID,))
+            self._db.execute(
+                "insert or replace into expired (id, forget_at) values (?, ?)", (jobID, forgetAt)
+            )
+
+    def delete(self, jobID: str) -> None:
+        """
+        Delete a job and its events, remembering nothing.
+        """
+        self._db.execute("delete from jobs where id = ?", (jobID,))
+
+    def forget(self, jobID: str) -> None:
+        """
+        Stop remembering an expired id.
+        """
+        self._db.execute("delete from expired where id = ?", (jobID,))
+
+    def expired(self, now: float) -> list[tuple[str, float]]:
+        """
+        Delete the expired ids whose time to be forgotten has come; return
+        the others as C{(id, forgetAt)}.
+        """
+        rows = list(
+            self._db.execute("select id, forget_at from expired where forget_at > ? order by forget_at", (now,))
+        )
+        try:
+            self._db.execute("delete from expired where forget_at <= ?", (now,))
+        except sqlite3.Error:
+            pass  # (a full disk) deleted at a later start; they are not returned
+        return rows
 
     def close(self) -> None:
         self._db.close()

@@ -66,6 +66,9 @@ class Options(usage.Options):
         ["max-streams", None, 10000, "Event streams open at once (0: no limit); past it, 503.", _positive(int, "--max-streams", 0)],
         ["max-streams-per-job", None, 1000, "Event streams open at once per render (0: no limit).", _positive(int, "--max-streams-per-job", 0)],
         ["max-queued", None, 100, "Renders that may wait for a slot (0: no limit); past it, 429.", _positive(int, "--max-queued", 0)],
+        ["expire-after", None, 86400.0, "Seconds after a render ends when it and its output are deleted (0: never); its id then answers 410 for as long again.", _positive(float, "--expire-after", 0)],
+        ["max-output-bytes", None, 0, "Total bytes of render outputs kept (0: no limit); the oldest go first, and each render may write at most this / --max-renders.", _positive(int, "--max-output-bytes", 0)],
+        ["min-free-bytes", None, 100 * 1024 * 1024, "Renders are refused (507) while the output filesystem has less free space (0: no check).", _positive(int, "--min-free-bytes", 0)],
     ]
 
     optFlags = [
@@ -212,6 +215,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         renderTimeout=options["render-timeout"],
         killGrace=options["kill-grace"],
         maxQueued=options["max-queued"],
+        expireAfter=options["expire-after"],
+        maxOutputBytes=options["max-output-bytes"],
+        minFreeBytes=options["min-free-bytes"],
     )
     site = buildSite(
         service,

@@ -23,6 +23,9 @@ C{mode} says:
     sleeps C{seconds}, print its pid as a second progress line, exit
     C{code} at once: the child is gone but its pipes stay open.
 
+With C{gate} (a path), it waits after its first line until that file
+exists (at most 30 s), so that the test can subscribe first.
+
 Core dumps are switched off first, so that a signal leaves no C{core} file
 in the output directory (its working directory).
 """
@@ -58,6 +61,13 @@ def main() -> None:
     if params.get("ignore_term"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     emit({"progress": 0.1, "pid": os.getpid(), "mode": mode})
+    if params.get("gate"):
+        # Wait (bounded) until the test has subscribed: a finished job keeps
+        # only its latest progress and terminal event, and the test needs
+        # the line above.
+        deadline = time.monotonic() + 30
+        while not os.path.exists(params["gate"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     if mode == "exit":
         for line in params.get("stderr", []):

@@ -93,9 +93,28 @@ class FaultTests(ServerMixin, TestCase):
 
     @inlineCallbacks
     def start(self, renderer: str, params: Any) -> Any:
+        """
+        Start a render and subscribe to it before it can end: a finished
+        job keeps only its latest progress and terminal event, and these
+        tests read every event (the first carries the child's pid). The
+        renderer waits at a gate file until the stream is open.
+        """
+        gate = None
+        if isinstance(params, dict) and renderer in ("faulty", "ticks"):
+            gate = os.path.abspath(self.mktemp())
+            params = {**params, ("gate" if renderer == "faulty" else "start_file"): gate}
         job = yield self.post(renderer, params)
         events, done = stream(self.base + job["events_url"], self.pool)
         done.addTimeout(WAIT, reactor)
+        if gate is not None:
+            # (C{done.called} is no use: it is "called" with treq's inner
+            # Deferred long before the response arrives.)
+            failed: list[Any] = []
+            done.addErrback(lambda f: (failed.append(f), f)[1])
+            deadline = time.monotonic() + WAIT
+            while not events and not failed and time.monotonic() < deadline:
+                yield deferLater(reactor, 0.005, lambda: None)
+            Path(gate).touch()
         return Render(job, events, done)
 
     @inlineCallbacks

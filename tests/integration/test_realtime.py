@@ -93,15 +93,19 @@ class RealTimeTests(ServerMixin, TestCase):
     @inlineCallbacks
     def test_resumeAfterDisconnect(self) -> None:
         """
-        A client that reconnects with C{Last-Event-ID} gets every later
-        event exactly once; after the end, a reconnect gets 204.
+        A client that connects while the render runs gets its whole
+        history; once it has ended, the job keeps only its latest progress
+        and terminal event, so a reconnect with an older C{Last-Event-ID}
+        gets C{reset} then those two; a reconnect after the end gets 204.
         """
         base = self.startServer([ticker()])
-        job = yield self.post("ticks", {"count": 20, "interval": 0.01})
+        # Long enough for the client process to attach before the end.
+        job = yield self.post("ticks", {"count": 20, "interval": 0.2})
         first = yield self.clientProcess(base + job["events_url"])
         self.assertEqual(len(first[1:]), 21)
         rest = yield self.clientProcess(base + job["events_url"], lastEventID="12")
-        self.assertEqual([e["id"] for e in rest[1:]], [str(i) for i in range(13, 22)])
+        self.assertEqual([(e["event"], e["id"]) for e in rest[1:]], [("reset", "19"), ("progress", "20"), ("complete", "21")])
+        self.assertEqual(json.loads(rest[1]["data"])["missed"], 7)
         after = yield self.clientProcess(base + job["events_url"], lastEventID="21")
         self.assertEqual(after, [after[0]])
         self.assertEqual(after[0]["status"], 204)
