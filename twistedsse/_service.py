@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from ._errors import JobFinished, OutputNotReady, QueueFull, RenderProtocolError, UnknownRenderer
 from ._interfaces import IJobBroker, IRenderer, RenderPlan
 from ._job import JobSnapshot, JobState
-from ._render import ExitStatus, RunningRender, launch
+from ._render import ExitStatus, RunningRender, launch, removeWorkDirs
 from ._store import SQLiteJobStore, StoredEvent
 
 _log = Logger()
@@ -62,6 +62,8 @@ class RenderService(Service):
         it, L{QueueFull}.
     @param store: where jobs are kept across restarts, or C{None} for
         memory only.
+    @param renderEnv: variables added to every render's environment (the
+        operator's C{--render-env}, the thread budget).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class RenderService(Service):
         maxQueued: int = 0,
         store: SQLiteJobStore | None = None,
         newID: Callable[[], str] = newJobID,
+        renderEnv: Mapping[str, str] | None = None,
     ) -> None:
         if maxRenders < 1:
             raise ValueError(f"maxRenders must be at least 1, got {maxRenders!r}")
@@ -91,6 +94,7 @@ class RenderService(Service):
         self.killGrace = killGrace
         self.maxQueued = maxQueued
         self.store = store
+        self.renderEnv = dict(renderEnv or {})
         self._restored = False
         self._newID = newID
         self._links: dict[str, Mapping[str, str]] = {}
@@ -202,6 +206,7 @@ class RenderService(Service):
                 lambda payloads: self._progress(jobID, payloads),
                 killGrace=self.killGrace,
                 path=str(self.outputDir),
+                extraEnv=self.renderEnv,
             )
         except Exception as e:
             # The full reason (paths included) is for the operator's log;
@@ -342,6 +347,8 @@ class RenderService(Service):
 
     def startService(self) -> None:
         self._stopping = False
+        # No render runs yet: any working directory is a dead one's.
+        removeWorkDirs(self.outputDir)
         if self.store is not None and not self._restored:
             self._restore(self.store)
         super().startService()

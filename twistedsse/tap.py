@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from ._build import _reactor, buildService, buildSite
 from ._site import ServerService
-from ._command import CommandRenderer
+from ._command import CommandRenderer, checkRenderEnv
 from ._security import readTokens
 from ._transport import EagerSendReactor
 
@@ -65,6 +65,7 @@ class Options(usage.Options):
         ["max-streams", None, 10000, "Event streams open at once (0: no limit); past it, 503.", _positive(int, "--max-streams", 0)],
         ["max-streams-per-job", None, 1000, "Event streams open at once per render (0: no limit).", _positive(int, "--max-streams-per-job", 0)],
         ["max-queued", None, 100, "Renders that may wait for a slot (0: no limit); past it, 429.", _positive(int, "--max-queued", 0)],
+        ["render-threads", None, None, "Threads a render may use: ffmpeg's -threads and -filter_threads, and $TWISTEDSSE_THREADS for commands (default: the CPUs this process may use).", _positive(int, "--render-threads", 1)],
     ]
 
     def __init__(self) -> None:
@@ -73,6 +74,7 @@ class Options(usage.Options):
         self["renderers"] = []
         self["cors-origins"] = []
         self["auth-tokens"] = ()
+        self["render-env"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -97,6 +99,17 @@ class Options(usage.Options):
         if renderer.name == "card" or any(r.name == renderer.name for r in self["renderers"]):
             raise usage.UsageError(f"--renderer: the name {renderer.name!r} is taken")
         self["renderers"].append(renderer)
+
+    def opt_render_env(self, spec: str) -> None:
+        """
+        NAME: pass this variable of the service's environment on to every
+        render; NAME=VALUE: set it (repeatable). Renders otherwise get only
+        PATH, LANG, LC_ALL and their TWISTEDSSE_* variables.
+        """
+        try:
+            self["render-env"].append(checkRenderEnv(spec))
+        except ValueError as e:
+            raise usage.UsageError(f"--render-env: {e}") from None
 
     def opt_cors_origin(self, origin: str) -> None:
         """
@@ -168,6 +181,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         renderTimeout=options["render-timeout"],
         killGrace=options["kill-grace"],
         maxQueued=options["max-queued"],
+        renderThreads=options["render-threads"],
+        renderEnv=options["render-env"],
     )
     site = buildSite(
         service,

@@ -21,7 +21,9 @@ C{mode} says:
   - C{echo}: print C{{"text": text}} as a second progress line, exit 0.
   - C{orphan}: start a grandchild that inherits stdout and stderr and
     sleeps C{seconds}, print its pid as a second progress line, exit
-    C{code} at once: the child is gone but its pipes stay open.
+    C{code} at once: the child is gone but its pipes stay open. With
+    C{escape}, the grandchild leaves the render's process group (a session
+    of its own), out of the service's reach.
 
 Core dumps are switched off first, so that a signal leaves no C{core} file
 in the output directory (its working directory).
@@ -118,6 +120,7 @@ def main() -> None:
         grandchild = subprocess.Popen(
             [sys.executable, "-c", f"import time; time.sleep({float(params.get('seconds', 30))})"],
             stdin=subprocess.DEVNULL,
+            start_new_session=bool(params.get("escape")),
         )
         emit({"progress": 0.2, "grandchild": grandchild.pid})
         os._exit(int(params.get("code", 0)))

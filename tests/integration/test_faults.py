@@ -522,9 +522,12 @@ class FaultTests(ServerMixin, TestCase):
         """
         Start a renderer that starts a process holding its stdout and
         stderr for 30 s, and exits C{code} at once; return it once it has
-        exited.
+        exited. The process leaves the render's process group (as a daemon
+        does), so that the service cannot end it with the render: only its
+        pipes can be closed. (One that stays in the group is KILLed when the
+        render exits: see test_containment.)
         """
-        render = yield self.start("faulty", {"mode": "orphan", "seconds": 30, "code": code})
+        render = yield self.start("faulty", {"mode": "orphan", "seconds": 30, "code": code, "escape": True})
         yield self.waitUntil(lambda: len(render.payloads()) == 2, "the grandchild's pid")
         grandchild = render.payloads()[1]["grandchild"]
         self.addCleanup(lambda: pidGone(grandchild) or os.kill(grandchild, 9))

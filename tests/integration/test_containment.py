@@ -1,0 +1,336 @@
+"""
+Renders are contained, for real: each runs in its own process group and
+session, and whatever ends it (cancel, timeout, shutdown, its own exit, the
+service being SIGKILLed) ends every process it started too, grandchildren
+included, even one that ignores SIGTERM. A command renderer sees only the
+allow-listed environment, and runs in a private working directory that is
+removed when it ends.
+
+The renderer is C{grouped.py}: it starts two grandchildren (a C{sleep}, and
+a C{sleep} that ignores SIGTERM) that hold none of its pipes, and reports
+their pids, its environment and its working directory as its first
+progress event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from twistedsse import CommandRenderer
+
+from ._support import HERE, ServerMixin, stream
+
+GROUPED = str(HERE / "grouped.py")
+
+#: Every wait is bounded by this many seconds.
+WAIT = 20.0
+
+#: A process the service ended must be gone within this many seconds.
+GONE_WITHIN = 2.0
+
+
+def grouped(name: str = "grouped") -> CommandRenderer:
+    return CommandRenderer(name, [sys.executable, "-u", GROUPED])
+
+
+def alive(pid: int) -> bool:
+    """
+    Whether C{pid} is a live process: a zombie (dead, waiting for a parent
+    to collect it, which the init of a container may never do) counts as
+    gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = data[data.rindex(b")") + 2 :].split()[0]
+    return state not in (b"Z", b"X")
+
+
+@inlineCallbacks
+def waitUntil(predicate: Any, what: str, timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        yield deferLater(reactor, 0.01, lambda: None)
+
+
+def killLeftovers(pids: list[int]) -> None:
+    # Only the processes this test started, by pid; a no-op once the
+    # service did its job.
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+class ContainmentTests(ServerMixin, TestCase):
+    timeout = 60
+
+    def serve(self, **kw: Any) -> str:
+        kw.setdefault("maxRenders", 4)
+        kw.setdefault("killGrace", 0.5)
+        return self.startServer([grouped()], **kw)
+
+    @inlineCallbacks
+    def started(self, params: Any = None) -> Any:
+        """
+        Start a C{grouped} render and wait for its report; return it, its
+        events and the Deferred that fires when its stream ends.
+        """
+        job = yield self.post("grouped", params or {})
+        events, done = stream(self.base + job["events_url"], self.pool)
+        done.addTimeout(WAIT, reactor)
+        yield waitUntil(lambda: len(events) > 1, "the renderer's report")
+        report = json.loads(events[1].data)
+        pids = [report["pid"], *report["grandchildren"]]
+        self.addCleanup(killLeftovers, pids)
+        return job, report, pids, events, done
+
+    @inlineCallbacks
+    def assertAllGone(self, pids: list[int], since: float) -> Any:
+        """
+        Every process in C{pids} is gone within L{GONE_WITHIN} seconds of
+        C{since}.
+        """
+        yield waitUntil(lambda: not any(alive(pid) for pid in pids), f"{pids} to end", timeout=WAIT)
+        elapsed = time.monotonic() - since
+        self.assertLess(elapsed, GONE_WITHIN, f"the processes took {elapsed:.2f} s to end")
+
+    def terminal(self, events: list[Any]) -> tuple[str, Any]:
+        return events[-1].event, json.loads(events[-1].data)
+
+    @inlineCallbacks
+    def test_ownGroupAndSession(self) -> None:
+        """
+        The render runs in a process group and session of its own, not the
+        service's.
+        """
+        self.serve()
+        job, report, pids, events, done = yield self.started({"mode": "exit"})
+        yield done
+        self.assertNotEqual(report["pgid"], os.getpgid(0))
+        self.assertNotEqual(report["sid"], os.getsid(0))
+        self.assertEqual(report["pgid"], report["sid"])
+
+    @inlineCallbacks
+    def test_cancelEndsTheGroup(self) -> None:
+        """
+        Cancelling a render ends its grandchildren too, the one that ignores
+        SIGTERM included (KILLed with the group after the grace, 0.5 s); the
+        render ends C{cancelled}.
+        """
+        self.serve()
+        job, report, pids, events, done = yield self.started()
+        began = time.monotonic()
+        response = yield treq.delete(self.base + job["status_url"], pool=self.pool)
+        self.assertEqual(response.code, 202)
+        yield done
+        self.assertEqual(self.terminal(events)[0], "cancelled")
+        yield self.assertAllGone(pids, began)
+
+    @inlineCallbacks
+    def test_timeoutEndsTheGroup(self) -> None:
+        """
+        A render stopped at its timeout (1 s) takes its grandchildren with
+        it; it fails with C{reason: "timeout"} and C{signal: 15}, as a render
+        with no grandchildren does.
+        """
+        self.serve(renderTimeout=1.0)
+        job, report, pids, events, done = yield self.started()
+        yield done
+        name, data = self.terminal(events)
+        self.assertEqual((name, data["reason"], data["signal"], data["exit_code"]), ("failed", "timeout", 15, None))
+        yield self.assertAllGone(pids, time.monotonic())
+
+    @inlineCallbacks
+    def test_shutdownEndsTheGroup(self) -> None:
+        """
+        Stopping the service ends every render's whole group before its
+        Deferred fires (give or take the time the kernel takes to tear a
+        KILLed process down).
+        """
+        self.serve()
+        job, report, pids, events, done = yield self.started()
+        began = time.monotonic()
+        yield self.service.stopService()
+        yield done
+        self.assertEqual(self.terminal(events)[1]["reason"], "interrupted")
+        yield self.assertAllGone(pids, began)
+
+    @inlineCallbacks
+    def test_exitEndsLeftovers(self) -> None:
+        """
+        A render that exits (0: it completes) while processes it started
+        run on in its group does not leave them behind: they are KILLed
+        when it exits.
+        """
+        self.serve()
+        job, report, pids, events, done = yield self.started({"mode": "exit"})
+        began = time.monotonic()
+        yield done
+        self.assertEqual(self.terminal(events)[0], "complete")
+        yield self.assertAllGone(pids, began)
+
+    @inlineCallbacks
+    def test_allowListedEnvironment(self) -> None:
+        """
+        A command renderer's environment holds the allow-list only: C{PATH},
+        C{LANG} (and C{LC_ALL} when the service has one), its output path,
+        render id and thread budget, C{HOME} and C{TMPDIR} pointing at its
+        working directory, and what the operator added with
+        C{--render-env}: nothing else of the service's environment (here a
+        secret the test puts there).
+        """
+        self.patch(os, "environ", {**os.environ, "TWISTEDSSE_TEST_SECRET": "hunter2", "PASSED": "through"})
+        self.serve(renderEnv=["PASSED", "SET=value", "ABSENT"], renderThreads=3)
+        job, report, pids, events, done = yield self.started({"mode": "exit"})
+        yield done
+        env = report["env"]
+        self.assertNotIn("TWISTEDSSE_TEST_SECRET", env)
+        expected = {"PATH", "LANG", "HOME", "TMPDIR", "TWISTEDSSE_OUTPUT", "TWISTEDSSE_RENDER_ID",
+                    "TWISTEDSSE_THREADS", "PASSED", "SET"}  # fmt: skip
+        if "LC_ALL" in os.environ:
+            expected.add("LC_ALL")
+        self.assertEqual(set(env), expected)
+        self.assertEqual(env["PATH"], os.environ.get("PATH", os.defpath))
+        self.assertEqual((env["PASSED"], env["SET"], env["TWISTEDSSE_THREADS"]), ("through", "value", "3"))
+        self.assertEqual((env["HOME"], env["TMPDIR"]), (report["cwd"], report["cwd"]))
+        self.assertEqual(env["TWISTEDSSE_RENDER_ID"], job["id"])
+
+    @inlineCallbacks
+    def test_privateWorkingDirectory(self) -> None:
+        """
+        Each render runs in a fresh working directory of its own (mode 0700,
+        writable, not the output directory, not another render's), which is
+        removed when it ends, whatever the outcome; the output directory is
+        left as it was.
+        """
+        self.serve()
+        outputs = Path(self.service.outputDir).resolve()
+        seen = []
+        for params in ({"mode": "exit"}, {"mode": "exit", "code": 3}, {}):
+            job, report, pids, events, done = yield self.started(params)
+            cwd = Path(report["cwd"])
+            self.assertTrue(report["wrote"])
+            self.assertEqual(stat.S_IMODE(cwd.stat().st_mode) if cwd.exists() else 0o700, 0o700)
+            self.assertNotEqual(cwd, outputs)
+            self.assertTrue(cwd.is_relative_to(outputs), cwd)
+            seen.append(cwd)
+            if not params:
+                self.assertTrue(cwd.is_dir())
+                yield treq.delete(self.base + job["status_url"], pool=self.pool)
+            yield done
+            self.assertFalse(cwd.exists(), f"{cwd} was left behind")
+        self.assertEqual(len(set(seen)), 3)
+        self.assertEqual(os.listdir(outputs), [])
+
+    @inlineCallbacks
+    def test_leftoverWorkingDirectoriesRemovedAtStart(self) -> None:
+        """
+        Working directories left by a service that died are removed when
+        the service starts again; outputs are left alone.
+        """
+        outputs = Path(self.mktemp()).absolute()
+        leftover = outputs / ".work" / "dead-render"
+        (leftover / "deep").mkdir(parents=True)
+        (leftover / "deep" / "file").write_text("x")
+        (outputs / "kept.mp4").write_bytes(b"video")
+        self.serve(outputDir=str(outputs))
+        self.assertFalse(leftover.exists())
+        self.assertEqual(sorted(os.listdir(outputs)), ["kept.mp4"])
+        yield None
+
+
+class _Service(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[int] = Deferred()
+        self.ended: Deferred[Any] = Deferred()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.output += data
+        found = re.search(rb"Site starting on (\d+)", self.output)
+        if found and not self.listening.called:
+            self.listening.callback(int(found.group(1)))
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback(reason.value)
+
+
+class ServiceDeathTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_sigkilledServiceTakesItsRendersAlong(self) -> None:
+        """
+        When the service process (C{python -m twistedsse}) is SIGKILLed
+        mid-render, so that it can stop nothing, the render and its
+        grandchildren (the one that ignores SIGTERM too) are gone within 2 s;
+        the next start removes the render's working directory.
+        """
+        from twisted.web.client import HTTPConnectionPool
+
+        protocol = _Service()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parents[1]), env.get("PYTHONPATH")]))
+        outputs = Path(self.mktemp()).absolute()
+        argv = [
+            sys.executable, "-m", "twistedsse", "--listen", "tcp:0:interface=127.0.0.1",
+            "--output-dir", str(outputs), "--renderer", f"grouped={sys.executable} -u {GROUPED}",
+        ]  # fmt: skip
+        process = reactor.spawnProcess(protocol, sys.executable, argv, env=env)
+
+        def cleanup() -> Any:
+            if not protocol.ended.called:
+                process.signalProcess("KILL")
+            return protocol.ended
+
+        self.addCleanup(cleanup)
+        port = yield protocol.listening
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = yield treq.post(
+            f"http://127.0.0.1:{port}/renders", json={"renderer": "grouped", "params": {}}, pool=pool
+        )
+        job = yield response.json()
+        events, cut = stream(f"http://127.0.0.1:{port}{job['events_url']}", pool)
+        cut.addErrback(lambda f: None)  # a SIGKILLed server cuts the body short
+        yield waitUntil(lambda: len(events) > 1, "the renderer's report")
+        report = json.loads(events[1].data)
+        pids = [report["pid"], *report["grandchildren"]]
+        self.addCleanup(killLeftovers, pids)
+        self.assertTrue(all(alive(pid) for pid in pids))
+
+        process.signalProcess("KILL")
+        began = time.monotonic()
+        yield protocol.ended
+        yield waitUntil(lambda: not any(alive(pid) for pid in pids), f"{pids} to end")
+        elapsed = time.monotonic() - began
+        self.assertLess(elapsed, GONE_WITHIN, f"the render outlived the service by {elapsed:.2f} s")
+        yield cut
+        self.assertTrue(Path(report["cwd"]).is_dir())  # nobody was left to remove it
+
+        protocol = _Service()
+        process = reactor.spawnProcess(protocol, sys.executable, argv, env=env)
+        yield protocol.listening
+        self.assertFalse(Path(report["cwd"]).exists())
+        process.signalProcess("TERM")
+        yield protocol.ended
