@@ -32,6 +32,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from twistedsse import CommandRenderer
+from twistedsse._render import launcherArgv
 
 from ._support import HERE, ServerMixin, stream
 
@@ -334,3 +335,103 @@ class ServiceDeathTests(TestCase):
         self.assertFalse(Path(report["cwd"]).exists())
         process.signalProcess("TERM")
         yield protocol.ended
+
+
+class LauncherTests(TestCase):
+    """
+    The supervisor itself (C{twistedsse/_launcher.py}), run by this test
+    process as the service would run it: what the service sees of the
+    render through it must be what it saw of the render run directly.
+    """
+
+    def supervise(self, *argv: str, env: dict[str, str] | None = None, **kw: Any) -> Any:
+        import subprocess
+
+        cwd = Path(self.mktemp()).absolute()
+        cwd.mkdir(parents=True)
+        result = subprocess.run(
+            launcherArgv(argv, os.getpid()), env={} if env is None else env, cwd=cwd,
+            capture_output=True, timeout=WAIT, **kw,
+        )  # fmt: skip
+        result.cwd = cwd  # type: ignore[attr-defined]
+        return result
+
+    def test_exitCodeAndSignal(self) -> None:
+        """
+        The supervisor exits with the render's exit code, or dies of the
+        signal that killed it (SIGSEGV, SIGKILL), leaving no core file.
+        """
+        self.assertEqual(self.supervise("/bin/sh", "-c", "exit 3").returncode, 3)
+        self.assertEqual(self.supervise("/bin/sh", "-c", "exit 0").returncode, 0)
+        for signum in (signal.SIGSEGV, signal.SIGKILL, signal.SIGTERM):
+            result = self.supervise("/bin/sh", "-c", f"ulimit -c 0; kill -{int(signum)} $$")
+            self.assertEqual(result.returncode, -signum)
+            self.assertEqual(os.listdir(result.cwd), [])
+
+    def test_cannotExecute(self) -> None:
+        """
+        A command that cannot be executed after all (gone since the
+        service looked, or not a valid executable) exits 127 or 126, as a
+        shell would, with the system's reason on stderr and no path.
+        """
+        missing = self.supervise("/nonexistent/secret-dir/render")
+        self.assertEqual((missing.returncode, missing.stderr),
+                         (127, b"twistedsse: cannot run the renderer: No such file or directory\n"))  # fmt: skip
+        script = Path(self.mktemp()).absolute()
+        script.write_text("no interpreter line\n")
+        script.chmod(0o700)
+        bad = self.supervise(str(script))
+        self.assertEqual((bad.returncode, bad.stderr), (126, b"twistedsse: cannot run the renderer: Exec format error\n"))
+
+    def test_exactArgvAndEnvironment(self) -> None:
+        """
+        The render gets its argv byte for byte (no shell: quotes, spaces,
+        C{$}, empty strings, non-UTF-8 bytes) and exactly the environment
+        the supervisor was given: nothing the interpreter adds (it sets
+        C{LC_CTYPE} for a C locale), nothing dropped.
+        """
+        odd = os.fsdecode(b"\xff\xfe")
+        args = ["a b", "'", '"', "", "$HOME", "`id`", "ünï", odd]
+        result = self.supervise("/usr/bin/printf", "%s\\0", *args)
+        self.assertEqual(result.stdout, b"".join(os.fsencode(arg) + b"\0" for arg in args))
+        for env in ({}, {"LANG": "C"}, {"LC_CTYPE": "C", "PYTHONPATH": "/evil", "X": "1"}):
+            shown = self.supervise("/usr/bin/env", "-0", env=env).stdout
+            self.assertEqual(sorted(filter(None, shown.split(b"\0"))),
+                             sorted(f"{k}={v}".encode() for k, v in env.items()))  # fmt: skip
+
+    def test_ownSessionAndDefaultSignals(self) -> None:
+        """
+        The render runs in the supervisor's new session and group (whose
+        id is the supervisor's pid), with no signal ignored (the
+        interpreter ignores SIGPIPE and SIGXFSZ; an ignored signal would
+        stay ignored across exec).
+        """
+        import subprocess
+
+        script = "echo $PPID $(ps -o sid= -p $$) $(ps -o pgid= -p $$); grep SigIgn /proc/$$/status"
+        process = subprocess.Popen(launcherArgv(["/bin/sh", "-c", script], os.getpid()), env={"PATH": os.defpath},
+                                   stdout=subprocess.PIPE)  # fmt: skip
+        out, _ = process.communicate(timeout=WAIT)
+        first, second = out.decode().splitlines()
+        ppid, sid, pgid = (int(n) for n in first.split())
+        self.assertEqual((ppid, sid, pgid), (process.pid, process.pid, process.pid))
+        self.assertEqual(second.split(), ["SigIgn:", "0000000000000000"])
+
+    def test_pipesAreTheRenders(self) -> None:
+        """
+        The supervisor holds none of the render's pipes: stdout and
+        stderr close when the render closes them, though it runs on.
+        """
+        import subprocess
+
+        process = subprocess.Popen(
+            launcherArgv(["/bin/sh", "-c", "exec >&- 2>&-; sleep 1"], os.getpid()), env={"PATH": os.defpath},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        began = time.monotonic()
+        self.assertEqual(process.stdout.read(), b"")  # type: ignore[union-attr]
+        self.assertLess(time.monotonic() - began, 0.8)
+        self.assertIsNone(process.poll())
+        self.assertEqual(process.wait(timeout=WAIT), 0)
+        process.stdout.close()  # type: ignore[union-attr]
+        process.stderr.close()  # type: ignore[union-attr]
