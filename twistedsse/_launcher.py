@@ -110,10 +110,10 @@ def _environment() -> dict[bytes, bytes] | os._Environ[bytes]:
     return env
 
 
-def _groupMembers(pgid: int, me: int) -> list[int]:
+def _groupMembers(pgid: int, me: int, zombies: bool = False) -> list[int]:
     """
-    The live processes of group C{pgid} other than C{me}, from C{/proc}
-    (zombies are dead already: they only wait to be collected).
+    The live processes of group C{pgid} other than C{me}, from C{/proc};
+    with C{zombies}, the dead ones that wait to be collected too.
     """
     members = []
     for entry in os.listdir("/proc"):
@@ -127,7 +127,7 @@ def _groupMembers(pgid: int, me: int) -> list[int]:
         # "pid (comm) state ppid pgrp ...": comm may hold anything, even
         # ")", so the fields are counted from the last ")".
         fields = data[data.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid:
+        if len(fields) > 2 and (zombies or fields[0] not in (b"Z", b"X")) and int(fields[2]) == pgid:
             members.append(int(entry))
     return members
 
@@ -156,24 +156,23 @@ def killGroupMembers(pgid: int, spare: int) -> set[int]:
     return killed
 
 
-def _reap(pids: set[int], within: float = REAP_WITHIN) -> None:
+def _reap(pgid: int, me: int, within: float = REAP_WITHIN) -> None:
     """
-    Collect our children, until every one of C{pids} (KILLed) is collected
-    or gone (collected by another), for at most C{within} seconds. As the
-    subreaper, we are handed each of them once its own parent is dead.
+    Collect the dead of our group, until none is left but us, for at most
+    C{within} seconds. As the subreaper we are handed each of them when
+    its own parent dies (the render's children when it dies, theirs when
+    they do), so they are all ours to collect in the end.
     """
-    pending = set(pids)
     deadline = time.monotonic() + within
-    while pending:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid:
-            pending.discard(pid)
-            continue
-        pending = {pid for pid in pending if os.path.exists(f"/proc/{pid}")}
-        if not pending or time.monotonic() > deadline:
+    while True:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if not pid:
+                break
+        if not _groupMembers(pgid, me, zombies=True) or time.monotonic() > deadline:
             return
         time.sleep(0.002)
 
@@ -285,7 +284,8 @@ def main(argv: list[str]) -> None:
         if pid == child and not os.WIFSTOPPED(status) and not os.WIFCONTINUED(status):
             break
     try:
-        _reap(killGroupMembers(me, me))
+        killGroupMembers(me, me)
+        _reap(me, me)
     except OSError:  # pragma: no cover - no /proc
         pass
     _endLike(status)

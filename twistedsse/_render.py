@@ -500,7 +500,8 @@ def launch(
     @param contain: run it under the L{twistedsse._launcher} supervisor,
         in its own process group, and stop it by signalling the group; by
         default when C{spawner} is a real reactor (a fake one runs no
-        process: its fake stands for the whole group).
+        process: its fake stands for the whole group) and knows its
+        interpreter (C{sys.executable}) to run the supervisor with.
     @param signals: how the group is signalled (L{GroupSignals} by
         default), for tests.
     @raise OSError: it could not be started (missing or non-executable
@@ -508,7 +509,9 @@ def launch(
     """
     real = isinstance(spawner, ReactorBase)
     if contain is None:
-        contain = real
+        # An embedded interpreter may not know its own executable: then
+        # there is no supervisor to run.
+        contain = real and bool(sys.executable)
     argv = list(plan.argv)
     env = dict(plan.env)
     workDir = None

@@ -10,12 +10,14 @@ working directory (and whether it could write there). Then, by C{mode}:
   - C{exit}: exit with C{code} (0) at once, leaving the grandchildren
     running.
 
-The grandchildren sleep C{seconds} too, so that whatever happens they end.
+With C{ignore_term}, the renderer itself ignores SIGTERM too. The
+grandchildren sleep C{seconds} too, so that whatever happens they end.
 """
 
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +26,8 @@ import time
 def main() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     params = json.loads(sys.stdin.read() or "{}")
+    if params.get("ignore_term"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seconds = float(params.get("seconds", 30))
     quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     plain = subprocess.Popen(["sleep", f"{seconds:g}"], **quiet)

@@ -81,6 +81,16 @@ def killLeftovers(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _collect(pids: list[int]) -> None:
+    # Zombies handed to this process while it was a subreaper: ours to
+    # collect, or they would outlive the test.
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
 class ContainmentTests(ServerMixin, TestCase):
     timeout = 60
 
@@ -133,9 +143,9 @@ class ContainmentTests(ServerMixin, TestCase):
     @inlineCallbacks
     def test_cancelEndsTheGroup(self) -> None:
         """
-        Cancelling a render ends its grandchildren too, the one that ignores
-        SIGTERM included (KILLed with the group after the grace, 0.5 s); the
-        render ends C{cancelled}.
+        Cancelling a render ends its grandchildren too: the group gets
+        SIGTERM, and the one that ignores it is KILLed by the supervisor
+        as soon as the render has exited. The render ends C{cancelled}.
         """
         self.serve()
         job, report, pids, events, done = yield self.started()
@@ -145,6 +155,33 @@ class ContainmentTests(ServerMixin, TestCase):
         yield done
         self.assertEqual(self.terminal(events)[0], "cancelled")
         yield self.assertAllGone(pids, began)
+
+    @inlineCallbacks
+    def test_killedGroupIsCollected(self) -> None:
+        """
+        A render that ignores SIGTERM is KILLed with its whole group after
+        the grace (0.5 s): it ends C{cancelled}, and every process of the
+        group has been collected, none left a zombie: the supervisor
+        collects them, even where orphans go to a process that does not
+        (this test process, made their "subreaper" for the test, like the
+        service running as pid 1 of a container).
+        """
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        self.addCleanup(prctl, 36, 0, 0, 0, 0)
+        self.serve()
+        job, report, pids, events, done = yield self.started({"ignore_term": True})
+        began = time.monotonic()
+        yield treq.delete(self.base + job["status_url"], pool=self.pool)
+        yield done
+        elapsed = time.monotonic() - began
+        self.assertEqual(self.terminal(events)[0], "cancelled")
+        self.assertTrue(0.5 <= elapsed < 2.0, elapsed)
+        yield self.assertAllGone(pids, began)
+        self.addCleanup(_collect, pids)
+        yield waitUntil(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), "the zombies to be collected", 2.0)
 
     @inlineCallbacks
     def test_timeoutEndsTheGroup(self) -> None:
@@ -163,9 +200,10 @@ class ContainmentTests(ServerMixin, TestCase):
     @inlineCallbacks
     def test_shutdownEndsTheGroup(self) -> None:
         """
-        Stopping the service ends every render's whole group before its
-        Deferred fires (give or take the time the kernel takes to tear a
-        KILLed process down).
+        Stopping the service ends every render's whole group, the
+        grandchild that ignores SIGTERM included, before its Deferred fires
+        (give or take the time the kernel takes to tear a KILLed process
+        down).
         """
         self.serve()
         job, report, pids, events, done = yield self.started()
