@@ -529,9 +529,13 @@ class FaultTests(ServerMixin, TestCase):
         """
         render = yield self.start("faulty", {"mode": "orphan", "seconds": 30, "code": code, "escape": True})
         yield self.waitUntil(lambda: len(render.payloads()) == 2, "the grandchild's pid")
-        grandchild = render.payloads()[1]["grandchild"]
+        grandchild, parent = render.payloads()[1]["grandchild"], render.payloads()[1]["parent"]
         self.addCleanup(lambda: pidGone(grandchild) or os.kill(grandchild, 9))
         yield self.waitUntil(lambda: pidGone(render.pid()), "the renderer to exit")
+        if parent != os.getpid():
+            # Its supervisor exits once it has: then the server has seen it
+            # exit (it collected the supervisor).
+            yield self.waitUntil(lambda: pidGone(parent), "the supervisor to exit")
         return render
 
     @inlineCallbacks
