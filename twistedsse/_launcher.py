@@ -1,9 +1,13 @@
 """
 The child side of a contained render: a small supervisor that the service
 spawns instead of the render's command, run as a script
-(C{python -I -S _launcher.py SERVICE_PID ARGV...}) so that it starts in
-about 15 ms and imports nothing but the standard library (no site
-packages: it does not even import C{twistedsse}).
+(C{python -I -S _launcher.py SERVICE_PID ARGV...}): an interpreter that
+ignores C{PYTHON*} variables (they are the render's) and imports nothing
+but the standard library (no site packages: it does not even import
+C{twistedsse}), for the cheapest start. Measured on the 2-core
+development machine: about 26 ms of CPU per render, against 12-15 ms for
+a bare C{python -I -S -c pass}; in wall time, under a load average of 8,
+a render of C{/bin/true} took 88 ms from spawn to end instead of 26.
 
 Twisted's C{spawnProcess} has no hook to run code in the child before
 C{exec}, and Linux gives no way to tie a whole process tree to its parent's
@@ -20,8 +24,8 @@ supervisor, the process the service knows:
      group, itself included: a SIGKILLed service leaves no render behind;
   3. forks the render, which gets every signal disposition back to the
      default (as Twisted gives its children), the kernel's promise of a
-     SIGKILL if the supervisor dies, and the service's exact environment
-     (read back from C{/proc/self/environ}: the interpreter adds
+     SIGKILL if the supervisor dies, and exactly the environment the
+     service gave the supervisor (read back from C{/proc/self/environ}: the interpreter adds
      C{LC_CTYPE} to its own when the locale is C), and execs the argv
      as given: never a shell;
   4. lets go of the render's pipes (so that their end is the render's),
