@@ -521,6 +521,21 @@ class PlanTests(SynchronousTestCase):
             self.assertEqual(argv[len(argv) - argv[::-1].index(option)], value, option)
         self.assertIn("-nostats", argv)
         self.assertEqual(plan.mediaDuration, 2.0)
+        self.assertNotIn("-threads", argv)
+
+    def test_threads(self) -> None:
+        """
+        With a thread cap, ffmpeg gets it for the filter graph (the global
+        C{-filter_threads}, before the input) and for the encoder (the
+        output option C{-threads}, before the output file).
+        """
+        renderer = CardRenderer(ffmpeg="/opt/ffmpeg/bin/ffmpeg", threads=3)
+        argv = list(renderer.plan(renderer.validate({}), makeWorkdir(self), "j").argv)
+        self.assertEqual(argv[1:6], ["-hide_banner", "-nostdin", "-y", "-filter_threads", "3"])
+        self.assertLess(argv.index("-threads"), len(argv) - 1)
+        self.assertEqual(argv[argv.index("-threads") + 1], "3")
+        self.assertGreater(argv.index("-threads"), argv.index("-i"))
+        self.assertRaises(ValueError, CardRenderer, threads=0)
 
     def test_filterGraph(self) -> None:
         """

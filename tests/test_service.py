@@ -129,15 +129,19 @@ class ServiceTests(SynchronousTestCase):
 
     def test_runsToSuccess(self) -> None:
         """
-        A render runs with its plan's argv, env and stdin; each stdout line
-        is a progress event; exit 0 finalizes the output, publishes
-        C{complete} and removes the scratch files.
+        A render runs with its plan's argv, env and stdin, in a private
+        working directory of its own under the output directory (its
+        C{HOME} and C{TMPDIR}); each stdout line is a progress event; exit 0
+        finalizes the output, publishes C{complete} and removes the scratch
+        files and the working directory.
         """
         jobID = self.submit()
         recorder = self.watch(jobID)
         process = self.spawner.processes[-1]
         self.assertEqual(process.args, ["/bin/render", jobID])
-        self.assertEqual(process.env, {"PATH": "/usr/bin"})
+        workDir = Path(process.path)
+        self.assertEqual(workDir.parent, self.dir.absolute() / ".work")
+        self.assertEqual(process.env, {"PATH": "/usr/bin", "HOME": str(workDir), "TMPDIR": str(workDir)})
         self.assertEqual(process.stdin, b"{}\n")
         self.assertTrue(process.stdinClosed)
         self.assertEqual(self.broker.get(jobID).state, JobState.RUNNING)
@@ -156,6 +160,7 @@ class ServiceTests(SynchronousTestCase):
         )
         self.assertEqual(self.service.outputPath(jobID).read_bytes(), b"MP4DATA")
         self.assertFalse((self.dir / f"{jobID}.scratch").exists())
+        self.assertFalse(workDir.parent.exists())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_nothingRunsBeforeStart(self) -> None:

@@ -5,6 +5,7 @@ The twistd plugin: options parsing, the service tree, and discovery.
 from __future__ import annotations
 
 import gc
+import os
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
@@ -77,10 +78,32 @@ class OptionsTests(SynchronousTestCase):
             (["--renderer", "x="], "empty command"),
             (["--renderer", "card=/bin/true"], "taken"),
             (["--renderer", "a=/bin/true", "--renderer", "a=/bin/false"], "taken"),
+            (["--render-threads", "0"], "--render-threads must be at least 1"),
+            (["--render-env", "A-B"], "--render-env: expected NAME or NAME=VALUE"),
+            (["--render-env", "TWISTEDSSE_OUTPUT=/x"], "set by twistedsse itself"),
         ]:
             with self.assertRaises(UsageError) as caught:
                 self.parse(*argv)
             self.assertIn(words, str(caught.exception), argv)
+
+    def test_renderContainment(self) -> None:
+        """
+        --render-threads caps a render's threads (default: the CPUs this
+        process may use); --render-env repeats, and reaches every render's
+        environment with the thread budget.
+        """
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        self.addCleanup(gc.unfreeze)
+        self.assertIsNone(self.parse()["render-threads"])
+        options = self.parse("--render-threads", "2", "--render-env", "TOKEN", "--render-env", "MODE=fast",
+                             "--output-dir", self.mktemp())  # fmt: skip
+        self.assertEqual((options["render-threads"], options["render-env"]), (2, ["TOKEN", "MODE=fast"]))
+        self.patch(tap.os, "environ", {"TOKEN": "t", "SECRET": "s"})
+        render = list(tap.makeService(options, MemoryReactorClock()))[0]
+        self.assertEqual(render.renderEnv, {"TWISTEDSSE_THREADS": "2", "TOKEN": "t", "MODE": "fast"})
+        self.assertEqual(render.renderers["card"]._threads, 2)
+        default = tap.makeService(self.parse("--output-dir", self.mktemp()), MemoryReactorClock())
+        self.assertEqual(list(default)[0].renderEnv["TWISTEDSSE_THREADS"], str(len(os.sched_getaffinity(0))))
 
     def test_systemdWithoutSocket(self) -> None:
         """

@@ -17,6 +17,7 @@ from twisted.web.resource import IResource
 from ._app import TwistedSSEApp
 from ._broker import MemoryBroker
 from ._card import CardRenderer
+from ._command import renderEnvironment
 from ._interfaces import IJobBroker, IRenderer
 from ._service import RenderService, defaultOutputDir
 from ._security import BearerTokens, CORSPolicy, HostPolicy, redactedLogFormatter
@@ -52,6 +53,18 @@ class _TemporaryOutputService(RenderService):
         return super().stopService().addBoth(remove)
 
 
+def defaultRenderThreads() -> int:
+    """
+    The CPUs this process may run on (its affinity mask: a container's or
+    C{taskset}'s limit, not the machine's count), the default cap on a
+    render's threads.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def buildService(
     reactor: Any = None,
     *,
@@ -68,6 +81,8 @@ def buildService(
     expireAfter: float = 86400.0,
     maxOutputBytes: int | None = None,
     minFreeBytes: int = 100 * 1024 * 1024,
+    renderThreads: int | None = None,
+    renderEnv: Iterable[str] = (),
 ) -> RenderService:
     """
     A L{RenderService} with the built-in C{card} renderer (ffmpeg from
@@ -86,9 +101,21 @@ def buildService(
         limit); the oldest finished ones go first.
     @param minFreeBytes: renders are refused while the output filesystem
         has less free space (C{0}: no check).
+    @param renderThreads: the threads a render may use: ffmpeg's
+        C{-threads} and C{-filter_threads} for C{card}, and
+        C{TWISTEDSSE_THREADS} in every render's environment; by default
+        L{defaultRenderThreads}.
+    @param renderEnv: C{NAME} (the service's own variable, passed on if
+        set) or C{NAME=VALUE}: added to every render's environment, which
+        otherwise holds only an allow-list.
+    @raise ValueError: a bad C{renderEnv} entry, or C{renderThreads} < 1.
     """
     reactor = _reactor(reactor)
-    table: dict[str, IRenderer] = {"card": CardRenderer(ffmpeg=ffmpeg)}
+    threads = defaultRenderThreads() if renderThreads is None else renderThreads
+    if threads < 1:
+        raise ValueError(f"renderThreads must be at least 1, got {renderThreads!r}")
+    extraEnv = {"TWISTEDSSE_THREADS": str(threads), **renderEnvironment(renderEnv, os.environ)}
+    table: dict[str, IRenderer] = {"card": CardRenderer(ffmpeg=ffmpeg, threads=threads)}
     for renderer in renderers:
         if renderer.name in table:
             raise ValueError(f"renderer {renderer.name!r} is defined twice")
@@ -116,6 +143,7 @@ def buildService(
         expireAfter=expireAfter,
         maxOutputBytes=maxOutputBytes,
         minFreeBytes=minFreeBytes,
+        renderEnv=extraEnv,
     )
 
 

@@ -337,6 +337,10 @@ class CardRenderer:
         this.
     @ivar statsPeriod: seconds between ffmpeg's progress reports; see the
         module docstring for why the default is 0.05.
+    @ivar threads: the most threads ffmpeg may use for encoding
+        (C{-threads}) and for the filter graph (C{-filter_threads}), each;
+        C{None} leaves it to ffmpeg (one per CPU, and more: libx264 adds
+        lookahead threads).
     """
 
     name: ClassVar[str] = "card"
@@ -344,6 +348,9 @@ class CardRenderer:
     _ffmpeg: str | None = None
     _fontfile: str | None = None
     _statsPeriod: float = attrs.field(default=0.05, validator=attrs.validators.gt(0))
+    _threads: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
 
     def validate(self, params: object) -> dict[str, Any]:
         """
@@ -409,6 +416,7 @@ class CardRenderer:
             "-hide_banner",
             "-nostdin",
             "-y",
+            *self._threadOptions("-filter_threads"),
             "-f",
             "lavfi",
             "-i",
@@ -423,6 +431,7 @@ class CardRenderer:
             "veryfast",
             "-pix_fmt",
             "yuv420p",
+            *self._threadOptions("-threads"),
             "-f",
             "mp4",
             "-movflags",
@@ -446,6 +455,9 @@ class CardRenderer:
             mediaDuration=duration,
             finalize=_Finalizer(partPath, finalPath),
         )
+
+    def _threadOptions(self, option: str) -> list[str]:
+        return [] if self._threads is None else [option, str(self._threads)]
 
     def _ffmpegExecutable(self) -> str:
         if self._ffmpeg is not None:

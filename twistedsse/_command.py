@@ -7,6 +7,11 @@ as JSON on stdin and prints one JSON object per line on stdout; each line
 becomes a C{progress} event whose data is that object, every field kept.
 It may write an MP4 to the path in C{$TWISTEDSSE_OUTPUT}; exit 0 completes
 the render.
+
+The child does not get the service's environment (which may hold its
+secrets): only L{ALLOWED_VARIABLES} of it, its C{TWISTEDSSE_*} variables,
+and what the operator passes on with C{--render-env} (see
+L{renderEnvironment}).
 """
 
 from __future__ import annotations
@@ -28,6 +33,63 @@ from ._interfaces import IProgressParser, IRenderer, RenderPlan
 from ._lines import LineBuffer, LineTooLong
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
+
+#: What a command renderer gets of the service's environment: where to
+#: find programs, and the locale (C{LC_ALL}, when the operator set it,
+#: overrides C{LANG}: passing one without the other would give the child
+#: another locale than the operator chose).
+ALLOWED_VARIABLES = ("PATH", "LANG", "LC_ALL")
+
+#: The prefix of the variables twistedsse sets for a render itself.
+RESERVED_PREFIX = "TWISTEDSSE_"
+
+
+def allowedEnvironment(environ: Mapping[str, str]) -> dict[str, str]:
+    """
+    The allow-listed part of C{environ}: C{PATH} (the system default if
+    unset), C{LANG} (C{C.UTF-8} if unset) and C{LC_ALL} if set.
+    """
+    env = {name: environ[name] for name in ALLOWED_VARIABLES if name in environ}
+    env.setdefault("PATH", os.defpath)
+    env.setdefault("LANG", "C.UTF-8")
+    return env
+
+
+def checkRenderEnv(spec: str) -> str:
+    """
+    Check one C{--render-env} value: C{NAME} (pass the service's own
+    variable on, if it has it) or C{NAME=VALUE}.
+
+    @raise ValueError: an empty or malformed name, a NUL, or a name of
+        twistedsse's own (C{TWISTEDSSE_*}: a render's output path is not
+        the operator's to move).
+    """
+    name, _, value = spec.partition("=")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"expected NAME or NAME=VALUE with NAME of letters, digits and '_', got {spec!r}")
+    if "\0" in value:
+        raise ValueError(f"a NUL in the value of {name}")
+    if name.upper().startswith(RESERVED_PREFIX):
+        raise ValueError(f"{name} is set by twistedsse itself")
+    return spec
+
+
+def renderEnvironment(specs: Any, environ: Mapping[str, str]) -> dict[str, str]:
+    """
+    The variables C{--render-env} adds to every render's environment:
+    C{NAME=VALUE} as given, C{NAME} with its value in C{environ} (the
+    service's environment), or not at all if it has none there.
+
+    @raise ValueError: see L{checkRenderEnv}.
+    """
+    env: dict[str, str] = {}
+    for spec in specs:
+        name, sep, value = checkRenderEnv(spec).partition("=")
+        if sep:
+            env[name] = value
+        elif name in environ:
+            env[name] = environ[name]
+    return env
 
 
 def checkRendererName(name: str) -> str:
@@ -167,8 +229,11 @@ class CommandRenderer:
     """
     @ivar argv: the operator's command, split as a shell would split it,
         run without one.
-    @ivar env: the child's environment; by default the server's own (the
-        operator's command is trusted and may need its PATH or virtualenv).
+    @ivar env: the child's environment (before its C{TWISTEDSSE_*}
+        variables); by default the allow-listed part of the service's own
+        (L{allowedEnvironment}): the operator's command is trusted, but the
+        service's environment may hold secrets it does not need. What else
+        it needs, the operator passes on with C{--render-env}.
     """
 
     name: str = attrs.field(validator=lambda self, a, v: checkRendererName(v))
@@ -219,7 +284,7 @@ class CommandRenderer:
         workdir = Path(workdir).absolute()
         part = workdir / f"{stem}.part.mp4"
         final = workdir / f"{stem}.mp4"
-        env = dict(os.environ if self.env is None else self.env)
+        env = allowedEnvironment(os.environ) if self.env is None else dict(self.env)
         env["TWISTEDSSE_OUTPUT"] = str(part)
         env["TWISTEDSSE_RENDER_ID"] = stem
         return RenderPlan(

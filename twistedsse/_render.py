@@ -4,6 +4,13 @@ Running one render process: L{launch} spawns a L{RenderPlan}'s argv
 arrive, keeps a bounded tail of its stderr, and ends it with TERM, then
 KILL after a grace period, when asked to (cancel, timeout, shutdown).
 
+A render is contained: it runs under the supervisor of
+L{twistedsse._launcher} in a process group and session of its own, which
+every stop signals as a whole (grandchildren included), and which dies with
+the service; and it runs in a private working directory, made for it
+(mode 0700) and removed when it ends, whose path is its C{HOME} and
+C{TMPDIR}.
+
 A render ends when its process has exited and its pipes are closed. A
 process it started may hold them open after it exits (a shell wrapper
 whose command lives on): then its pipes are closed for it, C{killGrace}
@@ -17,8 +24,13 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import signal as _signal
 import stat
+import sys
+import tempfile
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import attrs
@@ -27,13 +39,24 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._errors import RenderProtocolError
 from ._interfaces import RenderPlan
+from ._launcher import killGroupMembers
 
 STDERR_LINES = 20
 _STDERR_LINE_MAX = 2000
+
+#: The directory, in the directory renders are started from (the output
+#: directory), that holds their private working directories.
+WORK_DIR = ".work"
+
+#: The supervisor run in front of every contained render, as a script.
+LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
+
+_log = Logger()
 
 
 @attrs.frozen
@@ -104,9 +127,21 @@ class RenderProtocol(ProcessProtocol):
         and its pipes are closed. It never errbacks.
     """
 
-    def __init__(self, plan: RenderPlan, onProgress: Callable[[list[dict[str, Any]]], None]) -> None:
+    def __init__(
+        self,
+        plan: RenderPlan,
+        onProgress: Callable[[list[dict[str, Any]]], None],
+        signals: Callable[[Any, str], None] | None = None,
+    ) -> None:
+        """
+        @param signals: sends a signal, by name, to the process behind a
+            transport (and whatever belongs with it: L{GroupSignals} for a
+            contained render); by default the transport's own
+            C{signalProcess}, the process alone.
+        """
         self._plan = plan
         self._onProgress = onProgress
+        self._signals = signals
         self._stderr = _StderrTail()
         self._protocolError: str | None = None
         self.stopReason: str | None = None
@@ -152,10 +187,14 @@ class RenderProtocol(ProcessProtocol):
 
     def signal(self, name: str) -> bool:
         """
-        Send signal C{name}; C{False} if the process has exited already.
+        Send signal C{name} (to the process's whole group, if it is
+        contained); C{False} if the process has exited already.
         """
         try:
-            self.transport.signalProcess(name)
+            if self._signals is None:
+                self.transport.signalProcess(name)
+            else:
+                self._signals(self.transport, name)
         except ProcessExitedAlready:
             return False
         except OSError as e:  # pragma: no cover - a race with exit
@@ -188,15 +227,142 @@ class RenderProtocol(ProcessProtocol):
         )
 
 
+@attrs.frozen
+class GroupSignals:
+    """
+    Signals a contained render: the whole process group its supervisor
+    (L{twistedsse._launcher}) leads, whose id is the supervisor's pid, so
+    that a stop reaches every process the render started.
+
+    C{KILL} spares the supervisor: it KILLs every other process of the
+    group, then wakes the supervisor (C{SIGCONT}, in case the render
+    stopped its group), which collects them and exits as the render did.
+    Killed with them, the supervisor would leave the render's process for
+    init to collect, which in a container may never happen. Where there
+    is no C{/proc} to find the group's processes in, the whole group is
+    KILLed.
+
+    A group id is only used while the supervisor has not been collected
+    (the transport still has its pid): until then the id cannot name
+    another group. Before the supervisor has made its group (the first
+    milliseconds of its life) there is no such group; it alone exists
+    then, and is signalled alone.
+
+    @ivar killpg: C{os.killpg}, or a fake in tests.
+    @ivar kill: C{os.kill}, or a fake in tests.
+    @ivar killMembers: L{twistedsse._launcher.killGroupMembers}, or a
+        fake in tests.
+    """
+
+    killpg: Callable[[int, int], None] = os.killpg
+    kill: Callable[[int, int], None] = os.kill
+    killMembers: Callable[[int, int], object] = killGroupMembers
+
+    def __call__(self, transport: Any, name: str | int) -> None:
+        """
+        @raise ProcessExitedAlready: the supervisor has exited and been
+            collected.
+        """
+        pid = transport.pid
+        if pid is None:
+            raise ProcessExitedAlready()
+        number = int(getattr(_signal, f"SIG{name}")) if isinstance(name, str) else int(name)
+        try:
+            if number == _signal.SIGKILL:
+                self.killpg(pid, 0)
+                try:
+                    self.killMembers(pid, pid)
+                except OSError:
+                    self.killpg(pid, number)
+                else:
+                    self.kill(pid, _signal.SIGCONT)
+            else:
+                self.killpg(pid, number)
+        except ProcessLookupError:
+            self.kill(pid, number)
+
+
+def launcherArgv(argv: Any, servicePID: int, python: str | None = None) -> list[str]:
+    """
+    The argv that runs C{argv} contained, under L{twistedsse._launcher}:
+    the interpreter isolated from the environment (C{-I}, so the render's
+    C{PYTHONPATH} and friends do not touch it) and without site packages
+    (C{-S}, the fastest start), then C{argv} exactly as given.
+    """
+    return [python or sys.executable, "-I", "-S", LAUNCHER, str(servicePID), *argv]
+
+
+def _makeWorkDir(parent: Path) -> Path:
+    """
+    A fresh private directory (0700) for one render, under
+    C{parent/.work}; absolute, as it becomes the render's C{HOME}.
+    """
+    root = parent.absolute() / WORK_DIR
+    root.mkdir(mode=0o700, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="render-", dir=root))
+
+
+def removeWorkDirs(parent: Path) -> None:
+    """
+    Remove every render working directory under C{parent}: at start,
+    those a service that died left behind.
+    """
+    _removeTree(Path(parent) / WORK_DIR)
+
+
+def _removeWorkDir(path: Path) -> None:
+    _removeTree(path)
+    try:
+        # The last one out removes the parent too, so that the output
+        # directory holds outputs only.
+        path.parent.rmdir()
+    except OSError:
+        pass
+
+
+def _removeTree(path: Path) -> None:
+    """
+    Remove C{path} and everything in it, whatever a render did to it: a
+    directory it made unreadable or unwritable is opened up first, through
+    a descriptor that refuses to follow a symlink, so nothing outside the
+    tree is ever touched.
+    """
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    for root, dirs, files in os.walk(path, topdown=True):
+        for name in [root, *(os.path.join(root, d) for d in dirs)]:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                os.fchmod(fd, 0o700)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        _log.warn("could not remove the render directory {path}", path=path)
+
+
 @attrs.define
 class RunningRender:
     """
     A render process that has been started.
+
+    @ivar workDir: its private working directory, removed when it ends.
     """
 
     protocol: RenderProtocol
     _clock: IReactorTime
     killGrace: float
+    workDir: Path | None = None
     _killer: IDelayedCall | None = None
     _drainer: IDelayedCall | None = None
 
@@ -216,6 +382,7 @@ class RunningRender:
     def __attrs_post_init__(self) -> None:
         self.protocol.exited.addCallback(self._exited)
         self.protocol.ended.addBoth(self._cancelTimers)
+        self.protocol.ended.addBoth(self._removeWorkDir)
 
     def stop(self, reason: str) -> Deferred[ExitStatus]:
         """
@@ -248,6 +415,13 @@ class RunningRender:
         for timer in (self._killer, self._drainer):
             if timer is not None and timer.active():
                 timer.cancel()
+        return result
+
+    def _removeWorkDir(self, result: object) -> object:
+        # Before anyone hears that the render ended: a service stopping
+        # leaves no directory behind once its renders have ended.
+        if self.workDir is not None:
+            _removeWorkDir(self.workDir)
         return result
 
 
@@ -312,18 +486,54 @@ def launch(
     onProgress: Callable[[list[dict[str, Any]]], None],
     killGrace: float = 5.0,
     path: str | None = None,
+    extraEnv: Mapping[str, str] | None = None,
+    contain: bool | None = None,
+    signals: Callable[[Any, str], None] | None = None,
 ) -> RunningRender:
     """
     Start C{plan}'s process.
 
+    @param path: the directory in which the render gets its private
+        working directory (under C{.work}); C{None} runs it in ours.
+    @param extraEnv: the operator's additions to every render's
+        environment, over the plan's own and C{HOME}/C{TMPDIR}.
+    @param contain: run it under the L{twistedsse._launcher} supervisor,
+        in its own process group, and stop it by signalling the group; by
+        default when C{spawner} is a real reactor (a fake one runs no
+        process: its fake stands for the whole group) and knows its
+        interpreter (C{sys.executable}) to run the supervisor with.
+    @param signals: how the group is signalled (L{GroupSignals} by
+        default), for tests.
     @raise OSError: it could not be started (missing or non-executable
         binary, too many processes).
     """
-    protocol = RenderProtocol(plan, onProgress)
+    real = isinstance(spawner, ReactorBase)
+    if contain is None:
+        # An embedded interpreter may not know its own executable: then
+        # there is no supervisor to run.
+        contain = real and bool(sys.executable)
     argv = list(plan.argv)
-    if isinstance(spawner, ReactorBase):
-        # Only a real reactor runs real binaries; a fake spawner's are
-        # names, and it reports a failed start itself.
-        _findExecutable(argv[0], plan.env, path)
-    spawner.spawnProcess(protocol, argv[0], argv, env=dict(plan.env), path=path)
-    return RunningRender(protocol, clock, killGrace)
+    env = dict(plan.env)
+    workDir = None
+    if path is not None:
+        workDir = _makeWorkDir(Path(path))
+        env["HOME"] = env["TMPDIR"] = str(workDir)
+    env.update(extraEnv or {})
+    try:
+        if real:
+            # Only a real reactor runs real binaries; a fake spawner's are
+            # names, and it reports a failed start itself.
+            _findExecutable(argv[0], env, None if workDir is None else str(workDir))
+        if contain:
+            protocol = RenderProtocol(plan, onProgress, signals or GroupSignals())
+            argv = launcherArgv(argv, os.getpid())
+        else:
+            protocol = RenderProtocol(plan, onProgress)
+        spawner.spawnProcess(
+            protocol, argv[0], argv, env=env, path=None if workDir is None else str(workDir)
+        )
+    except BaseException:
+        if workDir is not None:
+            _removeWorkDir(workDir)
+        raise
+    return RunningRender(protocol, clock, killGrace, workDir)

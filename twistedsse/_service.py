@@ -35,7 +35,7 @@ from ._errors import (
 from ._expiry import Deadlines
 from ._interfaces import IJobBroker, IRenderer, RenderPlan
 from ._job import JobSnapshot, JobState
-from ._render import ExitStatus, RunningRender, launch
+from ._render import ExitStatus, RunningRender, launch, removeWorkDirs
 from ._store import SQLiteJobStore, StoredEvent
 
 _log = Logger()
@@ -86,6 +86,8 @@ class RenderService(Service):
     @param minFreeBytes: a render is refused (at submit) or failed (when
         it would start) while the output filesystem has less free space.
     @param statvfs: C{os.statvfs}, or a stand-in for tests.
+    @param renderEnv: variables added to every render's environment (the
+        operator's C{--render-env}, the thread budget).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class RenderService(Service):
         maxOutputBytes: int | None = None,
         minFreeBytes: int = 0,
         statvfs: Callable[[str], Any] = os.statvfs,
+        renderEnv: Mapping[str, str] | None = None,
     ) -> None:
         if maxRenders < 1:
             raise ValueError(f"maxRenders must be at least 1, got {maxRenders!r}")
@@ -119,6 +122,7 @@ class RenderService(Service):
         self.killGrace = killGrace
         self.maxQueued = maxQueued
         self.store = store
+        self.renderEnv = dict(renderEnv or {})
         self._restored = False
         self._newID = newID
         self._links: dict[str, Mapping[str, str]] = {}
@@ -251,6 +255,7 @@ class RenderService(Service):
                 lambda payloads: self._progress(jobID, payloads),
                 killGrace=self.killGrace,
                 path=str(self.outputDir),
+                extraEnv=self.renderEnv,
             )
         except Exception as e:
             # The full reason (paths included) is for the operator's log;
@@ -399,6 +404,8 @@ class RenderService(Service):
 
     def startService(self) -> None:
         self._stopping = False
+        # No render runs yet: any working directory is a dead one's.
+        removeWorkDirs(self.outputDir)
         if self.store is not None and not self._restored:
             self._restore(self.store)
         self._evict(0)

@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from ._build import _reactor, buildService, buildSite
 from ._site import ServerService
-from ._command import CommandRenderer
+from ._command import CommandRenderer, checkRenderEnv
 from ._listen import loopbackOnly
 from ._security import HostPolicy, readSecret, readTokens
 from ._transport import EagerSendReactor
@@ -69,6 +69,7 @@ class Options(usage.Options):
         ["expire-after", None, 86400.0, "Seconds after a render ends when it and its output are deleted (0: never); its id then answers 410 for as long again.", _positive(float, "--expire-after", 0)],
         ["max-output-bytes", None, 0, "Total bytes of render outputs kept (0: no limit); the oldest go first, and each render may write at most this / --max-renders.", _positive(int, "--max-output-bytes", 0)],
         ["min-free-bytes", None, 100 * 1024 * 1024, "Renders are refused (507) while the output filesystem has less free space (0: no check).", _positive(int, "--min-free-bytes", 0)],
+        ["render-threads", None, None, "Threads a render may use: ffmpeg's -threads and -filter_threads, and $TWISTEDSSE_THREADS for commands (default: the CPUs this process may use).", _positive(int, "--render-threads", 1)],
     ]
 
     optFlags = [
@@ -84,6 +85,7 @@ class Options(usage.Options):
         self["auth-tokens"] = ()
         self["jwt-secret"] = None
         self["public-names"] = []
+        self["render-env"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -108,6 +110,17 @@ class Options(usage.Options):
         if renderer.name == "card" or any(r.name == renderer.name for r in self["renderers"]):
             raise usage.UsageError(f"--renderer: the name {renderer.name!r} is taken")
         self["renderers"].append(renderer)
+
+    def opt_render_env(self, spec: str) -> None:
+        """
+        NAME: pass this variable of the service's environment on to every
+        render; NAME=VALUE: set it (repeatable). Renders otherwise get only
+        PATH, LANG, LC_ALL and their TWISTEDSSE_* variables.
+        """
+        try:
+            self["render-env"].append(checkRenderEnv(spec))
+        except ValueError as e:
+            raise usage.UsageError(f"--render-env: {e}") from None
 
     def opt_cors_origin(self, origin: str) -> None:
         """
@@ -218,6 +231,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         expireAfter=options["expire-after"],
         maxOutputBytes=options["max-output-bytes"],
         minFreeBytes=options["min-free-bytes"],
+        renderThreads=options["render-threads"],
+        renderEnv=options["render-env"],
     )
     site = buildSite(
         service,

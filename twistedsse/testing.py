@@ -2,13 +2,20 @@
 Test helpers for code that uses twistedsse: a spawner whose processes the
 test drives by hand, on a L{Clock}.
 
-The fake validates its arguments as C{reactor.spawnProcess} does and hands
-the test the protocol, so the real L{RenderProtocol} and L{RenderService}
-run unchanged (the shape of Twisted's own C{DummyProcessReactor}).
+The fake validates its arguments as C{reactor.spawnProcess} and C{exec}
+do (strings without NUL, a working directory that exists) and hands the
+test the protocol, so the real L{RenderProtocol} and L{RenderService} run
+unchanged (the shape of Twisted's own C{DummyProcessReactor}).
+
+A render started through a fake spawner is not contained (no process runs,
+so no supervisor either): its L{FakeProcess} stands for the render's whole
+process group, and the signals it records are those the group got.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any, Mapping, Sequence
 
 import attrs
@@ -134,6 +141,14 @@ class FakeSpawner:
             raise TypeError("executable must be a string and args a non-empty list")
         if any(not isinstance(arg, (str, bytes)) for arg in args):
             raise TypeError(f"every argument must be a string: {args!r}")
+        for text in [executable, *args, *(env or {}).keys(), *(env or {}).values()]:
+            if not isinstance(text, (str, bytes)):
+                raise TypeError(f"the environment must map strings to strings: {env!r}")
+            if ("\0" if isinstance(text, str) else b"\0") in text:
+                raise ValueError(f"embedded null byte in {text!r}")
+        if path is not None and not os.path.isdir(path):
+            # The real child cannot chdir there, and cannot start.
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         if self.failWith is not None:
             raise self.failWith
         process = FakeProcess(processProtocol, executable, list(args), dict(env or {}), path)

@@ -21,7 +21,10 @@ C{mode} says:
   - C{echo}: print C{{"text": text}} as a second progress line, exit 0.
   - C{orphan}: start a grandchild that inherits stdout and stderr and
     sleeps C{seconds}, print its pid as a second progress line, exit
-    C{code} at once: the child is gone but its pipes stay open.
+    C{code} at once: the child is gone but its pipes stay open. The line
+    carries its parent's pid too (the supervisor of a contained render). With
+    C{escape}, the grandchild leaves the render's process group (a session
+    of its own), out of the service's reach.
 
 With C{gate} (a path), it waits after its first line until that file
 exists (at most 30 s), so that the test can subscribe first.
@@ -128,8 +131,9 @@ def main() -> None:
         grandchild = subprocess.Popen(
             [sys.executable, "-c", f"import time; time.sleep({float(params.get('seconds', 30))})"],
             stdin=subprocess.DEVNULL,
+            start_new_session=bool(params.get("escape")),
         )
-        emit({"progress": 0.2, "grandchild": grandchild.pid})
+        emit({"progress": 0.2, "grandchild": grandchild.pid, "parent": os.getppid()})
         os._exit(int(params.get("code", 0)))
 
     sys.stderr.write(f"unknown mode {mode!r}\n")

@@ -541,13 +541,20 @@ class FaultTests(ServerMixin, TestCase):
         """
         Start a renderer that starts a process holding its stdout and
         stderr for 30 s, and exits C{code} at once; return it once it has
-        exited.
+        exited. The process leaves the render's process group (as a daemon
+        does), so that the service cannot end it with the render: only its
+        pipes can be closed. (One that stays in the group is KILLed when the
+        render exits: see test_containment.)
         """
-        render = yield self.start("faulty", {"mode": "orphan", "seconds": 30, "code": code})
+        render = yield self.start("faulty", {"mode": "orphan", "seconds": 30, "code": code, "escape": True})
         yield self.waitUntil(lambda: len(render.payloads()) == 2, "the grandchild's pid")
-        grandchild = render.payloads()[1]["grandchild"]
+        grandchild, parent = render.payloads()[1]["grandchild"], render.payloads()[1]["parent"]
         self.addCleanup(lambda: pidGone(grandchild) or os.kill(grandchild, 9))
         yield self.waitUntil(lambda: pidGone(render.pid()), "the renderer to exit")
+        if parent != os.getpid():
+            # Its supervisor exits once it has: then the server has seen it
+            # exit (it collected the supervisor).
+            yield self.waitUntil(lambda: pidGone(parent), "the supervisor to exit")
         return render
 
     @inlineCallbacks
