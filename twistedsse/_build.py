@@ -20,6 +20,7 @@ from ._card import CardRenderer
 from ._interfaces import IJobBroker, IRenderer
 from ._service import RenderService, defaultOutputDir
 from ._security import BearerTokens, CORSPolicy
+from ._connections import ConnectionCounter, ConnectionLimits
 from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
@@ -118,6 +119,7 @@ def buildResource(
     maxStreamsPerJob: int = 0,
     authTokens: Iterable[bytes] = (),
     corsOrigins: Iterable[str] = (),
+    connectionCounter: ConnectionCounter | None = None,
 ) -> IResource:
     """
     The HTTP API and page over C{service}, as a resource to serve or to
@@ -134,6 +136,8 @@ def buildResource(
         renders needs one (C{Authorization: Bearer TOKEN}).
     @param corsOrigins: origins (C{https://app.example}) whose pages may
         use the API and open event streams.
+    @param connectionCounter: the serving site's connection counts, for
+        C{/healthz}.
     """
     return TwistedSSEApp(
         service,
@@ -142,16 +146,26 @@ def buildResource(
         StreamLimits(maxStreams=maxStreams, maxPerJob=maxStreamsPerJob),
         BearerTokens(tuple(authTokens)),
         CORSPolicy.of(corsOrigins),
+        connectionCounter,
     ).resource()
 
 
-def buildSite(service: RenderService, reactor: Any = None, **options: Any) -> DrainingSite:
+def buildSite(
+    service: RenderService, reactor: Any = None, *, connections: ConnectionLimits | None = None, **options: Any
+) -> DrainingSite:
     """
     A L{DrainingSite} serving L{buildResource} (which takes C{options}) at
     its root.
+
+    @param connections: the bounds on client connections (request
+        timeouts, caps); by default those of L{ConnectionLimits}: request
+        timeouts, no caps.
     """
     reactor = _reactor(reactor)
-    site = DrainingSite(buildResource(service, reactor, **options), reactor=reactor)
+    counter = ConnectionCounter(connections if connections is not None else ConnectionLimits())
+    site = DrainingSite(
+        buildResource(service, reactor, connectionCounter=counter, **options), reactor=reactor, connections=counter
+    )
     site.displayTracebacks = False
     return site
 
