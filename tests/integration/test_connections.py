@@ -430,3 +430,71 @@ class FileLimitTests(SynchronousTestCase):
         log = service.logText()
         for part in ("--max-streams 1000 cannot be held", "open-file limit is 128", "LimitNOFILE=", "ulimit -n"):
             self.assertIn(part, log)
+
+
+class HTTP2BodyTests(SynchronousTestCase):
+    """
+    Over TLS + h2 (the h2 library as the client, as in
+    tests/browsers/test_http2.py), a body over 64 KiB.
+    """
+
+    def setUp(self) -> None:
+        try:
+            from tests.browsers._tls import selfSigned
+            from tests.browsers.test_http2 import H2Client
+        except ImportError as e:  # (h2 or cryptography missing)
+            raise SkipTest(str(e))
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        identity = selfSigned(directory)
+        self.service = Service("--listen", identity.listen())
+        self.addCleanup(self.service.stop)
+        port = int(re.findall(r"Site \(TLS\) starting on (\d+)|Site starting on (\d+)", self.service.logText())[-1][0] or 0)
+        self.assertTrue(port, self.service.logText())
+        self.client = H2Client(port, identity, timeout=10)
+        self.addCleanup(self.client.close)
+        self.assertEqual(self.client.protocol, "h2")
+
+    def post(self, body: bytes, contentLength: bool, end: bool) -> Any:
+        """
+        POST C{body} on a new stream, as flow control allows, reading
+        meanwhile; stop sending once the server answered or reset it.
+        """
+        from tests.browsers.test_http2 import _Response
+
+        client = self.client
+        connection = client.connection
+        stream = connection.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "https"), (":authority", client.authority),
+                   (":path", "/renders"), ("content-type", "application/json")]  # fmt: skip
+        if contentLength:
+            headers.append(("content-length", str(len(body))))
+        connection.send_headers(stream, headers)
+        response = client.responses[stream] = _Response()
+        sent = 0
+        answered = lambda: bool(response.headers) or response.reset or response.ended  # noqa: E731
+        while sent < len(body) and not answered():
+            window = min(connection.local_flow_control_window(stream), connection.max_outbound_frame_size)
+            if window <= 0:
+                client.pump(lambda: answered() or connection.local_flow_control_window(stream) > 0, 5, "a window")
+                continue
+            piece = body[sent : sent + min(window, 16384)]
+            sent += len(piece)
+            connection.send_data(stream, piece, end_stream=end and sent == len(body))
+            client._flush()
+        client.pump(lambda: response.ended or response.reset, 5, f"the answer to a {len(body)}-byte POST")
+        return response
+
+    def test_bodyOverTheLimitAnswered413OnItsStream(self) -> None:
+        """
+        A body over 64 KiB, announced by content-length or not (and then
+        endless), is answered C{413 body_too_large} JSON on its stream, and
+        only that stream is reset: the same connection then answers
+        C{/healthz}. (Before: never answered.)
+        """
+        for contentLength, end in ((True, True), (False, False)):
+            response = self.post(b" " * (200 * 1024), contentLength, end)
+            self.assertEqual(response.headers.get(":status"), "413", (contentLength, response))
+            self.assertEqual(json.loads(response.body)["error"], "body_too_large")
+            status, health = self.client.json("/healthz")
+            self.assertEqual((status, health["status"]), ("200", "ok"))
