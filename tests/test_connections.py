@@ -23,7 +23,18 @@ from twistedsse._connections import ConnectionLimits, checkFileBudget, fileReser
 from twistedsse.tap import Options
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import splitResponse, ticksService
+from ._helpers import TCPStringTransport, splitResponse, ticksService
+
+
+class _HalfClosingTransport(TCPStringTransport):
+    """
+    A TCP stand-in that records a shut write side.
+    """
+
+    writeClosed = False
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
 
 HEAD = b"POST /renders HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
 
@@ -33,11 +44,11 @@ class _Client:
     One connection to C{site} from C{host}, speaking raw bytes.
     """
 
-    def __init__(self, site: Any, host: str = "127.0.0.1", port: int = 40000) -> None:
+    def __init__(self, site: Any, host: str = "127.0.0.1", port: int = 40000, tcp: bool = False) -> None:
         kind = IPv6Address if ":" in host else IPv4Address
         address = kind("TCP", host, port)
         self.protocol = site.buildProtocol(address)
-        self.transport = StringTransport(peerAddress=address)
+        self.transport = (_HalfClosingTransport if tcp else StringTransport)(peerAddress=address)
         self.protocol.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
@@ -66,8 +77,8 @@ class _SiteMixin:
         self.site = buildSite(self.service, self.clock, connections=ConnectionLimits(**limits))
         return self.site
 
-    def connect(self, host: str = "127.0.0.1", port: int = 40000) -> _Client:
-        client = _Client(self.site, host, port)
+    def connect(self, host: str = "127.0.0.1", port: int = 40000, tcp: bool = False) -> _Client:
+        client = _Client(self.site, host, port, tcp)
         self.addCleanup(client.close)  # type: ignore[attr-defined]
         return client
 
@@ -215,6 +226,30 @@ class ChunkedBodyTests(_SiteMixin, SynchronousTestCase):
         self.assertTrue(client.closed)
         status, _, body = client.response()
         self.assertEqual((status, body["error"]), (413, "body_too_large"))
+
+
+    def test_refusalLingers(self) -> None:
+        """
+        Over TCP the refusal is a lingering close: the write side is shut
+        after the 413 (a FIN, so the client reads the answer; closing with
+        its bytes unread would reset the connection and make the client's
+        kernel drop the answer), what the client still sends is dropped
+        unparsed, and the connection is aborted 2 s later if the client
+        has not closed it.
+        """
+        self.makeSite()
+        client = self.connect(tcp=True)
+        client.send(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(17):
+            client.send(b"1000\r\n" + b" " * 0x1000 + b"\r\n")
+        self.assertTrue(client.transport.writeClosed)
+        self.assertEqual(client.response()[0], 413)
+        client.send(b"0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        self.assertEqual(client.transport.value(), b"")
+        self.clock.advance(1.9)
+        self.assertFalse(client.transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(client.transport.disconnected)
 
 
 class CapTests(_SiteMixin, SynchronousTestCase):

@@ -13,7 +13,7 @@ from zope.interface import implementer
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.interfaces import IProtocol, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,13 +38,18 @@ def _refuseNow(channel: Any, status: int, reason: bytes, code: str, detail: str)
     Request object can answer it).
     """
     body = json.dumps({"error": code, "detail": detail}).encode() + b"\n"
-    transport = channel.transport
-    if transport is None or getattr(transport, "disconnecting", False):
-        return
-    transport.write(
+    response = (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body)
     )
+    tracked = getattr(channel, "_twistedsseTracked", None)
+    if tracked is not None:
+        tracked.refuse(response)
+        return
+    transport = channel.transport
+    if transport is None or getattr(transport, "disconnecting", False):
+        return
+    transport.write(response)
     transport.loseConnection()
 
 
@@ -251,6 +256,7 @@ class _TrackedConnection:
         self._requests: RequestClock | None = None
         self._abort: Any = None
         self._transport: Any = None
+        self._refused = False
 
     def makeConnection(self, transport: Any) -> None:
         self._connections[self] = (transport, self._gone)
@@ -259,9 +265,12 @@ class _TrackedConnection:
         if self._clock is not None and limits is not None and (limits.requestTimeout or limits.bodyMinRate):
             self._requests = RequestClock(self._clock, limits, self._expire)
             getattr(self._protocol, "_channel", self._protocol)._twistedsseClock = self._requests
+        getattr(self._protocol, "_channel", self._protocol)._twistedsseTracked = self
         self._protocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: what the client still sends is dropped unread
         requests = self._requests
         if requests is None:
             self._protocol.dataReceived(data)
@@ -279,16 +288,41 @@ class _TrackedConnection:
     def _expire(self, detail: str, started: bool) -> None:
         """
         The request clock ran out: answer 408 if a request had begun (over
-        HTTP/1.1), close, and abort if the close does not happen soon.
+        HTTP/1.1), and close.
+        """
+        if started and not self._isH2():
+            self.refuse(timeoutResponse(detail))
+        else:
+            self.refuse(b"")
+
+    def refuse(self, response: bytes) -> None:
+        """
+        Send C{response} (an error written before a request was whole) and
+        close, aborting if the close has not happened L{ABORT_AFTER}
+        seconds later (a peer that does not read).
+
+        Over plain TCP a lingering close, as Apache's and nginx's: the
+        write side is shut after the answer, and what the client still
+        sends is read and dropped, not parsed, until it closes or the
+        abort. Closing at once with its bytes unread would send a TCP
+        reset, and a reset makes the client's kernel drop the answer it
+        has not read yet: a client still sending its body would never see
+        why it was refused.
         """
         transport = self._transport
-        if transport is None or getattr(transport, "disconnecting", False):
+        if self._refused or transport is None or getattr(transport, "disconnecting", False):
             return
-        if started and not self._isH2():
-            transport.write(timeoutResponse(detail))
-        transport.loseConnection()
-        assert self._clock is not None
-        self._abort = self._clock.callLater(ABORT_AFTER, transport.abortConnection)
+        self._refused = True
+        if self._requests is not None:
+            self._requests.stop()
+        if response:
+            transport.write(response)
+        if response and ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
+        if self._clock is not None:
+            self._abort = self._clock.callLater(ABORT_AFTER, transport.abortConnection)
 
     def connectionLost(self, reason: Failure) -> None:
         self._connections.pop(self, None)
