@@ -8,9 +8,22 @@ C{--max-streams} it cannot hold refused. Plus: over HTTP/2, a body over
 64 KiB answered C{413} on its stream while the connection's other streams
 go on.
 
-Each attacker kind is an L{Attacker}: one more kind (say, a stalled
-C{/output} download) is a subclass with C{connect} and C{tick}, added to
-the list in L{AttackTests.attackers}.
+Each attacker kind is an L{Attacker}: one more kind is a subclass added
+to the list in L{AttackTests.attackers}. For example, a download that
+stops reading (with the service started with a short --write-timeout):
+
+    class StalledDownload(Attacker):
+        name = "stalled downloads"
+        reads = False  # never reads: only a reset shows the drop
+
+        def connect(self, service):
+            job = ...  # a finished render with a large output (service.json)
+            self.path = job["output_url"]
+            super().connect(service)
+
+        def opened(self, victim):
+            victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            victim.send(f"GET {self.path} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n".encode())
 """
 
 from __future__ import annotations
@@ -48,8 +61,8 @@ class Service:
     def __init__(self, *options: str, nofile: tuple[int, int] | None = None, timeout: float = 30.0) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="twistedsse-conn-", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        argv = [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "twistedsse",
-                "--listen", "tcp:0:interface=127.0.0.1:backlog=1024", "--kill-grace", "1", *options]  # fmt: skip
+        listen = [] if "--listen" in options else ["--listen", "tcp:0:interface=127.0.0.1:backlog=1024"]
+        argv = [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "twistedsse", *listen, "--kill-grace", "1", *options]
 
         def limit() -> None:
             if nofile is not None:
@@ -62,7 +75,7 @@ class Service:
         self.port = 0
         deadline = time.monotonic() + timeout
         while not self.port:
-            found = re.search(r"Site starting on (\d+)", self.logText())
+            found = re.search(r" starting on (\d+)", self.logText())
             if found:
                 self.port = int(found.group(1))
             elif self.process.poll() is not None:
@@ -105,8 +118,9 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log.close()
-        os.unlink(self.log.name)
+        if not self.log.closed:
+            self.log.close()
+            os.unlink(self.log.name)
         return self.process.returncode
 
 
@@ -125,14 +139,19 @@ class Victim:
     closed: float | None = None
     received: bytes = b""
 
-    def poll(self) -> None:
+    def poll(self, reads: bool = True) -> None:
         """
-        Read what the server sent, without blocking; note the close.
+        Read what the server sent, without blocking; note the close. If
+        not C{reads} (a client that has stopped reading), only peek: only
+        a reset shows then.
         """
         if self.closed is not None:
             return
         try:
             while True:
+                if not reads:
+                    self.sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+                    return
                 data = self.sock.recv(65536, socket.MSG_DONTWAIT)
                 if not data:
                     self.closed = time.monotonic()
@@ -168,16 +187,22 @@ class Attacker:
 
     name = "attacker"
     status: int | None = None
+    #: Whether it reads what the server sends (a stalled reader does not).
+    reads = True
 
     def __init__(self, count: int, bound: float) -> None:
         self.count = count
         self.bound = bound
         self.victims: list[Victim] = []
 
-    def connect(self, port: int) -> None:
+    def connect(self, service: Service) -> None:
+        """
+        Open its connections to C{service} (whose API it may use first,
+        e.g. to start a render whose output it then downloads).
+        """
         for _ in range(self.count):
             try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock = socket.create_connection(("127.0.0.1", service.port), timeout=5)
             except ConnectionError:
                 # Closed by the server so soon that connect() saw it.
                 now = time.monotonic()
@@ -287,7 +312,7 @@ def pump(attackers: list[Attacker], until: Callable[[], bool], timeout: float) -
         now = time.monotonic()
         for attacker in attackers:
             for victim in attacker.victims:
-                victim.poll()
+                victim.poll(attacker.reads)
                 attacker.tick(victim, now)
         socks = [v.sock for a in attackers for v in a.victims if v.closed is None]
         if socks:
@@ -346,7 +371,7 @@ class AttackTests(SynchronousTestCase):
         attackers = self.attackers()
         for attacker in attackers:
             self.addCleanup(attacker.close)
-            attacker.connect(service.port)
+            attacker.connect(service)
         started = time.monotonic()
         healthz: list[int] = []
         second: dict[str, Any] = {}
@@ -373,6 +398,13 @@ class AttackTests(SynchronousTestCase):
             time.sleep(0.2)
         self.assertEqual(service.json(f"/renders/{second['id']}")[1]["state"], "succeeded")
 
+        # (A refused connection lingers, reading and dropping, until its
+        # client closes it or 2 s pass.)
+        for attacker in attackers:
+            attacker.close()
+        deadline = time.monotonic() + 5
+        while service.json("/healthz")[1]["connections"]["open"] > 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         health = service.json("/healthz")[1]
         self.assertEqual(health["connections"]["max"], self.maxConnections)
         self.assertLessEqual(health["connections"]["open"], 2)  # the events socket and this request
@@ -391,7 +423,7 @@ class AttackTests(SynchronousTestCase):
         service = self.startService()
         attacker = IdleConnection(self.maxConnections + 20, self.requestTimeout + 2.0)
         self.addCleanup(attacker.close)
-        attacker.connect(service.port)
+        attacker.connect(service)
         pump([attacker], attacker.done, 10)
         summary = attacker.check(self)
         held = sorted(v.closed - v.opened for v in attacker.victims if v.closed is not None)
@@ -449,9 +481,8 @@ class HTTP2BodyTests(SynchronousTestCase):
         identity = selfSigned(directory)
         self.service = Service("--listen", identity.listen())
         self.addCleanup(self.service.stop)
-        port = int(re.findall(r"Site \(TLS\) starting on (\d+)|Site starting on (\d+)", self.service.logText())[-1][0] or 0)
-        self.assertTrue(port, self.service.logText())
-        self.client = H2Client(port, identity, timeout=10)
+        self.assertTrue(self.service.port, self.service.logText())
+        self.client = H2Client(self.service.port, identity, timeout=10)
         self.addCleanup(self.client.close)
         self.assertEqual(self.client.protocol, "h2")
 
