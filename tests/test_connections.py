@@ -325,6 +325,19 @@ class FileBudgetTests(SynchronousTestCase):
         checkFileBudget(1024, 82, max_streams=942)
         self.assertRaises(ValueError, checkFileBudget, 1024, 82, max_streams=943)
 
+    def test_systemdUnitHoldsTheDefaults(self) -> None:
+        """
+        The shipped systemd unit sets C{LimitNOFILE=} high enough for the
+        default caps (16 384 connections) beside the reserve of a many-CPU
+        host (64 renders).
+        """
+        import re
+        from pathlib import Path
+
+        unit = (Path(__file__).parents[1] / "docs" / "systemd" / "twistedsse.service").read_text()
+        limit = int(re.search(r"^LimitNOFILE=(\d+)$", unit, re.M).group(1))  # type: ignore[union-attr]
+        checkFileBudget(limit, fileReserve(1, 64), max_connections=16384, max_streams=10000)
+
     def test_defaultsFitTheLimit(self) -> None:
         """
         Unless given, C{--max-streams} and C{--max-connections} default to

@@ -78,11 +78,11 @@ class Options(usage.Options):
         ["kill-grace", None, 5.0, "Seconds between TERM and KILL when stopping a render.", _positive(float, "--kill-grace", 0)],
         ["retry", None, 2000, "Reconnection delay (ms) sent to EventSource clients.", _positive(int, "--retry", 0)],
         ["write-timeout", None, 30.0, "Seconds a client may read nothing while frames wait, before it is dropped (0: never).", _positive(float, "--write-timeout", 0)],
-        ["max-streams", None, None, f"Event streams open at once (0: no limit); past it, 503 (default: {MAX_STREAMS}, or what the open-file limit allows).", _positive(int, "--max-streams", 0)],
+        ["max-streams", None, None, f"Event streams open at once (0: no limit); past it, 503. Default: {MAX_STREAMS}, or what the open-file limit allows", _positive(int, "--max-streams", 0)],
         ["max-streams-per-job", None, 1000, "Event streams open at once per render (0: no limit).", _positive(int, "--max-streams-per-job", 0)],
         ["request-timeout", None, REQUEST_TIMEOUT, "Seconds a request head may take, from the connection's start (or the next request's first byte); also the grace of a body before --body-min-rate applies (0: no limit). Past it, 408 and close.", _positive(float, "--request-timeout", 0)],
         ["body-min-rate", None, BODY_MIN_RATE, "Bytes/s a request body must average once it has had --request-timeout seconds (0: no minimum). Slower: 408 and close.", _positive(int, "--body-min-rate", 0)],
-        ["max-connections", None, None, f"Client connections open at once (0: no limit); past it, new ones are closed at once (default: {MAX_CONNECTIONS}, or what the open-file limit allows).", _positive(int, "--max-connections", 0)],
+        ["max-connections", None, None, f"Client connections open at once (0: no limit); past it, new ones are closed at once. Default: {MAX_CONNECTIONS}, or what the open-file limit allows", _positive(int, "--max-connections", 0)],
         ["max-connections-per-address", None, MAX_CONNECTIONS_PER_ADDRESS, "Client connections open at once from one address (0: no limit); loopback peers (a reverse proxy on this host) are exempt unless --limit-loopback.", _positive(int, "--max-connections-per-address", 0)],
         ["max-queued", None, 100, "Renders that may wait for a slot (0: no limit); past it, 429.", _positive(int, "--max-queued", 0)],
     ]
