@@ -479,7 +479,7 @@ class HTTP2BodyTests(SynchronousTestCase):
         directory = Path(self.mktemp())
         directory.mkdir(parents=True)
         identity = selfSigned(directory)
-        self.service = Service("--listen", identity.listen())
+        self.service = Service("--listen", identity.listen(), "--request-timeout", "1")
         self.addCleanup(self.service.stop)
         self.assertTrue(self.service.port, self.service.logText())
         self.client = H2Client(self.service.port, identity, timeout=10)
@@ -529,3 +529,28 @@ class HTTP2BodyTests(SynchronousTestCase):
             self.assertEqual(json.loads(response.body)["error"], "body_too_large")
             status, health = self.client.json("/healthz")
             self.assertEqual((status, health["status"]), ("200", "ok"))
+
+    def test_requestClockStopsAtTheFirstStream(self) -> None:
+        """
+        Over h2 the request clock bounds the handshake and the first
+        request only: the connection, idle between streams for twice the
+        request timeout, still answers.
+        """
+        self.assertEqual(self.client.json("/healthz")[0], "200")
+        time.sleep(2.0)
+        self.assertEqual(self.client.json("/healthz")[0], "200")
+
+    def test_handshakeNeverMadeIsClosed(self) -> None:
+        """
+        A TCP connection to the TLS port that never starts its handshake
+        is closed within the request timeout (1 s) and the abort grace.
+        """
+        victim = Victim(socket.create_connection(("127.0.0.1", self.service.port), timeout=5), time.monotonic())
+        self.addCleanup(victim.sock.close)
+        victim.sock.setblocking(False)
+        deadline = time.monotonic() + 5
+        while victim.closed is None and time.monotonic() < deadline:
+            select.select([victim.sock], [], [], 0.1)
+            victim.poll()
+        self.assertIsNotNone(victim.closed)
+        self.assertLess(victim.closed - victim.opened, 3.5)  # type: ignore[operator]
