@@ -292,7 +292,10 @@ class CapTests(_SiteMixin, SynchronousTestCase):
         C{limitLoopback}.
         """
         self.makeSite(maxConnections=10, maxPerAddress=2)
-        clients = [self.connect("127.0.0.1", port) for port in range(5)] + [self.connect("::1", 9)]
+        clients = [self.connect("127.0.0.1", port) for port in range(5)] + [
+            self.connect("::1", 9),
+            self.connect("::ffff:127.0.0.1", 9),
+        ]
         self.assertFalse(any(c.transport.disconnected for c in clients))
         self.makeSite(maxConnections=10, maxPerAddress=2, limitLoopback=True)
         clients = [self.connect("127.0.0.1", port) for port in range(3)]

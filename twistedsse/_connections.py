@@ -81,10 +81,12 @@ def peerKey(address: Any) -> str | None:
     if not isinstance(host, str):
         return None
     try:
-        if ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
-            return None
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        pass
+        return host
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    if (mapped or ip).is_loopback:
+        return None
     return host
 
 
