@@ -262,7 +262,9 @@ class Server:
                 str(VENV / "bin" / "twistd"), "-n", "--pidfile=", "twistedsse",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1:backlog={BACKLOG}",
                 "--renderer", f"emit={emit}",
-                "--max-streams", "20000", "--max-streams-per-job", "20000",
+                # No caps (0): the descriptor limit raised above is the bound;
+                # a cap over what it holds would be refused at start.
+                "--max-streams", "0", "--max-streams-per-job", "0", "--max-connections", "0",
                 "--keepalive", "15",
             ]  # fmt: skip
         elif kind == "starlette":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 import twistedsse
-from twistedsse import _broker, _build, _frames, _stream
+from twistedsse import _broker, _build, _connections, _frames, _stream
 
 
 class ExportTests(SynchronousTestCase):
@@ -19,6 +19,7 @@ class ExportTests(SynchronousTestCase):
         self.assertIs(twistedsse.MemoryBroker, _broker.MemoryBroker)
         self.assertIs(twistedsse.Event, _frames.Event)
         self.assertIs(twistedsse.buildSite, _build.buildSite)
+        self.assertIs(twistedsse.ConnectionLimits, _connections.ConnectionLimits)
 
     def test_all(self) -> None:
         """

@@ -18,6 +18,7 @@ from ._broker import MemoryBroker
 from ._build import buildResource, buildService, buildSite
 from ._site import DrainingSite, ServerService
 from ._card import CardRenderer
+from ._connections import ConnectionLimits
 from ._command import CommandRenderer
 from ._decoder import EventStreamDecoder
 from ._errors import (
@@ -47,6 +48,7 @@ __all__ = [
     "CardRenderer",
     "CommandRenderer",
     "Conflict",
+    "ConnectionLimits",
     "DrainingSite",
     "EagerSendReactor",
     "Event",

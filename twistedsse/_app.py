@@ -179,6 +179,9 @@ class TwistedSSEApp:
     @ivar settings: how event streams behave (keepalive, retry, write
         timeout).
     @ivar limits: how many event streams may be open, in all and per job.
+    @ivar connections: the server's open connections (a
+        L{ConnectionCounter<twistedsse._connections.ConnectionCounter>}),
+        if it counts them: their number and cap in C{/healthz}.
     """
 
     service: RenderService
@@ -188,6 +191,7 @@ class TwistedSSEApp:
     auth: BearerTokens = BearerTokens()
     cors: CORSPolicy = CORSPolicy()
     hosts: HostPolicy = HostPolicy()
+    connections: Any = None
     _static: Mapping[str, bytes] = attrs.field(factory=_loadStatic)
     _keepalives: Keepalives = attrs.field(
         default=attrs.Factory(lambda self: Keepalives(self.clock, self.settings.keepalive), takes_self=True),
@@ -304,6 +308,7 @@ class TwistedSSEApp:
                 },
                 "subscribers": self.service.broker.subscriberCount(),
                 "streams": self.limits.open,
+                **({"connections": self.connections.toJSON()} if self.connections is not None else {}),
             },
         )
 

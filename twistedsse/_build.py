@@ -21,6 +21,7 @@ from ._command import renderEnvironment
 from ._interfaces import IJobBroker, IRenderer
 from ._service import RenderService, defaultOutputDir
 from ._security import BearerTokens, CORSPolicy, HostPolicy, redactedLogFormatter
+from ._connections import ConnectionCounter, ConnectionLimits
 from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
@@ -160,6 +161,7 @@ def buildResource(
     corsOrigins: Iterable[str] = (),
     jwtSecret: bytes | None = None,
     publicNames: Iterable[str] = (),
+    connectionCounter: ConnectionCounter | None = None,
 ) -> IResource:
     """
     The HTTP API and page over C{service}, as a resource to serve or to
@@ -182,6 +184,8 @@ def buildResource(
     @param publicNames: C{Host} names (besides loopback and IP addresses)
         that requests without a token may use; C{"*"}: any, for a parent
         site that checks C{Host} itself.
+    @param connectionCounter: the serving site's connection counts, for
+        C{/healthz}.
     """
     return TwistedSSEApp(
         service,
@@ -191,17 +195,28 @@ def buildResource(
         BearerTokens(tuple(authTokens), jwtSecret=jwtSecret),
         CORSPolicy.of(corsOrigins),
         HostPolicy.of(publicNames),
+        connectionCounter,
     ).resource()
 
 
-def buildSite(service: RenderService, reactor: Any = None, **options: Any) -> DrainingSite:
+def buildSite(
+    service: RenderService, reactor: Any = None, *, connections: ConnectionLimits | None = None, **options: Any
+) -> DrainingSite:
     """
     A L{DrainingSite} serving L{buildResource} (which takes C{options}) at
     its root. Its access log writes C{access_token} values as C{REDACTED}.
+
+    @param connections: the bounds on client connections (request
+        timeouts, caps); by default those of L{ConnectionLimits}: request
+        timeouts, no caps.
     """
     reactor = _reactor(reactor)
+    counter = ConnectionCounter(connections if connections is not None else ConnectionLimits())
     site = DrainingSite(
-        buildResource(service, reactor, **options), reactor=reactor, logFormatter=redactedLogFormatter
+        buildResource(service, reactor, connectionCounter=counter, **options),
+        reactor=reactor,
+        connections=counter,
+        logFormatter=redactedLogFormatter,
     )
     site.displayTracebacks = False
     # Bodies are JSON that the app reads: Twisted must not parse form

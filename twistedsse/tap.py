@@ -16,7 +16,19 @@ from twisted.application import strports
 from twisted.application.service import IService
 from twisted.python import usage
 
+from twisted.logger import Logger
+
 from ._build import _reactor, buildService, buildSite
+from ._connections import (
+    BODY_MIN_RATE,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    REQUEST_TIMEOUT,
+    ConnectionLimits,
+    checkFileBudget,
+    fileReserve,
+    raiseFileLimit,
+)
 from ._site import ServerService
 from ._command import CommandRenderer, checkRenderEnv
 from ._listen import loopbackOnly
@@ -24,6 +36,10 @@ from ._security import HostPolicy, readSecret, readTokens
 from ._transport import EagerSendReactor
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+#: --max-streams unless given (lowered to what the open-file limit allows).
+MAX_STREAMS = 10000
+
+_log = Logger()
 
 
 def _positive(kind: type, name: str, minimum: float) -> Any:
@@ -63,8 +79,12 @@ class Options(usage.Options):
         ["kill-grace", None, 5.0, "Seconds between TERM and KILL when stopping a render.", _positive(float, "--kill-grace", 0)],
         ["retry", None, 2000, "Reconnection delay (ms) sent to EventSource clients.", _positive(int, "--retry", 0)],
         ["write-timeout", None, 30.0, "Seconds a client may read nothing while frames wait, before it is dropped (0: never).", _positive(float, "--write-timeout", 0)],
-        ["max-streams", None, 10000, "Event streams open at once (0: no limit); past it, 503.", _positive(int, "--max-streams", 0)],
+        ["max-streams", None, None, f"Event streams open at once (0: no limit); past it, 503. Default: {MAX_STREAMS}, or what the open-file limit allows", _positive(int, "--max-streams", 0)],
         ["max-streams-per-job", None, 1000, "Event streams open at once per render (0: no limit).", _positive(int, "--max-streams-per-job", 0)],
+        ["request-timeout", None, REQUEST_TIMEOUT, "Seconds a request head may take, from the connection's start (or the next request's first byte); also the grace of a body before --body-min-rate applies (0: no limit, and no body rate either). Past it, 408 and close.", _positive(float, "--request-timeout", 0)],
+        ["body-min-rate", None, BODY_MIN_RATE, "Bytes/s a request body must average once it has had --request-timeout seconds (0: no minimum). Slower: 408 and close.", _positive(int, "--body-min-rate", 0)],
+        ["max-connections", None, None, f"Client connections open at once (0: no limit); past it, new ones are closed at once. Default: {MAX_CONNECTIONS}, or what the open-file limit allows", _positive(int, "--max-connections", 0)],
+        ["max-connections-per-address", None, MAX_CONNECTIONS_PER_ADDRESS, "Client connections open at once from one address (0: no limit); loopback peers (a reverse proxy on this host) are exempt unless --limit-loopback.", _positive(int, "--max-connections-per-address", 0)],
         ["max-queued", None, 100, "Renders that may wait for a slot (0: no limit); past it, 429.", _positive(int, "--max-queued", 0)],
         ["expire-after", None, 86400.0, "Seconds after a render ends when it and its output are deleted (0: never); its id then answers 410 for as long again.", _positive(float, "--expire-after", 0)],
         ["max-output-bytes", None, 0, "Total bytes of render outputs kept (0: no limit); the oldest go first, and each render may write at most this / --max-renders.", _positive(int, "--max-output-bytes", 0)],
@@ -75,6 +95,7 @@ class Options(usage.Options):
     optFlags = [
         ["no-auth", None, "Serve on a non-loopback address without any token: for operators whose own "
          "authentication stands in front of this service."],
+        ["limit-loopback", None, "Apply --max-connections-per-address to loopback and UNIX-socket peers too."],
     ]
 
     def __init__(self) -> None:
@@ -186,6 +207,28 @@ class Options(usage.Options):
                         "is configured: give --auth-token-file (and/or --jwt-secret-file), or --no-auth "
                         "if your own authentication stands in front of this service"
                     )
+        self.fitFileLimit()
+
+    def fitFileLimit(self) -> None:
+        """
+        Raise the open-file soft limit to the hard limit, and check that
+        the streams and connections asked for fit in it (each holds a
+        descriptor, beside a reserve for listeners, renders, the store and
+        logs); unless given, they default to what fits.
+        """
+        limit = self["open-file-limit"] = raiseFileLimit()
+        reserve = fileReserve(len(self["listen"]), self["max-renders"])
+        room = max(limit - reserve, 1)
+        if self["max-streams"] is None:
+            self["max-streams"] = min(MAX_STREAMS, room)
+        if self["max-connections"] is None:
+            self["max-connections"] = min(MAX_CONNECTIONS, room)
+        try:
+            checkFileBudget(
+                limit, reserve, max_streams=self["max-streams"], max_connections=self["max-connections"]
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 GC_THRESHOLDS = (10_000, 10, 10)
@@ -246,6 +289,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         corsOrigins=options["cors-origins"],
         jwtSecret=options["jwt-secret"],
         publicNames=options["public-names"],
+        connections=ConnectionLimits(
+            requestTimeout=options["request-timeout"],
+            bodyMinRate=options["body-min-rate"],
+            maxConnections=options["max-connections"],
+            maxPerAddress=options["max-connections-per-address"],
+            limitLoopback=bool(options["limit-loopback"]),
+        ),
+    )
+    _log.info(
+        "open-file limit {limit}: up to {connections} connections, {streams} event streams",
+        limit=options.get("open-file-limit"),
+        connections=options["max-connections"] or "unlimited",
+        streams=options["max-streams"] or "unlimited",
     )
     top = ServerService(service, site, reactor)
     # TCP connections that send each frame in the write itself (see
