@@ -293,6 +293,16 @@ class HostTests(_SiteCase):
         self.assertEqual(self.create("bad.to.ken", host="evil.example")[0], 421)
         self.assertEqual(len(self.spawner.processes), 1)
 
+    def test_statusLineNamesTheStatus(self) -> None:
+        """
+        The 421's status line says C{Misdirected Request}, not Twisted's
+        C{Unknown Status} (its table lacks 421, and 429 and 431 too).
+        """
+        conn = Connection(self.site)
+        conn.protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+        self.assertTrue(conn.take().startswith(b"HTTP/1.1 421 Misdirected Request\r\n"))
+        conn.disconnect()
+
     def test_validTokenPassesTheHostRule(self) -> None:
         """
         A request with a valid credential (the operator's, or a scoped

@@ -251,7 +251,7 @@ class TrickledHead(Attacker):
 
     name = "trickled heads"
     status = 408
-    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 10000
+    head = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"a" * 10000
 
     def __init__(self, count: int, bound: float, every: float = 0.2) -> None:
         super().__init__(count, bound)
@@ -274,7 +274,7 @@ class EndlessChunkedBody(Attacker):
     status = 413
 
     def opened(self, victim: Victim) -> None:
-        victim.send(b"POST /renders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        victim.send(b"POST /renders HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
 
     def tick(self, victim: Victim, now: float) -> None:
@@ -291,7 +291,7 @@ class CrawlingBody(Attacker):
     status = 408
 
     def opened(self, victim: Victim) -> None:
-        victim.send(b"POST /renders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        victim.send(b"POST /renders HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                     b"Content-Length: 60000\r\n\r\n")  # fmt: skip
 
     def tick(self, victim: Victim, now: float) -> None:
@@ -365,7 +365,7 @@ class AttackTests(SynchronousTestCase):
         events = Victim(socket.create_connection(("127.0.0.1", service.port), timeout=5), time.monotonic())
         events.sock.setblocking(False)
         self.addCleanup(events.sock.close)
-        events.send(f"GET {job['events_url']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        events.send(f"GET {job['events_url']} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         baseFiles = service.openFiles()
 
         attackers = self.attackers()
