@@ -27,6 +27,7 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
 from ._errors import (
+    REASONS,
     InvalidBody,
     MalformedJSON,
     MethodNotAllowed,
@@ -66,12 +67,8 @@ def _loadStatic() -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in _STATIC_TYPES}
 
 
-#: Reason phrases Twisted's table lacks (it would say "Unknown Status").
-_REASONS = {421: b"Misdirected Request", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
-
-
 def _respond(request: IRequest, status: int, body: Any) -> bytes:
-    request.setResponseCode(status, _REASONS.get(status))
+    request.setResponseCode(status, REASONS.get(status))
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     return json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"

@@ -242,3 +242,8 @@ class RenderProtocolError(Exception):
     the length limit, or (for command renderers) a line that is not a JSON
     object. The render is failed with this message.
     """
+
+
+#: Reason phrases Twisted's status table lacks (it would say "Unknown
+#: Status"), for the errors above that use them.
+REASONS = {421: b"Misdirected Request", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
