@@ -21,6 +21,7 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     ├── MethodNotAllowed (405)              "method_not_allowed"
     ├── TooManyStreams (503)                "too_many_streams" (Retry-After)
     ├── QueueFull (429)                     "queue_full" (Retry-After)
+    ├── RangeNotSatisfiable (416)           "range_not_satisfiable" (Content-Range)
     └── Conflict (409)
         ├── JobFinished                     "job_finished"
         └── OutputNotReady                  "output_not_ready"
@@ -153,6 +154,21 @@ class QueueFull(TooManyStreams):
 
     code = "queue_full"
     status = 429
+
+
+class RangeNotSatisfiable(TwistedSSEError):
+    """
+    No range of a download's C{Range} header overlaps the file.
+
+    @ivar size: the file's size, for C{Content-Range: bytes */SIZE}.
+    """
+
+    code = "range_not_satisfiable"
+    status = 416
+
+    def __init__(self, detail: str, size: int) -> None:
+        super().__init__(detail)
+        self.size = size
 
 
 class Conflict(TwistedSSEError):
