@@ -1255,6 +1255,24 @@ class FuzzTests(TestCase):
         response = yield treq.get(self.plainBase + "/healthz", pool=self.pool)
         health = yield response.json()
         self.assertEqual((health["status"], health["renders"]["running"], health["subscribers"]), ("ok", 0, 0))
+        # Every download's file is closed (HTTP/2 streams reset mid-way too).
+        folder = str(self.service.outputDir.absolute())
+
+        def openOutputs() -> list[str]:
+            found = []
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    target = os.readlink(f"/proc/self/fd/{name}")
+                except OSError:
+                    continue
+                if target.startswith(folder + os.sep):
+                    found.append(target)
+            return found
+
+        while openOutputs():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"output files left open: {openOutputs()}")
+            yield deferLater(reactor, 0.02, lambda: None)
         # No scratch file is left: only the outputs of renders that
         # succeeded with one.
         succeeded = {job.id for job in self.service.broker.jobs() if job.state.value == "succeeded"}
