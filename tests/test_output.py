@@ -210,7 +210,8 @@ class OutputRouteTests(_OutputFixture):
         """
         Without C{Range}: 200, the file's bytes, and the headers of a
         user-influenced file served inline: C{video/mp4},
-        C{X-Content-Type-Options: nosniff}, a sandboxing CSP,
+        C{X-Content-Type-Options: nosniff}, a CSP that allows only the
+        video itself,
         C{Accept-Ranges}, C{Content-Disposition}, C{Cache-Control},
         C{Last-Modified}.
         """
@@ -220,7 +221,7 @@ class OutputRouteTests(_OutputFixture):
         self.assertEqual(head[b"content-type"], b"video/mp4")
         self.assertEqual(head[b"content-length"], b"2746")
         self.assertEqual(head[b"x-content-type-options"], b"nosniff")
-        self.assertEqual(head[b"content-security-policy"], b"default-src 'none'; sandbox")
+        self.assertEqual(head[b"content-security-policy"], b"default-src 'none'; media-src 'self'")
         self.assertEqual(head[b"accept-ranges"], b"bytes")
         self.assertEqual(head[b"content-disposition"], f'inline; filename="{jobID}.mp4"'.encode())
         self.assertEqual(head[b"cache-control"], b"private, max-age=3600")
