@@ -3,11 +3,24 @@ Fuzzing the HTTP API of a real server on 127.0.0.1: schema-driven cases
 from C{twistedsse/openapi.json} (schemathesis, valid and invalid), targeted
 Hypothesis cases (JSON bodies, card and command params, C{/render-stream}
 query strings, job ids in paths, C{Last-Event-ID} bytes, methods), fixed
-malformed raw HTTP over plain sockets, and Hypothesis mutations of raw
-requests. No answer may be a 5xx (but the documented limits, 503 and 429)
-or hold a traceback; every error is JSON C{{"error", "detail"}}; malformed
-HTTP gets a 4xx or a closed connection; the server stays up and a normal
-render works afterwards; no render, stream or subscriber is left over.
+malformed raw HTTP over plain sockets, Hypothesis mutations of raw
+requests, and a smaller Hypothesis fuzz over HTTP/2 (TLS, ALPN h2, the h2
+library: schemathesis speaks only HTTP/1.1). The jobs aimed at include one
+with an output, downloaded with generated C{Range} headers; the schema,
+API and HTTP/2 parts also run against a server with an operator token and
+a CORS origin, sending the token and the allowed or a foreign origin on
+some requests.
+
+Every status must be documented in C{openapi.json} for its operation, or
+be a 4xx the document names somewhere (L{Documented}); never a 500, and
+another 5xx only where documented. No answer holds a traceback; every
+error is JSON C{{"error", "detail"}}; a download is never longer than the
+file, a 206 is one range of C{video/mp4} whose C{Content-Range} matches
+its body, a 416 says C{bytes */SIZE}, every download is C{nosniff}; only
+the allowed origin is ever echoed in C{Access-Control-Allow-Origin};
+malformed HTTP gets a 4xx or a closed connection; the server stays up and
+a normal render works afterwards; no render, stream, subscriber, scratch
+file or open output file is left over.
 
 The server runs in the test's reactor; the fuzzing client runs in another
 process (this module, run with C{-m}): schemathesis patches Hypothesis
