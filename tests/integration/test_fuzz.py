@@ -790,13 +790,16 @@ RAW_CASES: list[tuple[str, list[bytes], dict[str, Any]]] = [
 
 def checkRawReply(client: Client, request: Any, reply: Reply) -> None:
     """
-    An answer to raw HTTP: anything but a 5xx (or something that is not
-    HTTP), and no traceback.
+    An answer to raw HTTP: anything but a 500, a 5xx the document does not
+    name (503 too_many_streams), or something that is not HTTP; and no
+    traceback.
     """
     client.statuses[str(reply.status)] = client.statuses.get(str(reply.status), 0) + 1
     if reply.status == 400 and reply.body == KLEIN_NON_UTF8:
         client.problem("raw: a non-UTF-8 URL reached Klein (HTML 400, logged traceback)", request, reply)
-    elif reply.status is not None and (reply.status < 100 or reply.status >= 500) and reply.status not in ALLOWED_5XX:
+    elif reply.status is not None and (reply.status < 100 or reply.status >= 500) and (
+        reply.status == 500 or reply.status not in client.documented.anywhere
+    ):
         client.problem(f"raw: {reply.status} answer", request, reply)
     if b"Traceback" in reply.body or b'File "' in reply.body:
         client.problem("raw: traceback in an answer", request, reply)
