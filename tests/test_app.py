@@ -157,8 +157,8 @@ class AppTests(SynchronousTestCase):
     def test_outputNotReady(self) -> None:
         """
         The output is 409 while the render runs, and for a render that made
-        no file. (Serving it, Range requests included, is tested on real
-        sockets: static.File streams through the global cooperator.)
+        no file. (Serving it, Range requests included, is tested in
+        tests/test_output.py.)
         """
         jobID = self.create()["id"]
         self.assertError(self.call("GET", f"/renders/{jobID}/output"), 409, "output_not_ready")

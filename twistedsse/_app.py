@@ -21,7 +21,6 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
-from twisted.web.static import File
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.routing import RequestRedirect
@@ -32,7 +31,9 @@ from ._errors import (
     MalformedJSON,
     MethodNotAllowed,
     NotFound,
+    OutputNotReady,
     PayloadTooLarge,
+    RangeNotSatisfiable,
     TooManyStreams,
     TwistedSSEError,
     Unauthorized,
@@ -42,6 +43,7 @@ from . import _json
 from ._frames import Event
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
+from ._output import OutputResource
 from ._service import RenderService
 from ._stream import EventStreamResource, StreamLimits, StreamSettings, lastEventID, startStreamHeaders
 
@@ -222,6 +224,8 @@ class TwistedSSEApp:
             request.setHeader(b"retry-after", str(error.retryAfter).encode("ascii"))
         if isinstance(error, Unauthorized):
             request.setHeader(b"www-authenticate", b'Bearer realm="twistedsse"')
+        if isinstance(error, RangeNotSatisfiable):
+            request.setHeader(b"content-range", b"bytes */%d" % (error.size,))
         return _error(request, error.status, error.code, str(error))
 
     @router.handle_errors(HTTPException)
@@ -351,11 +355,15 @@ class TwistedSSEApp:
         return self._stream(jobID)
 
     @router.route("/renders/<string:jobID>/output", methods=["GET"])
-    def output(self, request: IRequest, jobID: str) -> File:
+    def output(self, request: IRequest, jobID: str) -> OutputResource:
         path = self.service.outputPath(jobID)
-        request.setHeader(b"content-disposition", f'inline; filename="{jobID}.mp4"'.encode("ascii"))
-        request.setHeader(b"cache-control", b"private, max-age=3600")
-        return File(str(path), defaultType="video/mp4")
+        # Served from the output directory's own entry, never through a
+        # symlink (see twistedsse._output).
+        if path.parent != self.service.outputDir:
+            raise OutputNotReady(f"render {jobID}'s output is not in the output directory")
+        return OutputResource(
+            self.service.outputDir, path.name, f"{jobID}.mp4", self.clock, self.settings.writeTimeout
+        )
 
     @router.route("/render-stream", methods=["GET"])
     def renderStream(self, request: IRequest) -> EventStreamResource:

@@ -27,6 +27,7 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     ├── QueueFull (429)                     "queue_full" (Retry-After)
     ├── InsufficientStorage (507)           "insufficient_storage"
     ├── OutputExpired (410)                 "output_expired"
+    ├── RangeNotSatisfiable (416)           "range_not_satisfiable" (Content-Range)
     └── Conflict (409)
         ├── JobFinished                     "job_finished"
         └── OutputNotReady                  "output_not_ready"
@@ -221,6 +222,21 @@ class QueueFull(TooManyStreams):
 
     code = "queue_full"
     status = 429
+
+
+class RangeNotSatisfiable(TwistedSSEError):
+    """
+    No range of a download's C{Range} header overlaps the file.
+
+    @ivar size: the file's size, for C{Content-Range: bytes */SIZE}.
+    """
+
+    code = "range_not_satisfiable"
+    status = 416
+
+    def __init__(self, detail: str, size: int) -> None:
+        super().__init__(detail)
+        self.size = size
 
 
 class Conflict(TwistedSSEError):

@@ -3,11 +3,24 @@ Fuzzing the HTTP API of a real server on 127.0.0.1: schema-driven cases
 from C{twistedsse/openapi.json} (schemathesis, valid and invalid), targeted
 Hypothesis cases (JSON bodies, card and command params, C{/render-stream}
 query strings, job ids in paths, C{Last-Event-ID} bytes, methods), fixed
-malformed raw HTTP over plain sockets, and Hypothesis mutations of raw
-requests. No answer may be a 5xx (but the documented limits, 503 and 429)
-or hold a traceback; every error is JSON C{{"error", "detail"}}; malformed
-HTTP gets a 4xx or a closed connection; the server stays up and a normal
-render works afterwards; no render, stream or subscriber is left over.
+malformed raw HTTP over plain sockets, Hypothesis mutations of raw
+requests, and a smaller Hypothesis fuzz over HTTP/2 (TLS, ALPN h2, the h2
+library: schemathesis speaks only HTTP/1.1). The jobs aimed at include one
+with an output, downloaded with generated C{Range} headers; the schema,
+API and HTTP/2 parts also run against a server with an operator token and
+a CORS origin, sending the token and the allowed or a foreign origin on
+some requests.
+
+Every status must be documented in C{openapi.json} for its operation, or
+be a 4xx the document names somewhere (L{Documented}); never a 500, and
+another 5xx only where documented. No answer holds a traceback; every
+error is JSON C{{"error", "detail"}}; a download is never longer than the
+file, a 206 is one range of C{video/mp4} whose C{Content-Range} matches
+its body, a 416 says C{bytes */SIZE}, every download is C{nosniff}; only
+the allowed origin is ever echoed in C{Access-Control-Allow-Origin};
+malformed HTTP gets a 4xx or a closed connection; the server stays up and
+a normal render works afterwards; no render, stream, subscriber, scratch
+file or open output file is left over.
 
 The server runs in the test's reactor; the fuzzing client runs in another
 process (this module, run with C{-m}): schemathesis patches Hypothesis
@@ -48,9 +61,11 @@ REPO = Path(__file__).resolve().parent.parent.parent
 
 # -- the client (runs in a child process) -----------------------------------
 
-#: The documented limit that is a 5xx by design (503 too_many_streams; the
-#: other, 429 queue_full, is a 4xx and must be JSON like every error).
-ALLOWED_5XX = {503}
+#: Statuses are checked against C{openapi.json} (see L{Documented}): an
+#: answer's status must be documented for its operation, or be a 4xx the
+#: document names somewhere (so a refusal added to every route, like a
+#: Host check or a 415, fits in once documented); 500 never, and another
+#: 5xx only where documented (503 too_many_streams).
 TERMINAL = {"complete", "failed", "cancelled"}
 EVENT_NAMES = {"progress", "reset"} | TERMINAL
 
@@ -72,6 +87,54 @@ _NOT_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 SCHEMA_EXAMPLES = 75  # per generation mode (valid, invalid)
 API_EXAMPLES = 250
 RAW_EXAMPLES = 100
+H2_EXAMPLES = 80
+
+
+#: Paths of the document as regular expressions over the raw request path.
+def _pathPattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template)) + "$")
+
+
+class Documented:
+    """
+    The statuses C{openapi.json} documents: per operation, and anywhere.
+    """
+
+    def __init__(self) -> None:
+        spec = json.loads((resources.files("twistedsse") / "openapi.json").read_text(encoding="utf-8"))
+        self.operations: list[tuple[re.Pattern[str], str, set[int]]] = []
+        self.anywhere: set[int] = set()
+        for template, item in spec["paths"].items():
+            for method, operation in item.items():
+                if isinstance(operation, dict) and "responses" in operation:
+                    codes = {int(code) for code in operation["responses"] if code.isdigit()}
+                    self.operations.append((_pathPattern(template), method.upper(), codes))
+                    self.anywhere |= codes
+
+    def forOperation(self, method: str, path: str) -> set[int] | None:
+        """
+        The statuses documented for C{method} on C{path} (a HEAD has its
+        GET's too), or C{None} if no documented path matches.
+        """
+        path = path.split("?", 1)[0]
+        found: set[int] | None = None
+        for pattern, documented, codes in self.operations:
+            if pattern.match(path):
+                found = found or set()
+                if documented == method.upper() or (method.upper() == "HEAD" and documented == "GET"):
+                    found |= codes
+        return found
+
+    def allows(self, method: str, path: str, status: int, cors: bool = False) -> bool:
+        if status == 500:
+            return False
+        codes = self.forOperation(method, path) or set()
+        if status in codes:
+            return True
+        if 400 <= status < 500 and status in self.anywhere:
+            return True
+        # A CORS preflight (answered before routing).
+        return cors and method.upper() == "OPTIONS" and status == 204
 
 
 class Reply:
@@ -96,9 +159,20 @@ class Client:
     them) instead of stopping at the first.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, config: dict[str, Any] | None = None) -> None:
         self.host = host
         self.port = port
+        config = config or {}
+        #: The operator token the server takes, if any.
+        self.token: str | None = config.get("token")
+        #: The origin the server allows (CORS), if any.
+        self.origin: str | None = config.get("origin")
+        #: Jobs with an output file, and its size.
+        self.outputs: list[str] = config.get("outputs", [])
+        self.outputSize: int = config.get("outputSize", 0)
+        self.documented = Documented()
+        #: The CA file to trust, when the server speaks TLS (HTTP/2).
+        self.tls: str | None = None
         self.problems: list[dict[str, Any]] = []
         self.counts: dict[str, int] = {}
         self.statuses: dict[str, int] = {}
@@ -138,12 +212,31 @@ class Client:
             connection.close()
             self.waited += time.monotonic() - began
 
-    def check(self, method: str, path: str, reply: Reply, request: Any, wellFormed: bool = True) -> None:
+    def authHeaders(self, draw: int) -> list[tuple[str, str]]:
+        """
+        Headers a request may carry, chosen by C{draw}: the token (if the
+        server takes one) on odd draws, and the allowed origin or another
+        one (if the server allows one) on some.
+        """
+        headers = []
+        if self.token and draw % 2:
+            headers.append(("Authorization", f"Bearer {self.token}"))
+        if self.origin and draw % 3:
+            headers.append(("Origin", self.origin if draw % 3 == 1 else "https://evil.example"))
+        return headers
+
+    def check(
+        self, method: str, path: str, reply: Reply, request: Any, wellFormed: bool = True,
+        sent: Iterable[tuple[str, Any]] = (),
+    ) -> None:  # fmt: skip
         """
         The checks every API answer must pass. A request that is not
         well-formed HTTP may also get a bare 400 (Twisted's, before any app
         code runs) or a closed connection.
         """
+        if reply.status is not None:
+            self.checkOutput(method, path, reply, request)
+            self.checkCORS(reply, request, sent)
         self.statuses[str(reply.status)] = self.statuses.get(str(reply.status), 0) + 1
         status = reply.status
         if not wellFormed and (status is None or (status == 400 and not reply.body)):
@@ -152,8 +245,8 @@ class Client:
         if status is None:
             self.problem("no answer to a well-formed request", request, reply)
             return
-        if status >= 500 and status not in ALLOWED_5XX:
-            self.problem(f"{status} answer", request, reply)
+        if not self.documented.allows(method, path, status, cors=bool(self.origin)):
+            self.problem(f"{status} answer not documented for {method.upper()} {path.split('?')[0][:40]}", request, reply)
         if b"Traceback" in reply.body or b'File "' in reply.body:
             self.problem("traceback in an answer", request, reply)
         if status >= 400 and method.upper() != "HEAD":
@@ -161,7 +254,58 @@ class Client:
         if status == 200 and reply.headers.get("content-type", "").startswith("text/event-stream"):
             checkStream(self, reply, request, method, path)
 
+    def checkOutput(self, method: str, path: str, reply: Reply, request: Any) -> None:
+        """
+        A download never holds more than the file; a 206 is one range whose
+        C{Content-Range} says what the body is; a 416 says the size; every
+        download is C{nosniff}.
+        """
+        if not re.match(r"^/renders/[^/?]+/output(\?|$)", path) or reply.status not in (200, 206, 416):
+            return
+        size = self.outputSize
+        headers = reply.headers
+        if reply.status == 416:
+            if not re.fullmatch(r"bytes \*/[0-9]+", headers.get("content-range", "")):
+                self.problem("a 416 without Content-Range: bytes */SIZE", request, reply)
+            return
+        if headers.get("x-content-type-options") != "nosniff":
+            self.problem("a download without nosniff", request, reply)
+        if size and len(reply.body) > size:
+            self.problem("a download longer than the file", request, reply)
+        if method.upper() != "HEAD" and headers.get("content-length") != str(len(reply.body)):
+            self.problem("a download whose Content-Length is not its length", request, reply)
+        if reply.status == 206:
+            match = re.fullmatch(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)", headers.get("content-range", ""))
+            if match is None or headers.get("content-type") != "video/mp4":
+                self.problem("a 206 that is not one range of video/mp4", request, reply)
+            elif method.upper() != "HEAD" and int(match[2]) - int(match[1]) + 1 != len(reply.body):
+                self.problem("a 206 whose Content-Range is not its body", request, reply)
+        self.count(f"output {reply.status}")
+
+    def checkCORS(self, reply: Reply, request: Any, sent: Iterable[tuple[str, Any]]) -> None:
+        """
+        With CORS on, the allowed origin is echoed and no other is.
+        """
+        if not self.origin:
+            return
+        origins = [v.decode("latin-1") if isinstance(v, bytes) else v for k, v in sent if k.lower() == "origin"]
+        allowed = reply.headers.get("access-control-allow-origin")
+        # (Answers made before the app sees the request, Twisted's bare 400
+        # and the 414 and 431 of the header limits, carry no CORS headers.)
+        fromApp = reply.headers.get("content-type") and reply.status not in (414, 431)
+        if origins and origins[-1] == self.origin and allowed != self.origin and fromApp:
+            self.problem("CORS: the allowed origin was not echoed", request, reply)
+        if allowed is not None and allowed != self.origin:
+            self.problem("CORS: an origin that is not allowed was allowed", request, reply)
+        if origins and origins[-1] != self.origin and allowed is not None:
+            self.problem("CORS: a foreign origin got CORS headers", request, reply)
+        if allowed is not None:
+            self.count("CORS allowed")
+
     def healthy(self) -> bool:
+        if self.tls is not None:
+            reply = h2Request(self, "GET", "/healthz", [], None)
+            return reply.status == 200 and json.loads(reply.body)["status"] == "ok"
         reply = self.request("GET", "/healthz")
         return reply.status == 200 and json.loads(reply.body)["status"] == "ok"
 
@@ -310,12 +454,42 @@ def parseReplies(data: bytes, closed: bool = False) -> tuple[list[Reply], bool]:
 # -- the cases ------------------------------------------------------------------
 
 
-def runSchema(client: Client, base: str) -> None:
+def rangeHeaders(size: int) -> Any:
+    """
+    C{Range} values: well-formed single and multiple ranges around the
+    file's size (up to 1 000 of them), and malformed ones (other units,
+    junk, bytes that are not ASCII, huge numbers).
+    """
+    from hypothesis import strategies as st
+
+    bound = st.integers(0, 2 * size + 2)
+    spec = st.one_of(
+        st.builds("{}-{}".format, bound, bound),
+        st.builds("{}-".format, bound),
+        st.builds("-{}".format, bound),
+    )
+    wellFormed = st.builds(lambda specs, sep: "bytes=" + sep.join(specs), st.lists(spec, min_size=1, max_size=20),
+                           st.sampled_from([",", ", ", " ,"]))  # fmt: skip
+    return st.one_of(
+        wellFormed.map(str.encode),
+        st.sampled_from([
+            b"bytes=" + b",".join([b"0-"] * 1000), b"bytes=\xff0-10", b"bytes=0-\xff", b"items=0-1",
+            b"bytes=" + b"9" * 40 + b"-", b"bytes=-" + b"9" * 5000, b"bytes=--1", b"bytes=5-2", b"bytes",
+            b"bytes=0-0" + b",0-0" * 20,
+        ]),  # fmt: skip
+        st.binary(max_size=30).map(lambda b: b"bytes=" + b.replace(b"\r", b"").replace(b"\n", b"")),
+    )
+
+
+def runSchema(client: Client, base: str, known: list[str]) -> None:
     """
     Valid and invalid cases for every operation of the OpenAPI document,
-    generated by schemathesis; each answer gets the common checks.
+    generated by schemathesis; each answer gets the common checks. Half the
+    cases aim at a real job (one with an output among them) rather than
+    the generated id, downloads get generated C{Range} headers, and, when
+    the server has them, the token and the allowed or a foreign origin.
     """
-    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
     # Imported here: only the child process may load schemathesis.
     import requests
@@ -325,6 +499,11 @@ def runSchema(client: Client, base: str) -> None:
     # The document as shipped, as test_openapi reads it.
     schema = schemathesis.openapi.from_path(str(resources.files("twistedsse") / "openapi.json"))
     session = requests.Session()
+    # Which cases aim at a real job, carry a Range, the token or an Origin:
+    # a plain counter (Hypothesis's own draws lean to the simplest value,
+    # "no"), so every run does the same.
+    aims = [None] + known + client.outputs * 4
+    counter = iter(range(10**9))
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
         @settings(
@@ -335,12 +514,20 @@ def runSchema(client: Client, base: str) -> None:
             phases=[Phase.explicit, Phase.generate],
             suppress_health_check=list(HealthCheck),
         )
-        @given(schema.as_strategy(generation_mode=mode))
-        def case(case: Any) -> None:
+        @given(schema.as_strategy(generation_mode=mode), rangeHeaders(client.outputSize or 1000))
+        def case(case: Any, rangeHeader: bytes) -> None:
             client.count(f"schemathesis {mode.value}")
+            draw = next(counter)
+            jobID = aims[draw % len(aims)]
+            if jobID is not None and "jobID" in (case.path_parameters or {}):
+                case.path_parameters["jobID"] = jobID
+            extra = dict(client.authHeaders(draw))
+            if draw % 4 and case.path.endswith("/output"):
+                extra["Range"] = rangeHeader
+                client.count("schemathesis Range")
             began = time.monotonic()
             try:
-                response = case.call(base_url=base, session=session, timeout=15)
+                response = case.call(base_url=base, session=session, headers=extra, timeout=15)
             except requests.ConnectionError as e:
                 client.problem("no answer", case.as_curl_command(), e)
                 return
@@ -348,7 +535,8 @@ def runSchema(client: Client, base: str) -> None:
                 client.waited += time.monotonic() - began
             headers = {k.lower(): ", ".join(v) for k, v in response.headers.items()}
             reply = Reply(response.status_code, headers, response.content)
-            client.check(case.method, case.formatted_path, reply, case.as_curl_command())
+            sent = list((case.headers or {}).items()) + list(extra.items())
+            client.check(case.method, case.formatted_path, reply, (case.as_curl_command(), extra), sent=sent)
 
         case()
 
@@ -439,9 +627,19 @@ def runAPI(client: Client, known: list[str]) -> None:
         st.tuples(st.sampled_from(["Last-Event-ID", "Range", "Content-Type", "Accept", "Authorization",
                                    "Origin", "X-Junk"]), headerValue), max_size=3)  # fmt: skip
 
+    outputs = client.outputs or known
+    download = st.builds(
+        lambda m, j, r, ifRange: (m, f"/renders/{j}/output", [("Range", r)] + ifRange, None),
+        st.sampled_from(["GET", "GET", "HEAD"]), st.sampled_from(outputs), rangeHeaders(client.outputSize or 1000),
+        st.lists(st.tuples(st.just("If-Range"), st.sampled_from([b'"x"', b"Thu, 01 Jan 1970 00:00:00 GMT", b"\xff"])),
+                 max_size=1),
+    )  # fmt: skip
+
+    counter = iter(range(10**9))
     requests = st.one_of(
         st.builds(lambda p, post: ("ECHO", "POST" if post else "GET", [], p), st.dictionaries(text, value, max_size=4),
                   st.booleans()),
+        download,
         st.builds(lambda b, h: ("POST", "/renders", h, b), body,
                   st.lists(st.tuples(st.just("Content-Type"), st.sampled_from(
                       [b"application/json", b"text/plain", b"application/json; charset=latin-1", b"\xff"])),
@@ -463,12 +661,14 @@ def runAPI(client: Client, known: list[str]) -> None:
     def case(request: tuple[str, str, list[tuple[str, Any]], Any]) -> None:
         method, path, headers, body = request
         client.count("hypothesis API")
+        draw = next(counter)
         if method == "ECHO":
             echo(client, body, path == "POST")
             return
+        headers = client.authHeaders(draw) + list(headers)
         reply = client.request(method, path, headers, body)
         wellFormed = not any(_NOT_FIELD_VALUE.search(v if isinstance(v, bytes) else v.encode()) for _, v in headers)
-        client.check(method, path, reply, request, wellFormed)
+        client.check(method, path, reply, (request, headers), wellFormed, sent=headers)
         if method == "POST" and reply.status == 202:
             client.jobs.append(json.loads(reply.body)["id"])
 
@@ -492,7 +692,7 @@ def echo(client: Client, params: dict[str, Any], post: bool) -> None:
         strict = False
     if post:
         path, reply = "/renders", client.request(
-            "POST", "/renders", [("Content-Type", "application/json")],
+            "POST", "/renders", [("Content-Type", "application/json")] + client.authHeaders(1),
             json.dumps({"renderer": "cat", "params": params}).encode())  # fmt: skip
         client.check("POST", path, reply, params)
         if reply.status == 202:
@@ -502,6 +702,8 @@ def echo(client: Client, params: dict[str, Any], post: bool) -> None:
             client.check("GET", path, reply, params)
     else:
         path = "/render-stream?renderer=cat&params=" + urllib.parse.quote(text, safe="")
+        if client.token:
+            path += "&access_token=" + client.token
         reply = client.request("GET", path)
         client.check("GET", path, reply, params)
     if reply.status == 414 and len(path) > 8000:
@@ -593,13 +795,16 @@ RAW_CASES: list[tuple[str, list[bytes], dict[str, Any]]] = [
 
 def checkRawReply(client: Client, request: Any, reply: Reply) -> None:
     """
-    An answer to raw HTTP: anything but a 5xx (or something that is not
-    HTTP), and no traceback.
+    An answer to raw HTTP: anything but a 500, a 5xx the document does not
+    name (503 too_many_streams), or something that is not HTTP; and no
+    traceback.
     """
     client.statuses[str(reply.status)] = client.statuses.get(str(reply.status), 0) + 1
     if reply.status == 400 and reply.body == KLEIN_NON_UTF8:
         client.problem("raw: a non-UTF-8 URL reached Klein (HTML 400, logged traceback)", request, reply)
-    elif reply.status is not None and (reply.status < 100 or reply.status >= 500) and reply.status not in ALLOWED_5XX:
+    elif reply.status is not None and (reply.status < 100 or reply.status >= 500) and (
+        reply.status == 500 or reply.status not in client.documented.anywhere
+    ):
         client.problem(f"raw: {reply.status} answer", request, reply)
     if b"Traceback" in reply.body or b'File "' in reply.body:
         client.problem("raw: traceback in an answer", request, reply)
@@ -646,6 +851,191 @@ def runRaw(client: Client, known: list[str]) -> None:
     finally:
         for sock in held:
             sock.close()
+
+
+def h2Connect(client: Client) -> tuple[Any, Any]:
+    """
+    A TLS connection that negotiated C{h2} by ALPN (the certificate is
+    verified against the test's CA file), with its h2 state machine.
+    """
+    import ssl
+
+    import h2.config
+    import h2.connection
+
+    context = ssl.create_default_context(cafile=client.tls)
+    context.set_alpn_protocols(["h2"])
+    sock = context.wrap_socket(socket.create_connection((client.host, client.port), timeout=10),
+                               server_hostname=client.host)  # fmt: skip
+    if sock.selected_alpn_protocol() != "h2":
+        raise AssertionError(f"ALPN chose {sock.selected_alpn_protocol()!r}, not h2")
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    connection.initiate_connection()
+    sock.sendall(connection.data_to_send())
+    return sock, connection
+
+
+def h2Exchange(
+    client: Client, sock: Any, connection: Any, requests: list[tuple[str, str, list[tuple[str, Any]], bytes | None]],
+    wait: float = 10.0, cancelAfterHeaders: bool = False,
+) -> list[Reply]:  # fmt: skip
+    """
+    Send C{requests} as concurrent streams of one HTTP/2 connection and
+    read their answers; a stream reset by the server is a C{None} status.
+    With C{cancelAfterHeaders}, each stream is reset (CANCEL) by the client
+    as soon as its headers arrive.
+    """
+    import h2.errors
+    import h2.events
+    import h2.exceptions
+
+    began = time.monotonic()
+    replies: dict[int, Reply] = {}
+    done: set[int] = set()
+    order = []
+    for method, path, headers, body in requests:
+        streamID = connection.get_next_available_stream_id()
+        head = [(":method", method), (":scheme", "https"), (":authority", f"{client.host}:{client.port}"),
+                (":path", path)] + [(k.lower(), v) for k, v in headers]  # fmt: skip
+        if body is not None:
+            head.append(("content-length", str(len(body))))
+        try:
+            connection.send_headers(streamID, head, end_stream=body is None)
+            if body is not None:
+                connection.send_data(streamID, body, end_stream=True)
+        except h2.exceptions.ProtocolError:
+            client.count("h2: refused by the client library")
+            continue
+        replies[streamID] = Reply(None, {}, b"")
+        order.append(streamID)
+    sock.sendall(connection.data_to_send())
+    deadline = time.monotonic() + wait
+    try:
+        while len(done) < len(replies):
+            if time.monotonic() > deadline:
+                client.problem("h2: no complete answer within the deadline", requests, [replies[i] for i in order])
+                break
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = sock.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                continue
+            if not data:
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
+                    replies[event.stream_id].status = int(headers.pop(":status"))
+                    replies[event.stream_id].headers = headers
+                    if cancelAfterHeaders:
+                        connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+                        done.add(event.stream_id)
+                elif isinstance(event, h2.events.DataReceived):
+                    if event.stream_id in replies and event.stream_id not in done:
+                        replies[event.stream_id].body += event.data
+                    connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    done.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    replies[event.stream_id].status = None
+                    done.add(event.stream_id)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    client.problem("h2: the server ended the connection", requests, event)
+                    done.update(replies)
+            sock.sendall(connection.data_to_send())
+    finally:
+        client.waited += time.monotonic() - began
+    return [replies[i] for i in order]
+
+
+def h2Request(client: Client, method: str, path: str, headers: list[tuple[str, Any]], body: bytes | None) -> Reply:
+    sock, connection = h2Connect(client)
+    try:
+        (reply,) = h2Exchange(client, sock, connection, [(method, path, headers, body)])
+        return reply
+    finally:
+        sock.close()
+
+
+def runHTTP2(client: Client, known: list[str]) -> None:
+    """
+    A smaller fuzz over HTTP/2 (TLS, ALPN h2; schemathesis speaks only
+    HTTP/1.1): Hypothesis requests, one to three concurrent streams per
+    connection, at every route with real and junk ids, C{Range},
+    C{Authorization} and C{Origin} headers and JSON bodies; then a stream
+    reset mid-download next to a sibling that goes on, and 30 concurrent
+    downloads on one connection. The same checks as over HTTP/1.1.
+    """
+    from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+
+    outputs = client.outputs or known
+    fieldValue = st.binary(max_size=20).filter(lambda b: not re.search(rb"[\x00\r\n]", b) and b == b.strip())
+    jobID = st.one_of(st.sampled_from(known + outputs * 2), st.sampled_from(["nope", "%FF", "..", "a" * 300]))
+    path = st.one_of(
+        st.sampled_from(["/", "/healthz", "/renderers", "/renders", "/static/app.js", "/nowhere",
+                         "/render-stream?renderer=cat&params=%7B%22a%22%3A1%7D", "/render-stream?renderer=nope"]),
+        st.builds(lambda t, j: t.format(j), st.sampled_from(
+            ["/renders/{}", "/renders/{}/events", "/renders/{}/output", "/renders/{}/output?x=1"]), jobID),
+    )  # fmt: skip
+    header = st.one_of(
+        st.tuples(st.just("range"), rangeHeaders(client.outputSize or 1000).filter(
+            lambda b: not re.search(rb"[\x00\r\n]", b) and b == b.strip())),
+        st.tuples(st.just("authorization"), st.sampled_from(
+            [f"Bearer {client.token}".encode(), b"Bearer nope", b"Basic eA==", b"Bearer"])),
+        st.tuples(st.just("origin"), st.sampled_from(
+            [(client.origin or "https://app.example").encode(), b"https://evil.example", b"null"])),
+        st.tuples(st.sampled_from(["last-event-id", "content-type", "if-range", "x-junk"]), fieldValue),
+    )
+    body = st.one_of(
+        st.none(),
+        st.builds(lambda r: json.dumps({"renderer": r, "params": {}}).encode(),
+                  st.sampled_from(["cat", "quick", "card", "nope"])),
+        st.binary(max_size=200),
+    )
+    request = st.tuples(st.sampled_from(["GET", "GET", "HEAD", "POST", "DELETE", "PUT", "OPTIONS"]), path,
+                        st.lists(header, max_size=3), body)  # fmt: skip
+
+    @settings(
+        max_examples=H2_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.lists(request, min_size=1, max_size=3))
+    def case(batch: list[tuple[str, str, list[tuple[str, Any]], bytes | None]]) -> None:
+        client.count("hypothesis h2")
+        sock, connection = h2Connect(client)
+        try:
+            replies = h2Exchange(client, sock, connection, batch)
+        finally:
+            sock.close()
+        for (method, path, headers, _), reply in zip(batch, replies):
+            wellFormed = not any(_NOT_FIELD_VALUE.search(v if isinstance(v, bytes) else v.encode()) for _, v in headers)
+            client.check(method, path, reply, ("h2", method, path, headers), wellFormed, sent=headers)
+
+    case()
+
+    # A download reset mid-way by the client, while its sibling goes on.
+    client.count("h2 cases")
+    target = f"/renders/{outputs[0]}/output"
+    auth = [("authorization", f"Bearer {client.token}")] if client.token else []
+    sock, connection = h2Connect(client)
+    try:
+        h2Exchange(client, sock, connection, [("GET", target, [], None)], cancelAfterHeaders=True)
+        (after,) = h2Exchange(client, sock, connection, [("GET", "/healthz", auth, None)])
+        if after.status != 200:
+            client.problem("h2: the connection did not go on after a reset download", target, after)
+        # 30 concurrent downloads (ranges and not) on one connection.
+        client.count("h2 cases")
+        batch = [("GET", target, [("range", b"bytes=%d-" % i)] if i % 2 else [], None) for i in range(30)]
+        for (method, path, headers, _), reply in zip(batch, h2Exchange(client, sock, connection, batch)):
+            client.check(method, path, reply, ("h2 batch", headers), sent=headers)
+            if reply.status not in (200, 206):
+                client.problem("h2: a concurrent download failed", headers, reply)
+    finally:
+        sock.close()
 
 
 def runRawMutations(client: Client, known: list[str]) -> None:
@@ -701,16 +1091,19 @@ def runRawMutations(client: Client, known: list[str]) -> None:
 
 
 PARTS: dict[str, Callable[[Client, str, list[str]], None]] = {
-    "schema": lambda client, base, known: runSchema(client, base),
+    "schema": lambda client, base, known: runSchema(client, base, known),
+    "h2": lambda client, base, known: runHTTP2(client, known),
     "api": lambda client, base, known: runAPI(client, known),
     "raw": lambda client, base, known: runRaw(client, known),
     "mutations": lambda client, base, known: runRawMutations(client, known),
 }
 
 
-def clientMain(base: str, part: str, known: list[str]) -> dict[str, Any]:
+def clientMain(base: str, part: str, known: list[str], config: dict[str, Any]) -> dict[str, Any]:
     url = urllib.parse.urlsplit(base)
-    client = Client(url.hostname or "127.0.0.1", url.port or 80)
+    client = Client(url.hostname or "127.0.0.1", url.port or 80, config)
+    if part == "h2":
+        client.tls = config["ca"]
     began = time.monotonic()
     PARTS[part](client, base, known)
     if not client.healthy():
@@ -725,6 +1118,13 @@ def clientMain(base: str, part: str, known: list[str]) -> dict[str, Any]:
     }
 
 
+#: The output the C{out} renderer writes: the size of the card the issue
+#: measured with.
+OUTPUT_SIZE = 2746
+TOKEN = "fuzz-operator-token"
+ORIGIN = "https://app.example"
+
+
 class FuzzTests(TestCase):
     """
     Each test serves a fresh server (the real L{buildSite}, with its limits
@@ -734,13 +1134,22 @@ class FuzzTests(TestCase):
 
     timeout = 120
 
-    def serve(self) -> str:
+    def serve(self, auth: bool = False, cors: bool = False) -> str:
+        """
+        Serve on 127.0.0.1 (HTTP/1.1; see L{serveTLS} for h2), with an
+        operator token (as C{--auth-token-file} gives) and an
+        allowed CORS origin (C{--cors-origin}) if asked.
+        """
         # Renders started by fuzzing end at once: /bin/true, /bin/cat (which
-        # echoes the params line back as one progress event), and the card
-        # with /bin/true as its ffmpeg (it fails: "no output file").
+        # echoes the params line back as one progress event), the card with
+        # /bin/true as its ffmpeg (it fails: "no output file"), and out,
+        # which writes a 2 746-byte output (the operator's fixed command:
+        # nothing of the client's reaches the shell).
+        out = ["/bin/sh", "-c", f'head -c {OUTPUT_SIZE} /dev/urandom > "$TWISTEDSSE_OUTPUT"']
         self.service = buildService(
             reactor,
-            renderers=[CommandRenderer("quick", ["/bin/true"]), CommandRenderer("cat", ["/bin/cat"])],
+            renderers=[CommandRenderer("quick", ["/bin/true"]), CommandRenderer("cat", ["/bin/cat"]),
+                       CommandRenderer("out", out)],  # fmt: skip
             ffmpeg="/bin/true",
             outputDir=self.mktemp(),
             maxRenders=4,
@@ -750,43 +1159,60 @@ class FuzzTests(TestCase):
         )
         self.service.startService()
         self.addCleanup(self.service.stopService)
-        self.site = buildSite(self.service, reactor)
+        self.token = TOKEN if auth else None
+        self.config: dict[str, Any] = {"token": self.token, "origin": ORIGIN if cors else None,
+                                       "outputSize": OUTPUT_SIZE}  # fmt: skip
+        self.site = buildSite(self.service, reactor, authTokens=[TOKEN.encode()] if auth else [],
+                              corsOrigins=[ORIGIN] if cors else [])  # fmt: skip
         port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        scheme = "http"
         self.addCleanup(lambda: self.site.drain(reactor, 1.0))
         self.addCleanup(port.stopListening)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        self.base = f"{scheme}://127.0.0.1:{port.getHost().port}"
         return self.base
 
     @inlineCallbacks
     def finishedJobs(self) -> Any:
         """
-        Real job ids for the fuzzer to aim at: one succeeded, one failed.
+        Real job ids for the fuzzer to aim at: one succeeded with no file,
+        one failed, one succeeded with an output. The jobs are made over a
+        plain-HTTP twin of the server when it speaks TLS.
         """
         ids = []
-        for renderer in ("cat", "card"):
-            response = yield treq.post(self.base + "/renders", json={"renderer": renderer, "params": {}},
-                                       pool=self.pool)  # fmt: skip
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        base = self.plainBase
+        for renderer in ("cat", "card", "out"):
+            response = yield treq.post(base + "/renders", json={"renderer": renderer, "params": {}},
+                                       headers=headers, pool=self.pool)  # fmt: skip
             job = yield response.json()
-            events, done = stream(self.base + job["events_url"], self.pool)
+            events, done = stream(base + job["events_url"], self.pool)
             yield done.addTimeout(20, reactor)
-            self.assertEqual(events[-1].event, "complete" if renderer == "cat" else "failed")
+            self.assertEqual(events[-1].event, "failed" if renderer == "card" else "complete")
             ids.append(job["id"])
+        self.outputs = [ids[-1]]
+        self.assertEqual((self.service.outputDir / f"{ids[-1]}.mp4").stat().st_size, OUTPUT_SIZE)
         return ids
 
     @inlineCallbacks
-    def fuzz(self, part: str) -> Any:
+    def fuzz(self, part: str, auth: bool = False, cors: bool = False, tls: bool = False) -> Any:
         """
         Run one part of the client against a fresh server; assert that it
         found no problem, print what it ran, and check that the server is
         clean and still renders afterwards.
         """
-        self.serve()
+        self.serve(auth, cors)
+        self.plainBase = self.base
+        if tls:
+            yield self.serveTLS()
         known = yield self.finishedJobs()
+        self.config["outputs"] = self.outputs
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         out, err, code = yield getProcessOutputAndValue(
-            sys.executable, ["-m", "tests.integration.test_fuzz", self.base, part, json.dumps(known)], env=env
+            sys.executable,
+            ["-m", "tests.integration.test_fuzz", self.base, part, json.dumps(known), json.dumps(self.config)],
+            env=env,
         ).addTimeout(100, reactor)
         if code != 0:
             raise AssertionError(f"the fuzzing client exited {code}: {err.decode(errors='replace')[-3000:]}")
@@ -795,9 +1221,10 @@ class FuzzTests(TestCase):
         # answered those itself; there must be none now.
         logged = self.flushLoggedErrors(UnicodeDecodeError)
         self.assertEqual(logged, [], "non-UTF-8 URLs reached Klein")
-        cases = sum(n for what, n in report["counts"].items() if what.startswith(("schemathesis", "hypothesis", "raw")))
+        cases = sum(n for what, n in report["counts"].items() if what.startswith(("schemathesis", "hypothesis", "raw", "h2")))
         sys.stderr.write(
-            f"\n[fuzz] {part}: {cases} cases in {report['seconds']} s ({report['waited']} s waiting for "
+            f"\n[fuzz] {part}{' auth' if auth else ''}{' cors' if cors else ''}{' h2' if tls else ''}: "
+            f"{cases} cases in {report['seconds']} s ({report['waited']} s waiting for "
             f"answers) {report['counts']}; "
             f"statuses {dict(sorted(report['statuses'].items()))}; "
             f"{len(logged)} errors logged by Klein for non-UTF-8 URLs\n"
@@ -805,6 +1232,24 @@ class FuzzTests(TestCase):
         self.assertEqual(report["problems"], [], json.dumps(report["problems"], indent=1))
         yield self.assertClean()
         return report
+
+    @inlineCallbacks
+    def serveTLS(self) -> Any:
+        """
+        The same site on a second listener, TLS with h2 offered by ALPN
+        (the plain one stays, for the test's own treq calls).
+        """
+        from twisted.internet.endpoints import serverFromString
+
+        from tests.browsers._tls import selfSigned
+
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        identity = selfSigned(folder)
+        self.config["ca"] = str(identity.certificate)
+        port = yield serverFromString(reactor, identity.listen()).listen(self.site)
+        self.addCleanup(port.stopListening)
+        self.base = f"https://127.0.0.1:{port.getHost().port}"
 
     @inlineCallbacks
     def assertClean(self) -> Any:
@@ -821,22 +1266,60 @@ class FuzzTests(TestCase):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.service.broker.subscriberCount()} subscribers left")
             yield deferLater(reactor, 0.02, lambda: None)
-        events, done = stream(self.base + "/render-stream?renderer=cat&params=%7B%22ok%22%3A1%7D", self.pool)
+        path = "/render-stream?renderer=cat&params=%7B%22ok%22%3A1%7D"
+        if self.token:
+            path += "&access_token=" + self.token
+        events, done = stream(self.plainBase + path, self.pool)
         yield done.addTimeout(20, reactor)
         self.assertEqual([e.event for e in events[1:]], ["render", "progress", "complete"])
         self.assertEqual(json.loads(events[2].data), {"ok": 1})
-        response = yield treq.get(self.base + "/healthz", pool=self.pool)
+        response = yield treq.get(self.plainBase + "/healthz", pool=self.pool)
         health = yield response.json()
         self.assertEqual((health["status"], health["renders"]["running"], health["subscribers"]), ("ok", 0, 0))
-        self.assertEqual(os.listdir(self.service.outputDir), [])
+        # Every download's file is closed (HTTP/2 streams reset mid-way too).
+        folder = str(self.service.outputDir.absolute())
+
+        def openOutputs() -> list[str]:
+            found = []
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    target = os.readlink(f"/proc/self/fd/{name}")
+                except OSError:
+                    continue
+                if target.startswith(folder + os.sep):
+                    found.append(target)
+            return found
+
+        while openOutputs():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"output files left open: {openOutputs()}")
+            yield deferLater(reactor, 0.02, lambda: None)
+        # No scratch file is left: only the outputs of renders that
+        # succeeded with one.
+        succeeded = {job.id for job in self.service.broker.jobs() if job.state.value == "succeeded"}
+        for name in os.listdir(self.service.outputDir):
+            self.assertTrue(name.endswith(".mp4") and name[: -len(".mp4")] in succeeded, name)
+        self.assertIn(f"{self.outputs[0]}.mp4", os.listdir(self.service.outputDir))
 
     def test_schemaCases(self) -> Any:
         """
         Valid and invalid requests generated from the OpenAPI document for
-        every operation: no 5xx but the documented 503, no traceback, every
-        error JSON C{{"error", "detail"}}, every stream well-formed.
+        every operation, half of them aimed at real jobs (one with an
+        output, downloaded with generated C{Range} headers): every status
+        documented (see L{Documented}), no traceback, every error JSON
+        C{{"error", "detail"}}, every stream well-formed, no download
+        longer than the file.
         """
         return self.fuzz("schema")
+
+    def test_schemaCasesWithAuthAndCORS(self) -> Any:
+        """
+        The schema cases against a server with an operator token and an
+        allowed CORS origin, sending the token on half the requests and the
+        allowed or a foreign C{Origin} on some: the same checks, plus the
+        allowed origin alone is ever echoed.
+        """
+        return self.fuzz("schema", auth=True, cors=True)
 
     def test_apiCases(self) -> Any:
         """
@@ -844,9 +1327,27 @@ class FuzzTests(TestCase):
         params (lone surrogates, numbers that overflow, deep and odd
         values), C{/render-stream} query strings (bytes that are not UTF-8),
         job ids in paths, C{Last-Event-ID} bytes (not UTF-8, 12 KiB, folded
-        lines) and any method: the same checks.
+        lines), C{Range} and C{If-Range} on a real output, and any method:
+        the same checks.
         """
         return self.fuzz("api")
+
+    def test_apiCasesWithAuthAndCORS(self) -> Any:
+        """
+        The Hypothesis API cases with an operator token and a CORS origin
+        configured (token and origins sent on some requests): the same
+        checks.
+        """
+        return self.fuzz("api", auth=True, cors=True)
+
+    def test_http2Cases(self) -> Any:
+        """
+        Over HTTP/2 (TLS, ALPN h2), with a token and a CORS origin:
+        Hypothesis requests one to three streams at a time, a download reset
+        mid-way beside a sibling, 30 concurrent downloads on one connection;
+        the same checks.
+        """
+        return self.fuzz("h2", auth=True, cors=True, tls=True)
 
     def test_malformedHTTP(self) -> Any:
         """
@@ -867,4 +1368,4 @@ class FuzzTests(TestCase):
 
 
 if __name__ == "__main__":
-    print(json.dumps(clientMain(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))))
+    print(json.dumps(clientMain(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))))
