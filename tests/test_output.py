@@ -161,6 +161,7 @@ class _OutputFixture(SynchronousTestCase):
             broker=MemoryBroker(),
             renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
             outputDir=self.dir,
+            expireAfter=0,  # no expiry timer: these tests count the clock's timers
         )
         self.service.startService()
         self.site = buildSite(self.service, self.clock, writeTimeout=5.0)
@@ -245,7 +246,7 @@ class OutputRouteTests(_OutputFixture):
         and nothing is logged (static.File: 500 and a traceback).
         """
         jobID, data = self.finished()
-        raw = b"GET /renders/%s/output HTTP/1.1\r\nHost: x\r\nRange: bytes=\xff0-10\r\n\r\n" % jobID.encode()
+        raw = b"GET /renders/%s/output HTTP/1.1\r\nHost: localhost\r\nRange: bytes=\xff0-10\r\n\r\n" % jobID.encode()
         status, head, body = self.get("", raw=raw)
         self.assertEqual((status, body), (200, data))
         self.assertEqual(self.flushLoggedErrors(), [])
