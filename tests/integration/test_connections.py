@@ -4,26 +4,13 @@ own process, under a small open-file limit, attacked from 127.0.0.1 by
 raw sockets (trickled heads, endless and crawling bodies, idle connections
 past the cap) while C{/healthz}, an event stream and a new ffmpeg render
 must keep working; the open-file limit raised at start, and a
-C{--max-streams} it cannot hold refused. Plus: over HTTP/2, a body over
+C{--max-streams} it cannot hold refused; downloads that stop reading
+dropped after C{--write-timeout}. Plus: over HTTP/2, a body over
 64 KiB answered C{413} on its stream while the connection's other streams
 go on.
 
 Each attacker kind is an L{Attacker}: one more kind is a subclass added
-to the list in L{AttackTests.attackers}. For example, a download that
-stops reading (with the service started with a short --write-timeout):
-
-    class StalledDownload(Attacker):
-        name = "stalled downloads"
-        reads = False  # never reads: only a reset shows the drop
-
-        def connect(self, service):
-            job = ...  # a finished render with a large output (service.json)
-            self.path = job["output_url"]
-            super().connect(service)
-
-        def opened(self, victim):
-            victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            victim.send(f"GET {self.path} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n".encode())
+to the list in L{AttackTests.attackers}.
 """
 
 from __future__ import annotations
@@ -48,6 +35,9 @@ import attrs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 ROOT = Path(__file__).resolve().parents[2]
+
+#: Linux TCP states (include/net/tcp_states.h), the first byte of TCP_INFO.
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
@@ -142,16 +132,20 @@ class Victim:
     def poll(self, reads: bool = True) -> None:
         """
         Read what the server sent, without blocking; note the close. If
-        not C{reads} (a client that has stopped reading), only peek: only
-        a reset shows then.
+        not C{reads} (a client that has stopped reading, whose unread bytes
+        would hide a close from C{recv}), ask the kernel for the
+        connection's TCP state instead: closed (a reset) or close-wait
+        (the server's FIN).
         """
         if self.closed is not None:
             return
+        if not reads:
+            state = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            if state in (TCP_CLOSE, TCP_CLOSE_WAIT):
+                self.closed = time.monotonic()
+            return
         try:
             while True:
-                if not reads:
-                    self.sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-                    return
                 data = self.sock.recv(65536, socket.MSG_DONTWAIT)
                 if not data:
                     self.closed = time.monotonic()
@@ -235,7 +229,9 @@ class Attacker:
         test.assertEqual(len(held), len(self.victims), f"{self.name}: {len(self.victims) - len(held)} still open")
         test.assertLessEqual(max(held), self.bound, f"{self.name}: held {max(held):.2f} s > {self.bound} s")
         if self.status is not None:
-            test.assertEqual({v.status for v in self.victims}, {self.status}, self.name)
+            test.assertEqual(
+                {v.status for v in self.victims}, {self.status}, f"{self.name}: {[v.received[:300] for v in self.victims]}"
+            )
         return f"{self.name}: {len(held)} closed after {min(held):.2f}-{max(held):.2f} s"
 
     def close(self) -> None:
@@ -306,6 +302,39 @@ class IdleConnection(Attacker):
     name = "idle connections"
 
 
+#: A renderer whose output is 4 MiB: far more than a stalled client's
+#: buffers and the server's hold (Twisted pauses a producer past 64 KiB).
+BIG_OUTPUT = (
+    f"big={sys.executable} -c "
+    "\"import os; open(os.environ['TWISTEDSSE_OUTPUT'], 'wb').write(bytes(4 * 1024 * 1024))\""
+)
+
+
+class StalledDownload(Attacker):
+    """
+    Downloads of a finished render's 4 MiB output that read nothing (a
+    4 KiB receive buffer): dropped once the server has had nothing taken
+    for C{--write-timeout} seconds; only a reset shows it.
+    """
+
+    name = "stalled downloads"
+    reads = False
+
+    def connect(self, service: Service) -> None:
+        code, job = service.json("/renders", {"renderer": "big"})
+        assert code == 202, job
+        deadline = time.monotonic() + 20
+        while service.json(job["status_url"])[1]["state"] != "succeeded":
+            assert time.monotonic() < deadline, "the big render did not succeed"
+            time.sleep(0.05)
+        self.path = job["output_url"]
+        super().connect(service)
+
+    def opened(self, victim: Victim) -> None:
+        victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        victim.send(f"GET {self.path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+
+
 def pump(attackers: list[Attacker], until: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not until() and time.monotonic() < deadline:
@@ -314,7 +343,9 @@ def pump(attackers: list[Attacker], until: Callable[[], bool], timeout: float) -
             for victim in attacker.victims:
                 victim.poll(attacker.reads)
                 attacker.tick(victim, now)
-        socks = [v.sock for a in attackers for v in a.victims if v.closed is None]
+        # (A client that does not read always has data waiting: waiting on
+        # its socket would spin this loop, and the ticks with it.)
+        socks = [v.sock for a in attackers if a.reads for v in a.victims if v.closed is None]
         if socks:
             select.select(socks, [], [], 0.05)
         else:
@@ -325,6 +356,8 @@ class AttackTests(SynchronousTestCase):
     #: The request clock, short so that the test is.
     requestTimeout = 1.0
     maxConnections = 40
+    #: How long a download may read nothing before it is dropped.
+    writeTimeout = 2.0
 
     def attackers(self) -> list[Attacker]:
         """
@@ -337,12 +370,14 @@ class AttackTests(SynchronousTestCase):
             EndlessChunkedBody(4, slack),
             CrawlingBody(4, 2 * self.requestTimeout + slack),
             IdleConnection(8, self.requestTimeout + slack),
+            StalledDownload(4, self.writeTimeout + 2 * slack),
         ]
 
     def startService(self) -> Service:
         service = Service(
             "--request-timeout", str(self.requestTimeout), "--max-connections", str(self.maxConnections),
-            "--max-renders", "2", nofile=(160, 160),
+            "--max-renders", "2", "--write-timeout", str(self.writeTimeout), "--renderer", BIG_OUTPUT,
+            nofile=(160, 160),
         )  # fmt: skip
         self.addCleanup(service.stop)
         if not service.port:
@@ -352,8 +387,9 @@ class AttackTests(SynchronousTestCase):
     def test_attackersAreClosedWhileTheServiceWorks(self) -> None:
         """
         Under an open-file limit of 160: trickled heads (408), endless
-        chunked bodies (413 at 64 KiB), crawling bodies (408) and idle
-        connections are each closed within their bounds, while
+        chunked bodies (413 at 64 KiB), crawling bodies (408), idle
+        connections and downloads that stop reading (dropped after
+        C{--write-timeout}) are each closed within their bounds, while
         C{/healthz} answers, an event stream opened before streams to its
         end and a card render (ffmpeg) started during the attack
         completes; afterwards the connections are back to the baseline and
