@@ -285,6 +285,25 @@ class CapTests(_SiteMixin, SynchronousTestCase):
         again = self.connect("203.0.113.1", 4)
         self.assertEqual(self.healthz(again)["connections"], {"open": 1, "max": 4})
 
+    def test_anIPv6ClientIsItsSlash64(self) -> None:
+        """
+        IPv6 peers count per /64 (a client picks any address of its /64 at
+        no cost): past the cap, a new address in the same /64 is refused,
+        one in another /64 gets in; an IPv4-mapped peer counts as its IPv4
+        address.
+        """
+        self.makeSite(maxConnections=10, maxPerAddress=2)
+        first = [self.connect("2001:db8:0:1::1", 1), self.connect("2001:db8:0:1::ffff", 1)]
+        sameNetwork = self.connect("2001:db8:0:1:abcd::7", 1)
+        otherNetwork = self.connect("2001:db8:0:2::1", 1)
+        self.assertTrue(sameNetwork.transport.disconnected)
+        self.assertFalse(otherNetwork.transport.disconnecting)
+        self.assertEqual(self.site.connections.fromAddress("2001:db8:0:1::42"), 2)
+        mapped = [self.connect("::ffff:203.0.113.9", 1), self.connect("203.0.113.9", 2)]
+        self.assertTrue(self.connect("203.0.113.9", 3).transport.disconnected)
+        for client in first + mapped + [otherNetwork, sameNetwork]:
+            client.close()
+
     def test_loopbackIsExemptFromThePerAddressCap(self) -> None:
         """
         Loopback peers (a reverse proxy on the same host: every client's

@@ -87,6 +87,12 @@ def peerKey(address: Any) -> str | None:
     mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
     if (mapped or ip).is_loopback:
         return None
+    if mapped is not None:
+        return str(mapped)
+    if ip.version == 6:
+        # One IPv6 client is a /64 (a host picks any address in it at no
+        # cost): cap the network, not each address.
+        return str(ipaddress.ip_network((ip, 64), strict=False))
     return host
 
 
@@ -151,9 +157,10 @@ class ConnectionCounter:
     def fromAddress(self, host: str) -> int:
         """
         Connections open now from C{host} (as counted for the per-address
-        cap).
+        cap: an IPv6 address counts with its /64).
         """
-        return self._perAddress.get(host, 0)
+        key = peerKey(type("Address", (), {"host": host})())
+        return self._perAddress.get(key or host, 0)
 
     def toJSON(self) -> dict[str, int]:
         return {"open": self.open, "max": self.max}
