@@ -428,6 +428,9 @@ class ErrorCodesTests(SynchronousTestCase):
         for code in (
             "malformed_json", "body_too_large", "unknown_renderer", "invalid_params", "unknown_job",
             "not_found", "method_not_allowed", "job_finished", "output_not_ready", "internal_error",
+            "unauthorized", "forbidden", "unsupported_media_type", "unknown_host", "job_expired",
+            "output_expired", "insufficient_storage", "too_many_streams", "queue_full",
+            "range_not_satisfiable", "uri_too_long", "header_too_large",
         ):
             self.assertIn(code, self.known)
             self.assertNotEqual(codes.get(code, set()) - {"*"}, set(), code)
