@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 from ._server import need
 
@@ -594,3 +594,27 @@ def browser(engine: str, insecureTLS: bool = False) -> Iterator[Browser]:
                     stop()
             _killAll(_tagged(scratch.tag))
             scratch.remove()
+
+
+class OneBrowserPerClass:
+    """
+    A test class (a mixin, before C{SynchronousTestCase}) that drives one
+    browser engine, C{engine}, started once for the whole class.
+    """
+
+    engine: ClassVar[str]
+    browser: ClassVar[Browser]
+    _resources: ClassVar[contextlib.ExitStack]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls._resources = contextlib.ExitStack()
+        try:
+            cls.browser = cls._resources.enter_context(browser(cls.engine))
+        except BaseException:
+            cls._resources.close()
+            raise
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls._resources.close()

@@ -9,18 +9,17 @@ server sees or its log, and the page's CSP stays the strict one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import urllib.request
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from twistedsse import mintToken
 from twistedsse._app import CSP
 
-from ._drivers import Browser, browser
+from ._drivers import OneBrowserPerClass
 from ._server import Server
 from .test_direct import FINISHED, SUBSCRIBED, pageURL
 
@@ -48,24 +47,7 @@ WHERE = """({href: location.href, hash: location.hash, field: document.getElemen
   kept: sessionStorage.getItem("twistedsse.access_token")})"""
 
 
-class AuthPageMixin:
-    engine: ClassVar[str]
-    browser: ClassVar[Browser]
-    _resources: ClassVar[contextlib.ExitStack]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls._resources = contextlib.ExitStack()
-        try:
-            cls.browser = cls._resources.enter_context(browser(cls.engine))
-        except BaseException:
-            cls._resources.close()
-            raise
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls._resources.close()
-
+class AuthPageMixin(OneBrowserPerClass):
     def startServer(self: Any) -> Server:
         tokens, secret = Path(self.mktemp()).absolute(), Path(self.mktemp()).absolute()
         tokens.write_text(OPERATOR + "\n")

@@ -15,7 +15,6 @@ whole milliseconds and can come out slightly negative.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
@@ -23,7 +22,7 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -31,7 +30,7 @@ from twistedsse import EventStreamDecoder
 
 from .._helpers import splitResponse
 from ._cutter import Connection, Cutter, Request
-from ._drivers import Browser, browser
+from ._drivers import OneBrowserPerClass
 from ._server import Server, postJSON
 
 BOUND_MS = 100.0
@@ -160,27 +159,10 @@ def eventsRequests(cutter: Cutter) -> list[tuple[Connection, Request]]:
     return sorted(found, key=lambda pair: pair[1].at)
 
 
-class DirectDeliveryMixin:
+class DirectDeliveryMixin(OneBrowserPerClass):
     """
     The tests, for one engine; a subclass per engine names it in failures.
     """
-
-    engine: ClassVar[str]
-    browser: ClassVar[Browser]
-    _resources: ClassVar[contextlib.ExitStack]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls._resources = contextlib.ExitStack()
-        try:
-            cls.browser = cls._resources.enter_context(browser(cls.engine))
-        except BaseException:
-            cls._resources.close()
-            raise
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls._resources.close()
 
     def startServer(self: Any, *options: str) -> Server:
         server = Server(*options)

@@ -8,13 +8,12 @@ WebKit's viewers load nothing (see L{twistedsse._output}).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ._drivers import Browser, browser
+from ._drivers import OneBrowserPerClass
 from ._server import Server, getJSON, postJSON
 
 #: The viewer's video element, once it has metadata (or 15 s).
@@ -33,24 +32,7 @@ VIEWER = """new Promise(function (resolve) {
 })"""
 
 
-class OutputViewerMixin:
-    engine: ClassVar[str]
-    browser: ClassVar[Browser]
-    _resources: ClassVar[contextlib.ExitStack]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls._resources = contextlib.ExitStack()
-        try:
-            cls.browser = cls._resources.enter_context(browser(cls.engine))
-        except BaseException:
-            cls._resources.close()
-            raise
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls._resources.close()
-
+class OutputViewerMixin(OneBrowserPerClass):
     def test_outputOpensInTheBrowser(self: Any) -> None:
         """
         A finished card opened at its C{output_url} loads in the browser's

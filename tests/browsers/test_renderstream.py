@@ -9,19 +9,18 @@ events. In Chromium, Firefox and WebKit.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from ._cutter import Cutter
-from ._drivers import Browser, browser
+from ._drivers import OneBrowserPerClass
 from ._server import Server, getJSON, postJSON
 
 # Opens the page's own EventSource on /render-stream and records what it
@@ -63,24 +62,7 @@ DONE = """new Promise(function (resolve, reject) {
 })"""
 
 
-class RenderStreamMixin:
-    engine: ClassVar[str]
-    browser: ClassVar[Browser]
-    _resources: ClassVar[contextlib.ExitStack]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls._resources = contextlib.ExitStack()
-        try:
-            cls.browser = cls._resources.enter_context(browser(cls.engine))
-        except BaseException:
-            cls._resources.close()
-            raise
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls._resources.close()
-
+class RenderStreamMixin(OneBrowserPerClass):
     def test_dropBeforeTheFirstEventReattaches(self: Any) -> None:
         """
         With the one render slot held by another render, the page opens

@@ -489,7 +489,7 @@ def runSchema(client: Client, base: str, known: list[str]) -> None:
     the generated id, downloads get generated C{Range} headers, and, when
     the server has them, the token and the allowed or a foreign origin.
     """
-    from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+    from hypothesis import HealthCheck, Phase, given, settings
 
     # Imported here: only the child process may load schemathesis.
     import requests
