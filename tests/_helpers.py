@@ -135,3 +135,44 @@ def chunks(data: bytes) -> list[bytes]:
 
 def decode(body: bytes) -> list[Any]:
     return EventStreamDecoder().feed(body)
+
+
+#: Twisted's FileDescriptor.bufferSize: a transport pauses its producer
+#: once more than this is waiting to be sent.
+BUFFER = 64 * 1024
+
+
+class BufferTransport(StringTransport):
+    """
+    A transport with a send buffer: it pauses its producer once more than
+    C{limit} bytes wait in it, as a full socket makes Twisted's do, and
+    L{drain} empties it (the client read everything) and resumes.
+
+    @ivar most: the most bytes ever waiting at once.
+    """
+
+    def __init__(self, limit: int = BUFFER) -> None:
+        super().__init__()
+        self.limit = limit
+        self.full = False
+        self.most = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        waiting = len(self.value())
+        self.most = max(self.most, waiting)
+        if waiting > self.limit and not self.full and self.producer is not None:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, seq: list[bytes]) -> None:
+        self.write(b"".join(seq))
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.full:
+            self.full = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+        return data

@@ -13,7 +13,7 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
@@ -21,40 +21,9 @@ from twistedsse._broker import MemoryBroker
 from twistedsse._decoder import EventStreamDecoder
 from twistedsse._stream import EventStreamResource, StreamSettings
 
-from ._helpers import Connection, chunks, snapshot, splitResponse
+from ._helpers import BufferTransport, Connection, chunks, snapshot, splitResponse
 
 EVENTS = 40
-
-
-class SmallBuffer(StringTransport):
-    """
-    A connection whose send buffer holds C{limit} bytes: past that it
-    pauses its producer (the stream), as a full socket does, until the
-    client reads.
-    """
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-        self.full = False
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        if len(self.value()) > self.limit and not self.full and self.producer is not None:
-            self.full = True
-            self.producer.pauseProducing()
-
-    def writeSequence(self, seq: list[bytes]) -> None:
-        self.write(b"".join(seq))
-
-    def take(self) -> bytes:
-        data = self.value()
-        self.clear()
-        if self.full:
-            self.full = False
-            if self.producer is not None:
-                self.producer.resumeProducing()
-        return data
 
 
 class Client:
@@ -75,7 +44,7 @@ class Client:
         self.done = False
 
     def connect(self) -> None:
-        self.conn = Connection(self.site, None if self.buffer is None else SmallBuffer(self.buffer))
+        self.conn = Connection(self.site, None if self.buffer is None else BufferTransport(self.buffer))
         self.decoder = EventStreamDecoder()
         headers = {"Last-Event-ID": self.lastEventID} if self.lastEventID else {}
         self.conn.request("GET", "/", headers)
@@ -95,11 +64,11 @@ class Client:
         """
         assert self.conn is not None
         transport = self.conn.transport
-        if not isinstance(transport, SmallBuffer):
+        if not isinstance(transport, BufferTransport):
             return self.conn.take()
-        data = transport.take()
+        data = transport.drain()
         while transport.full or transport.value():
-            data += transport.take()
+            data += transport.drain()
         return data
 
     def take(self, body: bytes) -> None:
