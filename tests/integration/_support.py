@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import HTTPConnectionPool
@@ -124,3 +126,28 @@ class ServerMixin:
         if code != 0:
             raise AssertionError(f"client exited {code}: {err.decode(errors='replace')}")
         return [json.loads(line) for line in out.splitlines()]
+
+
+class ServiceProcess(ProcessProtocol):
+    """
+    A twistedsse service process (twistd, or C{python -m twistedsse}) as
+    the tests see it: its output so far, C{listening} (fires with the port
+    once it logs that its site is listening; errbacks with its output if it
+    ends first) and C{ended} (fires with how it ended).
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[int] = Deferred()
+        self.ended: Deferred[Any] = Deferred()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.output += data
+        found = re.search(rb"Site starting on (\d+)", self.output)
+        if found and not self.listening.called:
+            self.listening.callback(int(found.group(1)))
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback(reason.value)

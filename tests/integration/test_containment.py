@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import stat
 import sys
@@ -26,15 +25,14 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from twistedsse import CommandRenderer
 from twistedsse._render import launcherArgv
 
-from ._support import HERE, ServerMixin, stream
+from ._support import HERE, ServerMixin, ServiceProcess, stream
 
 GROUPED = str(HERE / "grouped.py")
 
@@ -297,24 +295,6 @@ class ContainmentTests(ServerMixin, TestCase):
         yield None
 
 
-class _Service(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening: Deferred[int] = Deferred()
-        self.ended: Deferred[Any] = Deferred()
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-        found = re.search(rb"Site starting on (\d+)", self.output)
-        if found and not self.listening.called:
-            self.listening.callback(int(found.group(1)))
-
-    def processEnded(self, reason: Any) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
-        self.ended.callback(reason.value)
-
-
 class ServiceDeathTests(TestCase):
     timeout = 60
 
@@ -328,7 +308,7 @@ class ServiceDeathTests(TestCase):
         """
         from twisted.web.client import HTTPConnectionPool
 
-        protocol = _Service()
+        protocol = ServiceProcess()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parents[1]), env.get("PYTHONPATH")]))
         outputs = Path(self.mktemp()).absolute()
@@ -367,7 +347,7 @@ class ServiceDeathTests(TestCase):
         yield cut
         self.assertTrue(Path(report["cwd"]).is_dir())  # nobody was left to remove it
 
-        protocol = _Service()
+        protocol = ServiceProcess()
         process = reactor.spawnProcess(protocol, sys.executable, argv, env=env)
         yield protocol.listening
         self.assertFalse(Path(report["cwd"]).exists())

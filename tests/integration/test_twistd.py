@@ -7,43 +7,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from ._support import TICKER, stream
+from ._support import TICKER, ServiceProcess, stream
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
-class _Twistd(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening: Deferred[int] = Deferred()
-        self.ended: Deferred[Any] = Deferred()
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-        found = re.search(rb"Site starting on (\d+)", self.output)
-        if found and not self.listening.called:
-            self.listening.callback(int(found.group(1)))
-
-    def processEnded(self, reason: Any) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
-        self.ended.callback(reason.value)
-
-
-def startTwistd(*options: str) -> tuple[Any, _Twistd]:
-    protocol = _Twistd()
+def startTwistd(*options: str) -> tuple[Any, ServiceProcess]:
+    protocol = ServiceProcess()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), env.get("PYTHONPATH")]))
     argv = [
@@ -135,7 +115,7 @@ class TwistdTests(TestCase):
         """
         if not os.path.exists(TWISTD):
             self.fail(f"no twistd next to {sys.executable}")
-        protocol = _Twistd()
+        protocol = ServiceProcess()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), env.get("PYTHONPATH")]))
         process = reactor.spawnProcess(
@@ -177,7 +157,7 @@ class TwistdTests(TestCase):
         self.assertFalse(Path(child["cwd"]).exists(), "temporary output directory left behind")
 
 
-def _kill(process: Any, protocol: _Twistd) -> Deferred[Any]:
+def _kill(process: Any, protocol: ServiceProcess) -> Deferred[Any]:
     try:
         process.signalProcess("KILL")
     except Exception:
