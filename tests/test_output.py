@@ -17,15 +17,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from twistedsse._broker import MemoryBroker
 from twistedsse._build import buildSite
-from twistedsse._command import CommandRenderer
 from twistedsse._errors import OutputNotReady, RangeNotSatisfiable
 from twistedsse._output import BLOCK, BLOCKS_PER_TURN, MAX_RANGES, byteRange, openOutput
-from twistedsse._service import RenderService
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import Connection, splitResponse
+from ._helpers import Connection, splitResponse, ticksService
 
 #: The size of the finished card the issue measured with.
 SIZE = 2746
@@ -155,15 +152,8 @@ class _OutputFixture(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.spawner = FakeSpawner()
         self.dir = Path(self.mktemp())
-        self.service = RenderService(
-            clock=self.clock,
-            spawner=self.spawner,
-            broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
-            outputDir=self.dir,
-            expireAfter=0,  # no expiry timer: these tests count the clock's timers
-        )
-        self.service.startService()
+        # No expiry timer: these tests count the clock's timers.
+        self.service = ticksService(self.clock, self.spawner, self.dir, expireAfter=0)
         self.site = buildSite(self.service, self.clock, writeTimeout=5.0)
         self.fds = openFDs()
 
