@@ -7,7 +7,8 @@ loosely formatted, and this module is deliberately tolerant of that (see
 L{Progress.fromBlock}): a progress report we cannot read is shown as
 unknown, never turned into an error. Pure: no Twisted import, no I/O.
 
-Facts this relies on (measured with ffmpeg 9.0.2, see TWISTED-NOTES §3):
+Facts this relies on (measured with the static ffmpeg 9.0.2 build that
+imageio-ffmpeg ships for Linux x86-64):
 
   - the first block or two come before any frame is encoded: C{frame=0}
     and C{N/A} for times and speed;

@@ -7,10 +7,12 @@ sure nothing they started outlives them.
         b.open(url)
         events = b.evaluate("window.twistedsse.done.then(() => window.twistedsse.events)")
 
-Each engine is driven the way that works on this kind of machine (see
-BROWSER-NOTES.md): Chromium through chromedriver (selenium), Firefox through
-Marionette (no geckodriver), WebKit through WebKitWebDriver and MiniBrowser
-under an Xvfb of its own. Every browser gets a fresh profile and a
+Each engine is driven the way that works as root, with no display and no
+network (checked on Debian bookworm with Chromium 156, Firefox 153 ESR and
+WebKitGTK 2.50.6; the comments below say what each one needs): Chromium
+through chromedriver (selenium), Firefox through Marionette (no
+geckodriver), WebKit through WebKitWebDriver and MiniBrowser under an Xvfb
+of its own. Every browser gets a fresh profile and a
 throw-away C{HOME}/C{XDG_*}, and a warm-up page (an EventSource stream from
 a small local server) is loaded before L{browser} hands it over, so the
 first page a test judges is not a cold start.
