@@ -14,22 +14,23 @@ colours) or chosen by the operator (the working directory, the font
 file); the paths among those are escaped by L{_escapeFilterValue}, since
 an operator's directory may contain any character.
 
-Choices measured on the 2-core development machine with the bundled
-ffmpeg 9.0.2 (default card: 5 s, 1280x720, 30 fps, C{-preset veryfast}):
+Choices measured with the bundled ffmpeg 9.0.2 (default card: 5 s,
+1280x720, 30 fps, C{-preset veryfast}; the figures: docs/performance.md,
+"Figures cited by the code"):
 
-  - A render takes 0.8-1.0 s, five times faster than real time. With
-    ffmpeg's default stats period (0.5 s) that is one or two progress
-    reports; C{-stats_period 0.1} gave 8-10 and C{0.05} gives 16-19, at
-    no measurable cost, so 0.05 is the default: about 20 C{progress}
-    events a second at most, a bar that visibly moves, and no artificial
+  - A render is several times faster than real time. With ffmpeg's
+    default stats period (0.5 s) that is too few progress reports for a
+    bar to move; C{-stats_period 0.05} gives one every few frames at no
+    measurable cost, so 0.05 is the default: about 20 C{progress} events
+    a second at most, a bar that visibly moves, and no artificial
     slowdown (C{-readrate} would make every render take a fixed share of
     its duration in wall time).
   - C{drawbox} evaluates its size once, not per frame (it has no time
     variable: its C{t} is the line thickness), so the growing bar is a
     second C{color} source overlaid at C{x=-w+w*(n+1)/frames}, which is
-    full width exactly on the last frame. A moving bar costs about 0.3 s
-    of encoding for the default card, the price of a picture that is not
-    static.
+    full width exactly on the last frame. A moving bar costs some
+    encoding time (a fraction of the render), the price of a picture
+    that is not static.
   - The frame count is fixed with C{-frames:v}: C{round(duration * fps)}
     frames, so progress can be measured against an exact total, and the
     output lasts C{frames / fps} seconds (the requested duration to

@@ -4,10 +4,10 @@ spawns instead of the render's command, run as a script
 (C{python -I -S _launcher.py SERVICE_PID ARGV...}): an interpreter that
 ignores C{PYTHON*} variables (they are the render's) and imports nothing
 but the standard library (no site packages: it does not even import
-C{twistedsse}), for the cheapest start. Measured on the 2-core
-development machine: about 26 ms of CPU per render, against 12-15 ms for
-a bare C{python -I -S -c pass}; in wall time, under a load average of 8,
-a render of C{/bin/true} took 88 ms from spawn to end instead of 26.
+C{twistedsse}), for the cheapest start: about twice the CPU of a bare
+C{python -I -S -c pass} per render, and more wall time on a loaded
+machine (the measured figures: docs/performance.md, "Figures cited by
+the code").
 
 Twisted's C{spawnProcess} has no hook to run code in the child before
 C{exec}, and Linux gives no way to tie a whole process tree to its parent's

@@ -237,17 +237,17 @@ GC_THRESHOLDS = (10_000, 10, 10)
 def tuneGarbageCollector() -> None:
     """
     Python's cycle collector, tuned for a process holding many open
-    streams (measured in docs/performance.md): each stream is about 50
-    container objects, and the default thresholds ran 6 full collections
-    (each scanning every object: ~150 ms at 10 000 streams, a stall for all
-    of them) while 10 000 clients connected, a third of the connect CPU.
-    Objects that live as long as the process (modules, the app) are frozen
-    out of every collection, and young collections run every 10 000 net
-    allocations instead of 700, so old objects are examined far less often.
-    (Higher thresholds save little more and let cyclic garbage, and RSS,
-    grow further between collections: +8 MiB over 10 000 connection
-    churns at 50 000, +4.6 at 10 000, +2 with the defaults.)
-    Only the service process does this; embedding applications keep theirs.
+    streams: each stream is dozens of container objects, and with the
+    default thresholds several full collections (each scanning every
+    object, a stall for every stream) ran while thousands of clients
+    connected, a large share of the connect CPU. Objects that live as long
+    as the process (modules, the app) are frozen out of every collection,
+    and young collections run every 10 000 net allocations instead of 700,
+    so old objects are examined far less often. (Higher thresholds save
+    little more and let cyclic garbage, and RSS, grow further between
+    collections.) The measured figures: docs/performance.md, "Figures
+    cited by the code". Only the service process does this; embedding
+    applications keep theirs.
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
