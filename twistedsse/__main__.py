@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.python import usage
@@ -24,10 +25,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
 
-    def run(reactor: object) -> Deferred[None]:
+    def run(reactor: IReactorCore) -> Deferred[None]:
         service = makeService(options, reactor)
         service.startService()
-        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         return Deferred()  # runs until SIGINT/SIGTERM
 
     react(run)

@@ -9,7 +9,7 @@ decimal sequence numbers C{"1"}, C{"2"}, ... of each job.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -22,6 +22,7 @@ from ._frames import TERMINAL_EVENTS, Event, encodeEvent
 from ._fanout import SLICE, Fanout
 from ._interfaces import IJobBroker, ISubscriber
 from ._job import Entry, EventLog, JobSnapshot
+from ._json import JSON
 
 _log = Logger()
 
@@ -163,15 +164,15 @@ class MemoryBroker:
         """
         return [job.snapshot for job in self._jobs.values()]
 
-    def publish(self, jobID: str, name: str, data: Any) -> Event:
+    def publish(self, jobID: str, name: str, data: JSON) -> Event:
         return self._publish(jobID, name, [data], name in TERMINAL_EVENTS)[0]
 
-    def publishMany(self, jobID: str, name: str, datas: Sequence[Any]) -> list[Event]:
+    def publishMany(self, jobID: str, name: str, datas: Sequence[JSON]) -> list[Event]:
         if name in TERMINAL_EVENTS:
             raise ValueError(f"job {jobID}: publishMany is for non-terminal events, not {name!r}")
         return self._publish(jobID, name, datas, False)
 
-    def _publish(self, jobID: str, name: str, datas: Sequence[Any], terminal: bool) -> list[Event]:
+    def _publish(self, jobID: str, name: str, datas: Sequence[JSON], terminal: bool) -> list[Event]:
         """
         Number, encode (once) and record each event, then hand them to the
         job's fan-out together.

@@ -54,6 +54,7 @@ from zope.interface import implementer
 
 from ._errors import InvalidParams, RenderProtocolError
 from ._interfaces import IRenderer, RenderPlan
+from ._json import JSONObject
 from ._progress import FFmpegProgressParser
 
 MAX_TEXT = 200
@@ -111,7 +112,7 @@ def _escapeFilterValue(value: str) -> str:
     return _GRAPH_SPECIAL.sub(r"\\\1", quoted)
 
 
-def _filter(name: str, **options: str | int) -> str:
+def _filter(name: str, **options: str | float) -> str:
     """
     C{name=key=value:...} with every value escaped, in the order given.
     """
@@ -386,7 +387,7 @@ class CardRenderer:
             "accent": _checkColour("accent", values["accent"]),
         }
 
-    def plan(self, params: Mapping[str, Any], workdir: Path, stem: str) -> RenderPlan:
+    def plan(self, params: JSONObject, workdir: Path, stem: str) -> RenderPlan:
         """
         Write the card's text files into C{workdir} and return the ffmpeg
         command that draws them.
@@ -465,7 +466,8 @@ class CardRenderer:
             return self._ffmpeg
         import imageio_ffmpeg
 
-        return imageio_ffmpeg.get_ffmpeg_exe()
+        executable: str = imageio_ffmpeg.get_ffmpeg_exe()
+        return executable
 
     def _environment(self, workdir: Path) -> dict[str, str]:
         """
@@ -508,7 +510,7 @@ class CardRenderer:
         titleBlock = (title.count("\n") + 1) * titleSize * _LINE_HEIGHT
         fonts: dict[str, str] = {} if self._fontfile is None else {"fontfile": self._fontfile}
 
-        drawTitle = {
+        drawTitle: dict[str, str | float] = {
             **fonts,
             "textfile": str(titlePath),
             "expansion": "none",
@@ -537,7 +539,7 @@ class CardRenderer:
             gap = titleSize * 0.5
             subtitleBlock = (subtitle.count("\n") + 1) * subtitleSize * _LINE_HEIGHT
             top = (height - titleBlock - gap - subtitleBlock) / 2
-            drawSubtitle = {
+            drawSubtitle: dict[str, str | float] = {
                 **drawTitle,
                 "textfile": str(subtitlePath),
                 "fontcolor": f"{foreground}@0.75",

@@ -22,7 +22,7 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import attrs
 from zope.interface import implementer
@@ -30,6 +30,7 @@ from zope.interface import implementer
 from . import _json
 from ._errors import InvalidParams, RenderProtocolError
 from ._interfaces import IProgressParser, IRenderer, RenderPlan
+from ._json import JSONObject
 from ._lines import LineBuffer, LineTooLong
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
@@ -74,7 +75,7 @@ def checkRenderEnv(spec: str) -> str:
     return spec
 
 
-def renderEnvironment(specs: Any, environ: Mapping[str, str]) -> dict[str, str]:
+def renderEnvironment(specs: Iterable[str], environ: Mapping[str, str]) -> dict[str, str]:
     """
     The variables C{--render-env} adds to every render's environment:
     C{NAME=VALUE} as given, C{NAME} with its value in C{environ} (the
@@ -115,7 +116,7 @@ class BrokenOutput(RenderProtocolError):
         them before it fails the render, so that no progress is lost.
     """
 
-    def __init__(self, message: str, payloads: list[dict[str, Any]]) -> None:
+    def __init__(self, message: str, payloads: Sequence[JSONObject]) -> None:
         super().__init__(message)
         self.payloads = payloads
 
@@ -172,8 +173,8 @@ class JSONLinesParser:
     _lines: LineBuffer = attrs.field(factory=LineBuffer)
     _count: int = 0
 
-    def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
-        payloads: list[dict[str, Any]] = []
+    def _parse(self, lines: Sequence[bytes]) -> list[JSONObject]:
+        payloads: list[JSONObject] = []
         for line in lines:
             self._count += 1
             if not line.strip():
@@ -190,7 +191,7 @@ class JSONLinesParser:
             payloads.append(value)
         return payloads
 
-    def _read(self, read: Any) -> list[dict[str, Any]]:
+    def _read(self, read: Callable[[], list[bytes]]) -> list[JSONObject]:
         try:
             lines = read()
         except LineTooLong as e:
@@ -199,10 +200,10 @@ class JSONLinesParser:
             raise BrokenOutput(str(e), self._parse(e.lines)) from None
         return self._parse(lines)
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[JSONObject]:
         return self._read(lambda: self._lines.feed(data))
 
-    def end(self) -> list[dict[str, Any]]:
+    def end(self) -> list[JSONObject]:
         return self._read(self._lines.end)
 
 
@@ -223,6 +224,11 @@ def _finalize(part: Path, final: Path) -> None:
             part.unlink()
 
 
+def _argvTuple(argv: Iterable[str]) -> tuple[str, ...]:
+    # Typed, unlike the bare C{tuple} converter (which mypy cannot solve).
+    return tuple(argv)
+
+
 @implementer(IRenderer)
 @attrs.frozen
 class CommandRenderer:
@@ -237,7 +243,7 @@ class CommandRenderer:
     """
 
     name: str = attrs.field(validator=lambda self, a, v: checkRendererName(v))
-    argv: tuple[str, ...] = attrs.field(converter=tuple)
+    argv: tuple[str, ...] = attrs.field(converter=_argvTuple)
     env: Mapping[str, str] | None = None
 
     @argv.validator
@@ -258,7 +264,7 @@ class CommandRenderer:
             raise ValueError(f"expected NAME=COMMAND, got {spec!r}")
         return cls(name.strip(), shlex.split(command))
 
-    def validate(self, params: object) -> Mapping[str, Any]:
+    def validate(self, params: object) -> JSONObject:
         """
         Any JSON object (C{null}: C{{}}), as long as it can be sent on as
         strict UTF-8 JSON: it goes to the child's stdin and back to clients
@@ -278,7 +284,7 @@ class CommandRenderer:
                 raise InvalidParams(_escape(str(key)), f"must be strict JSON, got {problem}")
         return params
 
-    def plan(self, params: Mapping[str, Any], workdir: Path, stem: str) -> RenderPlan:
+    def plan(self, params: JSONObject, workdir: Path, stem: str) -> RenderPlan:
         # Absolute: the child runs in the working directory, so a relative
         # one (an operator's "--output-dir renders") would point inside it.
         workdir = Path(workdir).absolute()

@@ -26,10 +26,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import resource
-from typing import Any, Callable
+from typing import Callable
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 
 #: Seconds a request head may take, by default.
 REQUEST_TIMEOUT = 10.0
@@ -72,7 +72,7 @@ class ConnectionLimits:
     limitLoopback: bool = False
 
 
-def peerKey(address: Any) -> str | None:
+def peerKey(address: IAddress) -> str | None:
     """
     The per-address key of a peer, or C{None} for a peer exempt from the
     per-address cap unless it is asked for (loopback, UNIX sockets).
@@ -113,14 +113,14 @@ class ConnectionCounter:
     def max(self) -> int:
         return self.limits.maxConnections
 
-    def _key(self, address: Any) -> str | None:
+    def _key(self, address: IAddress) -> str | None:
         key = peerKey(address)
         if key is None and self.limits.limitLoopback:
             host = getattr(address, "host", None)
             key = host if isinstance(host, str) else "unix"
         return key
 
-    def admit(self, address: Any) -> Callable[[], None] | None:
+    def admit(self, address: IAddress) -> Callable[[], None] | None:
         """
         Count one more connection from C{address}, if the caps allow it.
 

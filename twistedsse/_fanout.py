@@ -25,11 +25,12 @@ everything queued at once: at shutdown, before connections are closed.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, Union
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from ._frames import Event
 from ._interfaces import ISubscriber
 from ._job import Entry
 
@@ -38,6 +39,11 @@ _log = Logger()
 #: Deliveries per reactor turn: a few milliseconds of sends, so the reactor
 #: stays responsive during a long pass (docs/performance.md).
 SLICE = 400
+
+
+#: What one subscriber is handed: the arguments of C{ISubscriber.deliver}
+#: (one event) or of C{deliverMany} (several).
+_Batch = Union[tuple[Event, bytes], tuple[list[Event], list[bytes], bytes]]
 
 
 class _Member:
@@ -73,7 +79,7 @@ class Fanout:
         self._head = 0
         self._pass: list[_Member] | None = None
         self._index = 0
-        self._batches: dict[int, tuple[Any, ...]] = {}
+        self._batches: dict[int, _Batch] = {}
         self._call: IDelayedCall | None = None
         self._running = False
         self._ending = False

@@ -7,10 +7,15 @@ built-in ffmpeg C{card} and operator-registered commands) and job brokers
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import attrs
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from ._frames import Event
+    from ._job import JobSnapshot
+    from ._json import JSON, JSONObject
 
 
 class IProgressParser(Interface):
@@ -19,7 +24,7 @@ class IProgressParser(Interface):
     event payloads. Pure: no I/O, no clock.
     """
 
-    def feed(data: bytes) -> list[dict[str, Any]]:
+    def feed(data: bytes) -> list[JSONObject]:
         """
         Take the next chunk of stdout; return the payloads (JSON-ready
         dicts) of every progress report it completed, in order. Partial
@@ -30,7 +35,7 @@ class IProgressParser(Interface):
             the render is failed.
         """
 
-    def end() -> list[dict[str, Any]]:
+    def end() -> list[JSONObject]:
         """
         Stdout was closed: return payloads for anything still buffered.
         """
@@ -59,7 +64,7 @@ class RenderPlan:
     argv: Sequence[str]
     env: Mapping[str, str]
     stdin: bytes | None
-    parser: Any  # IProgressParser
+    parser: IProgressParser
     output: Path | None = None
     scratch: Sequence[Path] = ()
     mediaDuration: float | None = None
@@ -74,7 +79,7 @@ class IRenderer(Interface):
 
     name = Attribute("The renderer's public name, e.g. C{'card'}.")
 
-    def validate(params: object) -> Mapping[str, Any]:
+    def validate(params: object) -> JSONObject:
         """
         Check client-supplied C{params} (decoded JSON, any type) and return
         them normalized (defaults filled in), JSON-ready.
@@ -83,7 +88,7 @@ class IRenderer(Interface):
             limit it broke.
         """
 
-    def plan(params: Mapping[str, Any], workdir: Path, stem: str) -> RenderPlan:
+    def plan(params: JSONObject, workdir: Path, stem: str) -> RenderPlan:
         """
         Build the plan for one render of already validated C{params}.
         Files it writes go in C{workdir}, named from C{stem} (the job id,
@@ -96,14 +101,14 @@ class ISubscriber(Interface):
     Something that receives a job's events: an open event stream.
     """
 
-    def deliver(event: Any, frame: bytes) -> None:
+    def deliver(event: Event, frame: bytes) -> None:
         """
         Take one event (a L{twistedsse._frames.Event}) and its wire bytes,
         encoded once for every subscriber. A terminal event is the last one
         a subscriber ever gets.
         """
 
-    def deliverMany(events: Sequence[Any], frames: Sequence[bytes], joined: bytes) -> None:
+    def deliverMany(events: Sequence[Event], frames: Sequence[bytes], joined: bytes) -> None:
         """
         Take consecutive non-terminal events, their wire bytes, and those
         bytes joined (once for every subscriber): the same as C{deliver} of
@@ -121,24 +126,24 @@ class IJobBroker(Interface):
     parses the C{Last-Event-ID} it is given back (garbage counts as none).
     """
 
-    def create(snapshot: Any) -> None:
+    def create(snapshot: JobSnapshot) -> None:
         """
         Add a new job (a L{twistedsse._job.JobSnapshot}).
         """
 
-    def get(jobID: str) -> Any:
+    def get(jobID: str) -> JobSnapshot:
         """
         The job's current L{twistedsse._job.JobSnapshot}.
 
         @raise twistedsse._errors.UnknownJob: no such job.
         """
 
-    def update(snapshot: Any) -> None:
+    def update(snapshot: JobSnapshot) -> None:
         """
         Replace a job's snapshot with a newer one.
         """
 
-    def publish(jobID: str, name: str, data: Any) -> Any:
+    def publish(jobID: str, name: str, data: JSON) -> Event:
         """
         Number, encode (once), record and fan out a new event named C{name}
         whose data is C{data} as JSON; return the L{Event}. After a
@@ -146,7 +151,7 @@ class IJobBroker(Interface):
         subscribers are dropped: each got it as its last event.
         """
 
-    def publishMany(jobID: str, name: str, datas: Sequence[Any]) -> Any:
+    def publishMany(jobID: str, name: str, datas: Sequence[JSON]) -> list[Event]:
         """
         C{publish} each of C{datas} in order (non-terminal events only),
         fanned out together (L{ISubscriber.deliverMany}); return the
@@ -187,7 +192,7 @@ class IJobBroker(Interface):
         @raise twistedsse._errors.UnknownJob: no such job.
         """
 
-    def restore(snapshot: Any, events: Any) -> None:
+    def restore(snapshot: JobSnapshot, events: Iterable[tuple[int, str, str]]) -> None:
         """
         Add a job read back from storage, with its stored events as
         C{(seq, name, data)} (C{data} is JSON text), keeping their ids.

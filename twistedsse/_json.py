@@ -6,7 +6,14 @@ C{Infinity}, which no other JSON parser accepts; we refuse them both ways.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping, Sequence, TypeAlias, Union
+
+#: A JSON value, as this module reads and writes it. Read-only containers
+#: (C{Sequence}, C{Mapping}), so that a C{dict[str, int]} is one too.
+JSON: TypeAlias = Union[None, bool, int, float, str, Sequence["JSON"], Mapping[str, "JSON"]]
+
+#: A JSON object: event payloads, a renderer's validated C{params}.
+JSONObject: TypeAlias = Mapping[str, JSON]
 
 
 def _refuse(name: str) -> Any:
@@ -26,7 +33,7 @@ def loads(data: bytes | str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def dumps(value: Any) -> str:
+def dumps(value: object) -> str:
     """
     Compact JSON text, non-ASCII kept as is.
 

@@ -87,7 +87,7 @@ class LineBuffer:
             self._tail.append(first)
             first = b"".join(self._tail)
         pieces[0] = first
-        lines = []
+        lines: list[bytes] = []
         for piece in pieces:
             line = _stripCR(piece)
             if len(line) > self.maxLength:

@@ -216,7 +216,10 @@ class OutputResource(Resource):
         writeTimeout: float,
         contentType: bytes = b"video/mp4",
     ) -> None:
-        super().__init__()
+        # Typing note: Resource.__init__ is unannotated, and mypy's
+        # untyped_calls_exclude misses calls through super()
+        # (python/mypy#16653).
+        super().__init__()  # type: ignore[no-untyped-call]
         self._directory = directory
         self._name = name
         self._filename = filename

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, TypeVar
+from typing import Mapping, TypeVar
 
 import attrs
 from zope.interface import implementer
 
 from ._interfaces import IProgressParser
+from ._json import JSON, JSONObject
 from ._lines import LineBuffer
 
 _INTEGER = re.compile(r"[+-]?[0-9]+\Z")
@@ -206,7 +207,7 @@ class ProgressParser:
         return progress
 
 
-def progressPayload(progress: Progress, totalFrames: int, durationS: float) -> dict[str, Any]:
+def progressPayload(progress: Progress, totalFrames: int, durationS: float) -> dict[str, JSON]:
     """
     The JSON-ready payload of a C{progress} event.
 
@@ -259,29 +260,29 @@ class FFmpegProgressParser:
     totalFrames: int
     durationS: float
     maxLine: int = 65536
-    _last: dict[str, Any] | None = attrs.field(default=None, init=False)
+    _last: JSONObject | None = attrs.field(default=None, init=False)
     _parser: ProgressParser = attrs.field(init=False)
 
     @_parser.default
     def _makeParser(self) -> ProgressParser:
         return ProgressParser(self.maxLine)
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[JSONObject]:
         """
         See L{IProgressParser.feed}.
         """
         return self._changed(self._parser.feed(data))
 
-    def end(self) -> list[dict[str, Any]]:
+    def end(self) -> list[JSONObject]:
         """
         See L{IProgressParser.end}.
         """
         return self._changed(self._parser.end())
 
-    def _changed(self, blocks: list[Progress]) -> list[dict[str, Any]]:
+    def _changed(self, blocks: list[Progress]) -> list[JSONObject]:
         # ffmpeg repeats its first block while the encoder starts up; a
         # progress event that says nothing new is not sent.
-        payloads = []
+        payloads: list[JSONObject] = []
         for block in blocks:
             payload = self._payload(block)
             if payload != self._last:
@@ -289,5 +290,5 @@ class FFmpegProgressParser:
                 self._last = payload
         return payloads
 
-    def _payload(self, progress: Progress) -> dict[str, Any]:
+    def _payload(self, progress: Progress) -> JSONObject:
         return progressPayload(progress, self.totalFrames, self.durationS)

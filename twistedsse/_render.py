@@ -31,19 +31,20 @@ import sys
 import tempfile
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import attrs
 from twisted.internet.base import ReactorBase
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._errors import RenderProtocolError
 from ._interfaces import RenderPlan
+from ._json import JSONObject
 from ._launcher import killGroupMembers
 
 STDERR_LINES = 20
@@ -130,8 +131,8 @@ class RenderProtocol(ProcessProtocol):
     def __init__(
         self,
         plan: RenderPlan,
-        onProgress: Callable[[list[dict[str, Any]]], None],
-        signals: Callable[[Any, str], None] | None = None,
+        onProgress: Callable[[list[JSONObject]], None],
+        signals: Callable[[IProcessTransport, str], None] | None = None,
     ) -> None:
         """
         @param signals: sends a signal, by name, to the process behind a
@@ -148,10 +149,19 @@ class RenderProtocol(ProcessProtocol):
         self.exited: Deferred[None] = Deferred()
         self.ended: Deferred[ExitStatus] = Deferred()
 
+    @property
+    def _process(self) -> IProcessTransport:
+        # Typing note: ProcessProtocol.transport is optional until
+        # makeConnection, which spawnProcess calls before it returns: every
+        # use below comes after it.
+        transport = self.transport
+        assert transport is not None, "not connected to a process yet"
+        return transport
+
     def connectionMade(self) -> None:
         if self._plan.stdin:
-            self.transport.write(self._plan.stdin)
-        self.transport.closeStdin()
+            self._process.write(self._plan.stdin)
+        self._process.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         if self._protocolError is not None:
@@ -174,7 +184,7 @@ class RenderProtocol(ProcessProtocol):
                 return
             self._deliver(payloads)
 
-    def _deliver(self, payloads: Any) -> None:
+    def _deliver(self, payloads: Sequence[JSONObject]) -> None:
         if payloads:
             self._onProgress(list(payloads))
 
@@ -192,9 +202,9 @@ class RenderProtocol(ProcessProtocol):
         """
         try:
             if self._signals is None:
-                self.transport.signalProcess(name)
+                self._process.signalProcess(name)
             else:
-                self._signals(self.transport, name)
+                self._signals(self._process, name)
         except ProcessExitedAlready:
             return False
         except OSError as e:  # pragma: no cover - a race with exit
@@ -209,7 +219,7 @@ class RenderProtocol(ProcessProtocol):
         even if a process it started holds them open.
         """
         if not self.ended.called:
-            self.transport.loseConnection()
+            self._process.loseConnection()
 
     def processExited(self, reason: Failure) -> None:
         self.exited.callback(None)
@@ -258,7 +268,7 @@ class GroupSignals:
     kill: Callable[[int, int], None] = os.kill
     killMembers: Callable[[int, int], object] = killGroupMembers
 
-    def __call__(self, transport: Any, name: str | int) -> None:
+    def __call__(self, transport: IProcessTransport, name: str | int) -> None:
         """
         @raise ProcessExitedAlready: the supervisor has exited and been
             collected.
@@ -282,7 +292,7 @@ class GroupSignals:
             self.kill(pid, number)
 
 
-def launcherArgv(argv: Any, servicePID: int, python: str | None = None) -> list[str]:
+def launcherArgv(argv: Sequence[str], servicePID: int, python: str | None = None) -> list[str]:
     """
     The argv that runs C{argv} contained, under L{twistedsse._launcher}:
     the interpreter isolated from the environment (C{-I}, so the render's
@@ -425,13 +435,14 @@ class RunningRender:
         return result
 
 
-def _goodPayloads(error: RenderProtocolError) -> Any:
+def _goodPayloads(error: RenderProtocolError) -> Sequence[JSONObject]:
     """
     The payloads of the good lines that came before the broken one in the
     same chunk, which a parser may attach to its error (as
     C{twistedsse._command.BrokenOutput} does).
     """
-    return getattr(error, "payloads", ())
+    payloads: Sequence[JSONObject] = getattr(error, "payloads", ())
+    return payloads
 
 
 def _findExecutable(name: str, env: Mapping[str, str], cwd: str | None) -> None:
@@ -483,12 +494,12 @@ def launch(
     spawner: IReactorProcess,
     clock: IReactorTime,
     plan: RenderPlan,
-    onProgress: Callable[[list[dict[str, Any]]], None],
+    onProgress: Callable[[list[JSONObject]], None],
     killGrace: float = 5.0,
     path: str | None = None,
     extraEnv: Mapping[str, str] | None = None,
     contain: bool | None = None,
-    signals: Callable[[Any, str], None] | None = None,
+    signals: Callable[[IProcessTransport, str], None] | None = None,
 ) -> RunningRender:
     """
     Start C{plan}'s process.

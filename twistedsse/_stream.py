@@ -79,8 +79,6 @@ def lastEventID(request: Request) -> str | None:
         raw = values[0] if values else None
     if raw is None:
         return None
-    if isinstance(raw, str):
-        raw = raw.encode("latin-1", "replace")
     try:
         return raw.decode("utf-8").strip() or None
     except UnicodeDecodeError:
@@ -498,7 +496,10 @@ class EventStreamResource(Resource):
         keepalives: Keepalives | None = None,
         opening: Event | None = None,
     ) -> None:
-        super().__init__()
+        # Typing note: Resource.__init__ is unannotated, and mypy's
+        # untyped_calls_exclude misses calls through super()
+        # (python/mypy#16653).
+        super().__init__()  # type: ignore[no-untyped-call]
         self._broker = broker
         self._jobID = jobID
         self._clock = clock

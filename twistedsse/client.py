@@ -16,12 +16,13 @@ decoder: an endless stream is never kept in memory.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Protocol as _Protocol, cast
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.web.iweb import IResponse
 from twisted.python.failure import Failure
 
 from ._decoder import EventStreamDecoder
@@ -61,6 +62,19 @@ class _Body(Protocol):
         self.ended.callback(None)
 
 
+class _HTTPGetter(_Protocol):
+    """
+    What the client needs of treq: the C{treq} module, a treq
+    C{HTTPClient}, or a C{treq.testing.StubTreq}.
+    """
+
+    # Typing note: Deferred[Any], as treq's answer is a Deferred of its
+    # private _Response (an IResponse), and Deferred is invariant.
+    def get(
+        self, url: str, headers: dict[str | bytes, str | bytes], *, unbuffered: bool
+    ) -> Deferred[Any]: ...
+
+
 @attrs.define(eq=False)
 class Subscription:
     """
@@ -76,7 +90,7 @@ class Subscription:
     @ivar connections: how many times the stream was opened.
     """
 
-    _client: Any
+    _client: _HTTPGetter
     _url: str
     _onEvent: Callable[[Event], object]
     _clock: IReactorTime
@@ -87,7 +101,7 @@ class Subscription:
     done: Deferred[None] = attrs.field(factory=Deferred)
     connections: int = 0
     _decoder: EventStreamDecoder = attrs.field(factory=EventStreamDecoder)
-    _body: Any = None
+    _body: _Body | None = None
     _pending: Deferred[Any] | None = None
     _reconnect: IDelayedCall | None = None
     _closed: bool = False
@@ -95,13 +109,15 @@ class Subscription:
     def _connect(self) -> None:
         self._reconnect = None
         self._decoder = EventStreamDecoder()
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache", **self._headers}
+        # Typed as treq takes them (its dict is invariant in str | bytes).
+        headers: dict[str | bytes, str | bytes] = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        headers.update(self._headers.items())
         if self.lastEventID:
             headers["Last-Event-ID"] = self.lastEventID
         self._pending = self._client.get(self._url, headers=headers, unbuffered=True)
         self._pending.addCallbacks(self._response, self._lost)
 
-    def _response(self, response: Any) -> None:
+    def _response(self, response: IResponse) -> None:
         self._pending = None
         if self._closed:
             response.deliverBody(Protocol())
@@ -175,7 +191,10 @@ class Subscription:
             pending.addErrback(lambda _: None)
             pending.cancel()
         if self._body is not None and self._body.transport is not None:
-            self._body.transport.stopProducing()
+            # Typing note: Protocol.transport is typed ITransport; a
+            # response body's is a producer (twisted.web's
+            # TransportProxyProducer), which is how a body is abandoned.
+            cast(IPushProducer, self._body.transport).stopProducing()
 
 
 class _Collect(Protocol):
@@ -198,7 +217,7 @@ def subscribe(
     onEvent: Callable[[Event], object],
     *,
     clock: IReactorTime,
-    client: Any = None,
+    client: _HTTPGetter | None = None,
     lastEventID: str | None = None,
     retry: int = 3000,
     headers: dict[str, str] | None = None,

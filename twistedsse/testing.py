@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Mapping, Sequence
+from typing import AnyStr, Iterable, Mapping, Sequence
 
 import attrs
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IProcessProtocol, IProcessTransport, IReactorProcess
+from twisted.internet.interfaces import IAddress, IProcessProtocol, IProcessTransport, IReactorProcess
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,11 +35,11 @@ class FakeProcess:
     got, and methods to make it print and exit.
     """
 
-    protocol: Any
-    executable: str
-    args: Sequence[str]
-    env: Mapping[str, str]
-    path: str | None
+    protocol: IProcessProtocol
+    executable: str | bytes
+    args: Sequence[str | bytes]
+    env: Mapping[str, str] | Mapping[bytes, bytes]
+    path: str | bytes | None
     pid: int | None = 4242
     stdin: bytes = b""
     stdinClosed: bool = False
@@ -52,7 +52,7 @@ class FakeProcess:
             raise RuntimeError("write to a closed stdin")
         self.stdin += data
 
-    def writeSequence(self, seq: Sequence[bytes]) -> None:
+    def writeSequence(self, seq: Iterable[bytes]) -> None:
         for data in seq:
             self.write(data)
 
@@ -74,10 +74,12 @@ class FakeProcess:
     def loseConnection(self) -> None:
         self.closeStdin()
 
-    def getPeer(self) -> Any:
+    # Typing note: a process has no address. The fake answers None, as it
+    # always has (Twisted's own Process raises NotImplementedError).
+    def getPeer(self) -> IAddress | None:  # type: ignore[override]
         return None
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IAddress | None:  # type: ignore[override]
         return None
 
     def signalProcess(self, signalID: str | int) -> None:
@@ -125,15 +127,15 @@ class FakeSpawner:
 
     def spawnProcess(
         self,
-        processProtocol: Any,
-        executable: str,
-        args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        path: str | None = None,
+        processProtocol: IProcessProtocol,
+        executable: str | bytes,
+        args: Sequence[str | bytes] = (),
+        env: Mapping[AnyStr, AnyStr] | None = None,
+        path: str | bytes | None = None,
         uid: int | None = None,
         gid: int | None = None,
         usePTY: bool = False,
-        childFDs: Any = None,
+        childFDs: Mapping[int, int | str] | None = None,
     ) -> FakeProcess:
         if not IProcessProtocol.providedBy(processProtocol):
             raise TypeError(f"{processProtocol!r} does not provide IProcessProtocol")
@@ -141,10 +143,12 @@ class FakeSpawner:
             raise TypeError("executable must be a string and args a non-empty list")
         if any(not isinstance(arg, (str, bytes)) for arg in args):
             raise TypeError(f"every argument must be a string: {args!r}")
-        for text in [executable, *args, *(env or {}).keys(), *(env or {}).values()]:
+        # object: the checks are for callers the type checker never saw.
+        texts: list[object] = [executable, *args, *(env or {}).keys(), *(env or {}).values()]
+        for text in texts:
             if not isinstance(text, (str, bytes)):
                 raise TypeError(f"the environment must map strings to strings: {env!r}")
-            if ("\0" if isinstance(text, str) else b"\0") in text:
+            if (isinstance(text, str) and "\0" in text) or (isinstance(text, bytes) and b"\0" in text):
                 raise ValueError(f"embedded null byte in {text!r}")
         if path is not None and not os.path.isdir(path):
             # The real child cannot chdir there, and cannot start.
