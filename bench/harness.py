@@ -69,6 +69,8 @@ BACKLOG = 4096
 
 SERVERS = {
     "twistedsse": "twistedsse (twistd)",
+    # The same with --no-eager-send: Twisted's own TCP writes (opt-in).
+    "twistedsse-no-eager": "twistedsse --no-eager-send",
     "starlette": "sse-starlette + uvicorn",
     "express": "Express (Node.js)",
     "c-floor": "C epoll floor",
@@ -257,7 +259,7 @@ class Server:
         self.port = freePort()
         self.logPath = workdir / f"{name}.log"
         emit = f"{PYTHON} -u {BENCH / 'emit.py'}"
-        if kind == "twistedsse":
+        if kind in ("twistedsse", "twistedsse-no-eager"):
             argv = [
                 str(VENV / "bin" / "twistd"), "-n", "--pidfile=", "twistedsse",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1:backlog={BACKLOG}",
@@ -267,6 +269,8 @@ class Server:
                 "--max-streams", "0", "--max-streams-per-job", "0", "--max-connections", "0",
                 "--keepalive", "15",
             ]  # fmt: skip
+            if kind == "twistedsse-no-eager":
+                argv.append("--no-eager-send")
         elif kind == "starlette":
             argv = [
                 str(PYTHON), str(BENCH / "reference_starlette.py"),
@@ -752,7 +756,7 @@ def plot(summary: dict[str, dict[int, dict[str, Any]]], servers: list[str], path
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colours = {"twistedsse": "tab:blue", "starlette": "tab:orange", "express": "tab:green", "c-floor": "tab:gray"}
+    colours = {"twistedsse": "tab:blue", "twistedsse-no-eager": "tab:purple", "starlette": "tab:orange", "express": "tab:green", "c-floor": "tab:gray"}
     for s in servers:
         cells = summary.get(s, {})
         ns = sorted(n for n in cells if cells[n].get("lat_p50_ms") is not None)

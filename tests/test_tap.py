@@ -152,6 +152,27 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(children[0], RenderService)
         self.assertEqual([type(c) for c in children[1:]], [StreamServerEndpointService] * 2)
 
+    def test_noEagerSend(self) -> None:
+        """
+        --no-eager-send (off by default) listens through the reactor
+        itself, whose TCP connections are Twisted's own; by default the
+        listening goes through L{EagerSendReactor}, which does not call the
+        reactor's listenTCP.
+        """
+        parse = OptionsTests.parse
+        self.assertFalse(parse(self, "--output-dir", self.mktemp())["no-eager-send"])
+        for argv, plain in [((), False), (("--no-eager-send",), True)]:
+            reactor = MemoryReactorClock()
+            options = parse(self, "--listen", "tcp:0:interface=127.0.0.1", "--output-dir", self.mktemp(), *argv)
+            self.assertEqual(bool(options["no-eager-send"]), plain)
+            top = tap.makeService(options, reactor)
+            listener = list(top)[1]
+            listener.startService()
+            self.addCleanup(listener.stopService)
+            self.assertEqual(len(reactor.tcpServers), 1 if plain else 0, argv)
+            if plain:
+                self.assertIs(reactor.tcpServers[0][1], top.site)
+
     def test_pluginDiscovered(self) -> None:
         """
         twistd finds the plugin by its tap name.

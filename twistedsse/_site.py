@@ -6,6 +6,7 @@ L{ServerService} stops a whole server in the right order.
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -122,6 +123,12 @@ class _LastChunk:
 
 _lastChunk = _LastChunk()
 
+#: Whether this Twisted's requests read C{Site._parsePOSTFormSubmission}
+#: (set by L{twistedsse._build.buildSite}): 26.10 does, 24.10 does not and
+#: parses every form POST body into C{request.args}, answering a bare 400
+#: to one it cannot parse. (Checked by tests/test_twisted_private.py.)
+_FORMS_SWITCH = "parsePOSTFormSubmission" in inspect.signature(Request.__init__).parameters
+
 
 class BoundedRequest(Request):
     """
@@ -138,6 +145,7 @@ class BoundedRequest(Request):
     maxBody = MAX_BODY
     tooLarge = False
     _answered = False
+    _hiddenContentType: list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
         if (
@@ -196,6 +204,12 @@ class BoundedRequest(Request):
         clock = getattr(self.channel, "_twistedsseClock", None)
         if clock is not None:
             clock.requestReceived()
+        if not _FORMS_SWITCH and command == b"POST":
+            # A Twisted without the switch parses a form body before the app
+            # sees it: hide the Content-Type from that parse (process(), which
+            # it calls next, puts it back), so the app answers its own JSON.
+            self._hiddenContentType = self.requestHeaders.getRawHeaders(b"content-type")
+            self.requestHeaders.removeHeader(b"content-type")
         super().requestReceived(command, path, version)
 
     def finish(self) -> None:
@@ -205,6 +219,9 @@ class BoundedRequest(Request):
         super().finish()
 
     def process(self) -> None:
+        if self._hiddenContentType is not None:
+            self.requestHeaders.setRawHeaders(b"content-type", self._hiddenContentType)
+            self._hiddenContentType = None
         if self._answered:
             return  # the 413 went out already; the connection is closing
         super().process()

@@ -16,6 +16,29 @@ backpressure (producers paused when the queue is full), connection loss
 (found and reported by C{doWrite}, as ever) and TLS on top are unchanged.
 L{EagerSendReactor} gives endpoints (C{serverFromString},
 C{strports.service}) TCP ports whose connections are L{EagerServer}s.
+C{twistd twistedsse --no-eager-send} listens without it.
+
+It reads Twisted's private write state (C{_tempDataLen}, C{dataBuffer},
+C{offset}, C{_writeDisconnected}, C{_aborting}; C{TLS}, C{_type},
+C{_fromListeningDescriptor}): tests/test_twisted_private.py checks each
+still means what is assumed here, and pyproject.toml bounds Twisted below
+its next major release until C{scripts/test-twisted} passes on it.
+
+Upstream, on the same question:
+  - U{twisted#5303<https://github.com/twisted/twisted/issues/5303>} (open
+    since 2011): "Default transport implementation doesn't write out bytes
+    immediately"; writing at once when the buffer is empty is the policy
+    proposed there, and this module's.
+  - U{twisted#11989<https://github.com/twisted/twisted/issues/11989>},
+    fixed by U{twisted#11996<https://github.com/twisted/twisted/pull/11996>}:
+    TLS gathers small writes and encrypts them at C{callLater(0)} (at most
+    64 000 bytes); so under TLS an L{EagerServer} sends ciphertext at the
+    next turn, never clear text.
+  - U{twisted#12742<https://github.com/twisted/twisted/issues/12742>}:
+    C{FileDescriptor.doWrite} copies a partly sent buffer back into
+    C{dataBuffer}; and
+    U{twisted#12732<https://github.com/twisted/twisted/issues/12732>},
+    optimising C{writeSequence}: changes to the very fields read here.
 """
 
 from __future__ import annotations

@@ -96,6 +96,8 @@ class Options(usage.Options):
         ["no-auth", None, "Serve on a non-loopback address without any token: for operators whose own "
          "authentication stands in front of this service."],
         ["limit-loopback", None, "Apply --max-connections-per-address to loopback and UNIX-socket peers too."],
+        ["no-eager-send", None, "Send with Twisted's own TCP transport (each write queued until the reactor's next "
+         "turn) instead of sending in the write: a fallback if a Twisted release breaks the eager one."],
     ]
 
     def __init__(self) -> None:
@@ -306,7 +308,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = ServerService(service, site, reactor)
     # TCP connections that send each frame in the write itself (see
     # twistedsse._transport); other endpoints are the reactor's own.
-    listening = EagerSendReactor(reactor)
+    listening = reactor if options["no-eager-send"] else EagerSendReactor(reactor)
     for description in options["listen"]:
         top.addListener(strports.service(description, site, reactor=listening))
     tuneGarbageCollector()
