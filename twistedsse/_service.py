@@ -28,13 +28,24 @@ from ._errors import (
     OutputExpired,
     OutputNotReady,
     QueueFull,
-    RenderProtocolError,
     UnknownJob,
     UnknownRenderer,
 )
 from ._expiry import Deadlines
 from ._interfaces import IJobBroker, IRenderer, RenderPlan
 from ._job import JobSnapshot, JobState
+from ._outcome import (
+    CANCELLED_QUEUED,
+    Outcome,
+    OverShare,
+    clientReason,
+    completed,
+    interrupted,
+    ofExit,
+    outputUnusable,
+    spawnFailed,
+    storageFailed,
+)
 from ._render import ExitStatus, RunningRender, launch, removeWorkDirs
 from ._store import SQLiteJobStore, StoredEvent
 
@@ -179,7 +190,7 @@ class RenderService(Service):
         if links is not None:
             self._links[jobID] = links(jobID)
         if self._stopping:
-            self._end(jobID, JobState.FAILED, "failed", self._interrupted())
+            self._end(jobID, interrupted())
         else:
             self._queue.append(jobID)
             self._pump()
@@ -200,7 +211,7 @@ class RenderService(Service):
             self._active[jobID].render.stop("cancel")
         else:
             self._queue.remove(jobID)
-            self._end(jobID, JobState.CANCELLED, "cancelled", {"message": "cancelled before it started"})
+            self._end(jobID, CANCELLED_QUEUED)
         return self.broker.get(jobID)
 
     def outputPath(self, jobID: str) -> Path:
@@ -264,12 +275,7 @@ class RenderService(Service):
             if plan is not None:
                 for path in plan.scratch:
                     _unlink(path)
-            self._end(
-                jobID,
-                JobState.FAILED,
-                "failed",
-                _failure(f"could not start the renderer ({_clientReason(e)})", reason="spawn"),
-            )
+            self._end(jobID, spawnFailed(e))
             return
         timeout = None
         if self.renderTimeout > 0:
@@ -300,14 +306,9 @@ class RenderService(Service):
             self._pump()
 
     def _conclude(self, jobID: str, plan: RenderPlan, status: ExitStatus) -> None:
-        if status.stopReason == "cancel":
-            self._end(jobID, JobState.CANCELLED, "cancelled", {"message": "cancelled by request"})
-            return
-        if status.stopReason == "shutdown":
-            self._end(jobID, JobState.FAILED, "failed", self._interrupted(status))
-            return
-        if not status.succeeded:
-            self._end(jobID, JobState.FAILED, "failed", _exitFailure(self._private(status), self.renderTimeout))
+        outcome = ofExit(status, timeout=self.renderTimeout, outputDir=str(self.outputDir.resolve()))
+        if outcome is not None:
+            self._end(jobID, outcome)
             return
         size = None
         try:
@@ -317,29 +318,25 @@ class RenderService(Service):
                 size = plan.output.stat().st_size
                 share = self._share()
                 if share is not None and size > share:
-                    raise _OverShare(f"{size} bytes, over its share of --max-output-bytes ({share})")
+                    raise OverShare(f"{size} bytes, over its share of --max-output-bytes ({share})")
         except Exception as e:
             _log.warn("render {jobID}: output unusable: {e!r}", jobID=jobID, e=e)
-            self._end(
-                jobID,
-                JobState.FAILED,
-                "failed",
-                _failure(f"the render's output is unusable ({_clientReason(e)})", reason="output", status=status),
-            )
+            self._end(jobID, outputUnusable(e, status))
             return
         snapshot = self.broker.get(jobID)
-        links = self._links.get(jobID, {})
-        result = {
-            "output_url": links.get("output_url") if size is not None else None,
-            "duration": plan.mediaDuration,
-            "size": size,
-            "elapsed": round(self.clock.seconds() - (snapshot.startedAt or snapshot.createdAt), 3),
-        }
+        outcome = completed(
+            size=size,
+            outputURL=self._links.get(jobID, {}).get("output_url"),
+            mediaDuration=plan.mediaDuration,
+            startedAt=snapshot.startedAt or snapshot.createdAt,
+            now=self.clock.seconds(),
+        )
         if size is not None:
             self._outputs[jobID] = size
-        self._end(jobID, JobState.SUCCEEDED, "complete", result)
+        self._end(jobID, outcome)
 
-    def _end(self, jobID: str, state: JobState, event: str, payload: Mapping[str, Any]) -> None:
+    def _end(self, jobID: str, outcome: Outcome) -> None:
+        state, event, payload = outcome.state, outcome.event, outcome.payload
         snapshot = self.broker.get(jobID)
         changes: dict[str, Any] = {}
         if state is JobState.SUCCEEDED:
@@ -360,20 +357,6 @@ class RenderService(Service):
         if self.expireAfter > 0:
             self._deadlines.add(self.clock.seconds() + self.expireAfter, ("expire", jobID))
 
-    def _private(self, status: ExitStatus) -> ExitStatus:
-        """
-        The status with the output directory's path taken out of its
-        stderr lines (ffmpeg names the file it cannot open): clients do not
-        need to know the server's paths.
-        """
-        where = str(self.outputDir.resolve())
-        if not any(where in line for line in status.stderrTail):
-            return status
-        return attrs.evolve(status, stderrTail=tuple(line.replace(where, "<output>") for line in status.stderrTail))
-
-    def _interrupted(self, status: ExitStatus | None = None) -> dict[str, Any]:
-        return _failure("interrupted: the server shut down", reason="interrupted", status=status)
-
     # -- the service ---------------------------------------------------
 
     def stopService(self) -> Deferred[None]:
@@ -387,7 +370,7 @@ class RenderService(Service):
         self._stopping = True
         self._deadlines.stop()
         while self._queue:
-            self._end(self._queue.popleft(), JobState.FAILED, "failed", self._interrupted())
+            self._end(self._queue.popleft(), interrupted())
         ended = [active.render.stop("shutdown") for active in self._active.values()]
 
         def closeStore(result: object) -> None:
@@ -446,7 +429,7 @@ class RenderService(Service):
             if not snapshot.state.terminal:
                 for leftover in self.outputDir.glob(f"{snapshot.id}.*"):
                     _unlink(leftover)
-                self._end(snapshot.id, JobState.FAILED, "failed", self._interrupted())
+                self._end(snapshot.id, interrupted())
         # Oldest first, by when they ended: the first to go for room.
         for _, jobID, size in sorted(found, key=lambda item: item[0]):
             self._outputs[jobID] = size
@@ -466,12 +449,7 @@ class RenderService(Service):
             self.store.save(snapshot)
         except (sqlite3.Error, OSError) as e:
             _log.warn("could not store render {jobID}: {e!r}", jobID=snapshot.id, e=e)
-            self._end(
-                snapshot.id,
-                JobState.FAILED,
-                "failed",
-                _failure(f"the job store cannot be written ({e})", reason="storage"),
-            )
+            self._end(snapshot.id, storageFailed(f"the job store cannot be written ({e})"))
             return False
         return True
 
@@ -488,7 +466,7 @@ class RenderService(Service):
         try:
             stat = self._statvfs(str(where))
         except OSError as e:
-            return f"the output filesystem cannot be examined ({_clientReason(e)})"
+            return f"the output filesystem cannot be examined ({clientReason(e)})"
         free = stat.f_bavail * stat.f_frsize
         if free < self.minFreeBytes:
             return f"the output filesystem is nearly full: {free} bytes free, {self.minFreeBytes} needed"
@@ -510,7 +488,7 @@ class RenderService(Service):
         """
         lacking = self._diskLacks()
         if lacking is not None:
-            self._end(jobID, JobState.FAILED, "failed", _failure(lacking, reason="storage"))
+            self._end(jobID, storageFailed(lacking))
             return False
         self._evict(len(self._active) + 1)
         return True
@@ -590,50 +568,6 @@ class RenderService(Service):
         if self.outputDir.is_dir():
             for path in self.outputDir.glob(f"{jobID}.*"):
                 _unlink(path)
-
-
-class _OverShare(Exception):
-    """
-    A render wrote more than its share of C{--max-output-bytes}.
-    """
-
-
-def _failure(
-    message: str, reason: str, status: ExitStatus | None = None
-) -> dict[str, Any]:
-    return {
-        "message": message,
-        "reason": reason,
-        "exit_code": None if status is None else status.exitCode,
-        "signal": None if status is None else status.signal,
-        "stderr_tail": [] if status is None else list(status.stderrTail),
-    }
-
-
-def _clientReason(error: Exception) -> str:
-    """
-    What went wrong, without the paths an C{OSError} carries.
-    """
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    if isinstance(error, (RenderProtocolError, _OverShare)):
-        return str(error)
-    return type(error).__name__
-
-
-def _exitFailure(status: ExitStatus, timeout: float) -> dict[str, Any]:
-    if status.stopReason == "timeout":
-        return _failure(f"timed out after {timeout:g} s", reason="timeout", status=status)
-    if status.protocolError is not None:
-        return _failure(
-            f"the renderer broke its output protocol: {status.protocolError}",
-            reason="protocol",
-            status=status,
-        )
-    if status.signal is not None:
-        return _failure(f"the renderer was killed by signal {status.signal}", "signal", status)
-    last = status.stderrTail[-1] if status.stderrTail else "no message on stderr"
-    return _failure(f"the renderer exited with code {status.exitCode}: {last}", "exit", status)
 
 
 def _unlink(path: Path) -> None:
