@@ -231,3 +231,69 @@ class IJobBroker(Interface):
         """
         Stop remembering an expired id: it is unknown from now on.
         """
+
+
+# (Imported here, not at the top, so that this section is self-contained.)
+from typing import TYPE_CHECKING, Iterable  # noqa: E402
+
+if TYPE_CHECKING:
+    from ._job import JobSnapshot
+    from ._store import StoredEvent
+
+
+class IJobStore(Interface):
+    """
+    Where jobs are kept across restarts: each job's snapshot, written when
+    it is created, starts and ends, and a finished job's final events.
+    L{twistedsse._store.SQLiteJobStore} keeps them in a file;
+    L{twistedsse._store.NullJobStore} keeps nothing (jobs live in memory
+    only), so the service always has a store and never asks whether it has
+    one.
+
+    A write that fails raises C{sqlite3.Error} or C{OSError} (see
+    L{twistedsse._store.STORE_ERRORS}); a store on another backend raises
+    its failures as C{OSError}. Called in the reactor thread.
+    """
+
+    def save(snapshot: JobSnapshot) -> None:
+        """
+        Write (or overwrite) a job's L{twistedsse._job.JobSnapshot}.
+        """
+
+    def finish(snapshot: JobSnapshot, events: Iterable[StoredEvent]) -> None:
+        """
+        Write a finished job's snapshot and its final events (an iterable
+        of L{twistedsse._store.StoredEvent}), together.
+        """
+
+    def load() -> list[tuple[JobSnapshot, list[StoredEvent]]]:
+        """
+        Every job, oldest first, as C{(snapshot, [StoredEvent, ...])}.
+        """
+
+    def expire(jobID: str, forgetAt: float) -> None:
+        """
+        Delete a job and its events, and remember its id as expired until
+        C{forgetAt}.
+        """
+
+    def delete(jobID: str) -> None:
+        """
+        Delete a job and its events, remembering nothing.
+        """
+
+    def forget(jobID: str) -> None:
+        """
+        Stop remembering an expired id.
+        """
+
+    def expired(now: float) -> list[tuple[str, float]]:
+        """
+        Drop the expired ids whose time to be forgotten has come; return the
+        others as C{(id, forgetAt)}.
+        """
+
+    def close() -> None:
+        """
+        Release the store (at the service's stop).
+        """

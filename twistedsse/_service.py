@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import sqlite3
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -47,7 +46,8 @@ from ._outcome import (
     storageFailed,
 )
 from ._render import ExitStatus, RunningRender, launch, removeWorkDirs
-from ._store import SQLiteJobStore, StoredEvent
+from ._interfaces import IJobStore
+from ._store import STORE_ERRORS, NullJobStore, StoredEvent
 
 _log = Logger()
 
@@ -83,8 +83,8 @@ class RenderService(Service):
     @param killGrace: seconds between TERM and KILL.
     @param maxQueued: renders that may wait for a slot (0: no limit); past
         it, L{QueueFull}.
-    @param store: where jobs are kept across restarts, or C{None} for
-        memory only.
+    @param store: where jobs are kept across restarts; C{None} (a
+        L{NullJobStore}) for memory only.
     @param expireAfter: seconds after a job ends when it and its output
         are deleted (memory, disk, store; C{0}: never). Its id answers
         L{twistedsse._errors.JobExpired} for as long again, then is
@@ -113,7 +113,7 @@ class RenderService(Service):
         renderTimeout: float = 3600.0,
         killGrace: float = 5.0,
         maxQueued: int = 0,
-        store: SQLiteJobStore | None = None,
+        store: IJobStore | None = None,
         newID: Callable[[], str] = newJobID,
         expireAfter: float = 86400.0,
         maxOutputBytes: int | None = None,
@@ -132,7 +132,7 @@ class RenderService(Service):
         self.renderTimeout = renderTimeout
         self.killGrace = killGrace
         self.maxQueued = maxQueued
-        self.store = store
+        self.store: IJobStore = store if store is not None else NullJobStore()
         self.renderEnv = dict(renderEnv or {})
         self._restored = False
         self._newID = newID
@@ -179,14 +179,13 @@ class RenderService(Service):
             createdAt=self.clock.seconds(),
         )
         self.broker.create(snapshot)
-        if self.store is not None:
-            try:
-                self.store.save(snapshot)
-            except (sqlite3.Error, OSError) as e:
-                # Not created at all: nobody has its id yet.
-                self.broker.remove(jobID)
-                _log.warn("could not store a new render: {e!r}", e=e)
-                raise InsufficientStorage(f"the job store cannot be written ({e})") from None
+        try:
+            self.store.save(snapshot)
+        except STORE_ERRORS as e:
+            # Not created at all: nobody has its id yet.
+            self.broker.remove(jobID)
+            _log.warn("could not store a new render: {e!r}", e=e)
+            raise InsufficientStorage(f"the job store cannot be written ({e})") from None
         if links is not None:
             self._links[jobID] = links(jobID)
         if self._stopping:
@@ -347,13 +346,10 @@ class RenderService(Service):
         self.broker.update(final)
         self.broker.publish(jobID, event, payload)
         self._links.pop(jobID, None)
-        if self.store is not None:
-            try:
-                self.store.finish(
-                    final, [StoredEvent(*e) for e in self.broker.finalEvents(jobID)]
-                )
-            except Exception:
-                _log.failure("could not store the end of render {jobID}", jobID=jobID)
+        try:
+            self.store.finish(final, [StoredEvent(*e) for e in self.broker.finalEvents(jobID)])
+        except Exception:
+            _log.failure("could not store the end of render {jobID}", jobID=jobID)
         if self.expireAfter > 0:
             self._deadlines.add(self.clock.seconds() + self.expireAfter, ("expire", jobID))
 
@@ -377,8 +373,7 @@ class RenderService(Service):
             # Every stream's final frame is written before the connections
             # are closed (the fan-out may be mid-pass).
             self.broker.flush()
-            if self.store is not None:
-                self.store.close()
+            self.store.close()
 
         if not ended:
             closeStore(None)
@@ -389,14 +384,14 @@ class RenderService(Service):
         self._stopping = False
         # No render runs yet: any working directory is a dead one's.
         removeWorkDirs(self.outputDir)
-        if self.store is not None and not self._restored:
+        if not self._restored:
             self._restore(self.store)
         self._evict(0)
         self._deadlines.start()
         super().startService()
         self._pump()
 
-    def _restore(self, store: SQLiteJobStore) -> None:
+    def _restore(self, store: IJobStore) -> None:
         """
         Load the jobs of earlier runs. One that never ended (the process
         stopped, or was killed, while it was queued or running) ends now as
@@ -443,11 +438,9 @@ class RenderService(Service):
         C{running} (or, after a restart, be "interrupted") without a
         process.
         """
-        if self.store is None:
-            return True
         try:
             self.store.save(snapshot)
-        except (sqlite3.Error, OSError) as e:
+        except STORE_ERRORS as e:
             _log.warn("could not store render {jobID}: {e!r}", jobID=snapshot.id, e=e)
             self._end(snapshot.id, storageFailed(f"the job store cannot be written ({e})"))
             return False
@@ -522,11 +515,10 @@ class RenderService(Service):
             self._expire(jobID)
         else:
             self.broker.forget(jobID)
-            if self.store is not None:
-                try:
-                    self.store.forget(jobID)
-                except sqlite3.Error as e:
-                    _log.warn("could not forget render {jobID}: {e!r}", jobID=jobID, e=e)
+            try:
+                self.store.forget(jobID)
+            except STORE_ERRORS as e:
+                _log.warn("could not forget render {jobID}: {e!r}", jobID=jobID, e=e)
 
     def _expire(self, jobID: str) -> None:
         """
@@ -549,18 +541,16 @@ class RenderService(Service):
     def _expireStored(self, jobID: str, forgetAt: float, now: float) -> None:
         if forgetAt <= now:
             self.broker.forget(jobID)
-            if self.store is not None:
-                self._tryStore(self.store.delete, jobID)
+            self._tryStore(self.store.delete, jobID)
             return
         self.broker.expire(jobID)
         self._deadlines.add(forgetAt, ("forget", jobID))
-        if self.store is not None:
-            self._tryStore(self.store.expire, jobID, forgetAt)
+        self._tryStore(self.store.expire, jobID, forgetAt)
 
     def _tryStore(self, write: Callable[..., None], jobID: str, *args: Any) -> None:
         try:
             write(jobID, *args)
-        except sqlite3.Error as e:
+        except STORE_ERRORS as e:
             _log.warn("could not delete render {jobID} from the store: {e!r}", jobID=jobID, e=e)
 
     def _deleteOutputs(self, jobID: str) -> None:
