@@ -84,8 +84,8 @@ class StoreTests(SynchronousTestCase):
         """
         clock, spawner = Clock(), FakeSpawner()
         first = self.service(spawner, clock)
-        links = lambda jobID: {"output_url": f"/renders/{jobID}/output"}  # noqa: E731
-        jobID = first.submit("ticks", {}, links).id
+        jobID = first.newJobID()
+        first.submit("ticks", {}, f"/renders/{jobID}/output", jobID=jobID)
         process = spawner.processes[0]
         process.stdout(b'{"p": 0.5}\n{"p": 1.0}\n')
         Path(process.env["TWISTEDSSE_OUTPUT"]).write_bytes(b"video")

@@ -41,6 +41,7 @@ from ._errors import (
 )
 from . import _json
 from ._frames import Event
+from ._job import JobSnapshot
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
 from ._output import OutputResource
@@ -254,22 +255,28 @@ class TwistedSSEApp:
 
     # -- helpers ---------------------------------------------------------
 
-    def _links(self, request: IRequest) -> Any:
+    def _links(self, request: IRequest, jobID: str) -> dict[str, str]:
         kr = IKleinRequest(request)
-
-        def links(jobID: str) -> dict[str, str]:
-            return {
-                "status_url": kr.url_for("status", {"jobID": jobID}),
-                "events_url": kr.url_for("events", {"jobID": jobID}),
-                "output_url": kr.url_for("output", {"jobID": jobID}),
-            }
-
-        return links
+        return {
+            "status_url": kr.url_for("status", {"jobID": jobID}),
+            "events_url": kr.url_for("events", {"jobID": jobID}),
+            "output_url": kr.url_for("output", {"jobID": jobID}),
+        }
 
     def _describe(self, request: IRequest, jobID: str) -> dict[str, Any]:
         body = self.service.broker.get(jobID).toJSON()
-        body.update(self._links(request)(jobID))
+        body.update(self._links(request, jobID))
         return body
+
+    def _submit(self, request: IRequest, renderer: Any, params: Any) -> JobSnapshot:
+        """
+        Submit a render, giving the service the URL its output will have
+        (for the C{complete} event), which names its id: so the id is made
+        first.
+        """
+        jobID = self.service.newJobID()
+        outputURL = IKleinRequest(request).url_for("output", {"jobID": jobID})
+        return self.service.submit(renderer, params, outputURL, jobID=jobID)
 
     def _stream(self, jobID: str, **kw: Any) -> EventStreamResource:
         self.limits.check(jobID)
@@ -334,7 +341,7 @@ class TwistedSSEApp:
         if unknown:
             raise InvalidBody(f"unknown field {unknown[0]!r}; a render request has only renderer and params")
         grant.need("create", str(body.get("renderer")))
-        snapshot = self.service.submit(body.get("renderer"), body.get("params", {}), self._links(request))
+        snapshot = self._submit(request, body.get("renderer"), body.get("params", {}))
         description = self._describe(request, snapshot.id)
         request.setHeader(b"location", description["status_url"].encode("ascii"))
         return _respond(request, 202, description)
@@ -402,7 +409,7 @@ class TwistedSSEApp:
         # The stream limits first: a 503 must not leave a render nobody
         # watches (a new job has no streams: only the global limit applies).
         self.limits.check(None)
-        snapshot = self.service.submit(renderer, params, self._links(request))
+        snapshot = self._submit(request, renderer, params)
         # The first frame names the render (a C{render} event, id
         # C{JOBID:0}): a client that drops before the render's first event
         # re-attaches to it rather than starting another.

@@ -297,3 +297,95 @@ class IJobStore(Interface):
         """
         Release the store (at the service's stop).
         """
+
+
+@attrs.frozen
+class QueuedRender:
+    """
+    A job waiting for a worker: what the worker needs besides the job's
+    snapshot (which the broker holds).
+
+    @ivar outputURL: the URL clients fetch the output from, opaque to the
+        service: the C{complete} event's C{output_url} if a file is made.
+    """
+
+    jobID: str
+    outputURL: str | None = None
+
+
+class IQueueConsumer(Interface):
+    """
+    What runs queued renders (L{twistedsse._runner.RenderRunner}), as its
+    queue sees it.
+    """
+
+    def rendersWaiting() -> None:
+        """
+        A render was queued: take what there are free slots for.
+        """
+
+    def cancel(jobID: str) -> None:
+        """
+        Stop a render this consumer took (TERM, then KILL); it ends
+        C{cancelled} once its process has exited. Nothing if it runs no
+        such render.
+        """
+
+    def busy() -> bool:
+        """
+        Whether every slot is taken (a new render would wait).
+        """
+
+    def refusal() -> str | None:
+        """
+        Why no render could start now (the output filesystem is nearly
+        full), or C{None}.
+        """
+
+
+class IRenderQueue(Interface):
+    """
+    Renders waiting for a worker, first come first served: in memory
+    (L{twistedsse._queue.MemoryQueue}), or across processes.
+    """
+
+    def attach(consumer: IQueueConsumer) -> None:
+        """
+        Give the queue the consumer that takes its renders.
+        """
+
+    def enqueue(render: QueuedRender) -> None:
+        """
+        Add a render at the end, and tell the consumer.
+        """
+
+    def withdraw(jobID: str) -> bool:
+        """
+        Remove a render if it is still waiting; whether it was.
+        """
+
+    def take() -> QueuedRender | None:
+        """
+        The first waiting render, removed; C{None} if none waits.
+        """
+
+    def __len__() -> int:
+        """
+        How many renders wait.
+        """
+
+    def cancelRunning(jobID: str) -> None:
+        """
+        Ask the consumer that took the render to stop it
+        (L{IQueueConsumer.cancel}).
+        """
+
+    def busy() -> bool:
+        """
+        Whether a new render would wait (L{IQueueConsumer.busy}).
+        """
+
+    def refusal() -> str | None:
+        """
+        Why a new render would be refused now (L{IQueueConsumer.refusal}).
+        """
