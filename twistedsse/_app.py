@@ -7,7 +7,6 @@ wrong methods included.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from urllib.parse import unquote_to_bytes
 from typing import Any, Mapping
@@ -26,7 +25,6 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
 from ._errors import (
-    REASONS,
     InvalidBody,
     MalformedJSON,
     MethodNotAllowed,
@@ -41,6 +39,8 @@ from ._errors import (
 )
 from . import _json
 from ._frames import Event
+from ._responses import respondError as _error
+from ._responses import respondJSON as _respond
 from ._job import JobSnapshot
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
@@ -68,17 +68,6 @@ _STATIC_TYPES = {
 def _loadStatic() -> dict[str, bytes]:
     folder = resources.files("twistedsse") / "_static"
     return {name: (folder / name).read_bytes() for name in _STATIC_TYPES}
-
-
-def _respond(request: IRequest, status: int, body: Any) -> bytes:
-    request.setResponseCode(status, REASONS.get(status))
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
-
-
-def _error(request: IRequest, status: int, code: str, detail: str) -> bytes:
-    return _respond(request, status, {"error": code, "detail": detail})
 
 
 def _readJSON(request: IRequest) -> Any:

@@ -5,7 +5,6 @@ send and can close its connections gracefully at shutdown.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from zope.interface import implementer
@@ -20,6 +19,7 @@ from twisted.web.server import Request, Site
 from ._app import MAX_BODY
 from ._connections import ABORT_AFTER, ConnectionCounter, ConnectionLimits, RequestClock, timeoutResponse
 from ._errors import HeaderTooLarge, PayloadTooLarge, URITooLong
+from ._responses import errorBody
 from ._transport import sendTogether
 
 _log = Logger()
@@ -34,7 +34,7 @@ def _refuseNow(channel: Any, status: int, reason: bytes, code: str, detail: str)
     Answer with a JSON error and close, before the request is whole (so no
     Request object can answer it).
     """
-    body = json.dumps({"error": code, "detail": detail}).encode() + b"\n"
+    body = errorBody(code, detail)
     response = (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body)
@@ -62,7 +62,7 @@ def _refuseStream(stream: Any, status: int, code: str, detail: str) -> None:
     streamID = stream.streamID
     if connection.streams.get(streamID) is not stream:
         return  # already ended
-    body = json.dumps({"error": code, "detail": detail}).encode() + b"\n"
+    body = errorBody(code, detail)
     h2 = connection.conn
     try:
         fits = h2.local_flow_control_window(streamID) >= len(body)
