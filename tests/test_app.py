@@ -447,7 +447,7 @@ class EventsRouteTests(SynchronousTestCase):
         self.app = TwistedSSEApp(
             self.service, self.clock, StreamSettings(keepalive=15.0, retry=1000), StreamLimits(maxPerJob=1)
         )
-        self.jobID = self.service.submit("ticks", {}, lambda jobID: {}).id
+        self.jobID = self.service.submit("ticks", {}).id
         self.service.broker.publish(self.jobID, "progress", {"p": 0.5})
 
     def respond(self, resource: Any, method: str, path: str, headers: dict[str, str]) -> tuple[bytes, Any]:

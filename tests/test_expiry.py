@@ -33,8 +33,12 @@ from .test_broker import Recorder
 DAY = 86400.0
 
 
-def links(jobID: str) -> dict[str, str]:
-    return {"output_url": f"/renders/{jobID}/output"}
+def submitTicks(service: RenderService) -> str:
+    """
+    Submit a C{ticks} render whose output URL is C{/renders/ID/output}.
+    """
+    jobID = service.newJobID()
+    return service.submit("ticks", {}, f"/renders/{jobID}/output", jobID=jobID).id
 
 
 @attrs.frozen
@@ -127,7 +131,7 @@ class ExpiryTests(SynchronousTestCase):
         Submit a render and make it succeed with C{output}.
         """
         service = service or self.service
-        jobID = service.submit("ticks", {}, links).id
+        jobID = submitTicks(service)
         process = self.spawner.processes[-1]
         process.stdout(b'{"p": 0.5}\n{"p": 1.0}\n')
         Path(process.env["TWISTEDSSE_OUTPUT"]).write_bytes(output)
@@ -407,11 +411,11 @@ class OutputBudgetTests(SynchronousTestCase):
         service = self.makeService(maxOutputBytes=1000)
         ids = []
         for size in (400, 300, 200):
-            jobID = service.submit("ticks", {}, links).id
+            jobID = submitTicks(service)
             self.finish(service, jobID, size)
             ids.append(jobID)
         # 400 + 300 + 200 = 900 on disk; the next render reserves 1000.
-        nextID = service.submit("ticks", {}, links).id
+        nextID = submitTicks(service)
         for jobID in ids:
             self.assertRaises(OutputExpired, service.outputPath, jobID)
         self.finish(service, nextID, 100)
@@ -427,11 +431,11 @@ class OutputBudgetTests(SynchronousTestCase):
         service = self.makeService(maxOutputBytes=1000, maxRenders=2)
         ids = []
         for size in (200, 200, 200):
-            jobID = service.submit("ticks", {}, links).id
+            jobID = submitTicks(service)
             self.finish(service, jobID, size)
             ids.append(jobID)
         # 600 on disk; room for one share (500) needs 100 gone: the oldest.
-        nextID = service.submit("ticks", {}, links).id
+        nextID = submitTicks(service)
         self.assertRaises(OutputExpired, service.outputPath, ids[0])
         self.assertEqual(service.outputPath(ids[1]).stat().st_size, 200)
         self.assertEqual(service.outputBytes(), 400)
@@ -443,7 +447,7 @@ class OutputBudgetTests(SynchronousTestCase):
         C{output}, and its file is deleted.
         """
         service = self.makeService(maxOutputBytes=1000, maxRenders=2)
-        jobID = service.submit("ticks", {}, links).id
+        jobID = submitTicks(service)
         self.finish(service, jobID, 501)
         snapshot = service.broker.get(jobID)
         self.assertEqual(snapshot.state, JobState.FAILED)
@@ -458,9 +462,9 @@ class OutputBudgetTests(SynchronousTestCase):
         output_expired}, JSON.
         """
         service = self.makeService(maxOutputBytes=100)
-        first = service.submit("ticks", {}, links).id
+        first = submitTicks(service)
         self.finish(service, first, 50)
-        second = service.submit("ticks", {}, links).id
+        second = submitTicks(service)
         self.finish(service, second, 50)
         conn = Connection(buildSite(service, self.clock))
         conn.request("GET", f"/renders/{first}/output")
@@ -477,7 +481,7 @@ class OutputBudgetTests(SynchronousTestCase):
         first = self.makeService(store=SQLiteJobStore(store))
         ids = []
         for size in (300, 300):
-            jobID = first.submit("ticks", {}, links).id
+            jobID = submitTicks(first)
             self.finish(first, jobID, size)
             ids.append(jobID)
         self.successResultOf(first.stopService())

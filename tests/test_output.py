@@ -162,7 +162,8 @@ class _OutputFixture(SynchronousTestCase):
         A render that succeeded with a C{size}-byte output; its id and the
         bytes.
         """
-        jobID = self.service.submit("ticks", {}, lambda jobID: {"output_url": f"/renders/{jobID}/output"}).id
+        jobID = self.service.newJobID()
+        self.service.submit("ticks", {}, f"/renders/{jobID}/output", jobID=jobID)
         data = bytes(i % 251 for i in range(size))
         (self.dir / f"{jobID}.part.mp4").write_bytes(data)
         self.spawner.processes[-1].exit(0)

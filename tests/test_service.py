@@ -12,12 +12,14 @@ import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from twistedsse._broker import MemoryBroker
 from twistedsse._command import JSONLinesParser
 from twistedsse._errors import InvalidParams, JobFinished, OutputNotReady, UnknownJob, UnknownRenderer
-from twistedsse._interfaces import IRenderer, RenderPlan
+from twistedsse._interfaces import IQueueConsumer, IRenderer, IRenderQueue, QueuedRender, RenderPlan
 from twistedsse._job import JobState
+from twistedsse._queue import MemoryQueue
 from twistedsse._service import RenderService, newJobID
 from twistedsse.testing import FakeSpawner
 
@@ -79,8 +81,8 @@ class ServiceTests(SynchronousTestCase):
         self.service.startService()
 
     def submit(self) -> str:
-        links = lambda jobID: {"output_url": f"/renders/{jobID}/output"}  # noqa: E731
-        return self.service.submit("file", {"a": 1}, links).id
+        jobID = self.service.newJobID()
+        return self.service.submit("file", {"a": 1}, f"/renders/{jobID}/output", jobID=jobID).id
 
     def watch(self, jobID: str) -> Recorder:
         recorder = Recorder()
@@ -341,3 +343,65 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(len(self.spawner.processes), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.broker.subscriberCount(), 0)
+
+
+@implementer(IQueueConsumer)
+@attrs.define
+class RecordingConsumer:
+    """
+    A consumer that records what its queue tells it.
+    """
+
+    told: list[str] = attrs.field(factory=list)
+
+    def rendersWaiting(self) -> None:
+        self.told.append("waiting")
+
+    def cancel(self, jobID: str) -> None:
+        self.told.append(f"cancel {jobID}")
+
+    def busy(self) -> bool:
+        return True
+
+    def refusal(self) -> str | None:
+        return "full"
+
+
+class MemoryQueueTests(SynchronousTestCase):
+    def test_provides(self) -> None:
+        """
+        L{MemoryQueue} provides L{IRenderQueue}; the service's runner
+        provides L{IQueueConsumer}.
+        """
+        self.assertTrue(verifyObject(IRenderQueue, MemoryQueue()))
+        service = RenderService(
+            clock=Clock(), spawner=FakeSpawner(), broker=MemoryBroker(), renderers={}, outputDir=Path(self.mktemp())
+        )
+        self.assertTrue(verifyObject(IQueueConsumer, service._runner))
+
+    def test_firstComeFirstServed(self) -> None:
+        """
+        Renders are taken in the order they were queued, each once, and the
+        consumer is told of each; one withdrawn while it waits is never
+        taken, and a second withdraw finds nothing.
+        """
+        queue, consumer = MemoryQueue(), RecordingConsumer()
+        queue.attach(consumer)
+        for jobID in ("a", "b", "c"):
+            queue.enqueue(QueuedRender(jobID, f"/{jobID}"))
+        self.assertEqual(consumer.told, ["waiting"] * 3)
+        self.assertEqual((queue.withdraw("b"), queue.withdraw("b"), len(queue)), (True, False, 2))
+        self.assertEqual([queue.take(), queue.take(), queue.take()], [QueuedRender("a", "/a"), QueuedRender("c", "/c"), None])
+
+    def test_consumerAnswersForTheWorkers(self) -> None:
+        """
+        Cancelling a taken render, and whether the workers are busy or
+        refuse renders, go to the consumer; with none attached, nothing
+        runs, so nothing is busy or refused.
+        """
+        queue, consumer = MemoryQueue(), RecordingConsumer()
+        self.assertEqual((queue.busy(), queue.refusal()), (False, None))
+        queue.cancelRunning("x")
+        queue.attach(consumer)
+        queue.cancelRunning("x")
+        self.assertEqual((consumer.told, queue.busy(), queue.refusal()), (["cancel x"], True, "full"))

@@ -9,14 +9,48 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
+from twistedsse._interfaces import IJobStore
 from twistedsse._job import JobState
 from twistedsse._service import RenderService
-from twistedsse._store import SQLiteJobStore, StoredEvent
+from twistedsse._store import NullJobStore, SQLiteJobStore, StoredEvent
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import ticksService
+from ._helpers import snapshot as queuedSnapshot, ticksService
 from .test_broker import Recorder
+
+
+class JobStoreInterfaceTests(SynchronousTestCase):
+    def test_sqliteProvides(self) -> None:
+        """
+        L{SQLiteJobStore} provides L{IJobStore}.
+        """
+        store = SQLiteJobStore(Path(self.mktemp()) / "jobs.sqlite3")
+        self.addCleanup(store.close)
+        self.assertTrue(verifyObject(IJobStore, store))
+
+    def test_nullProvides(self) -> None:
+        """
+        L{NullJobStore} provides L{IJobStore}, and keeps nothing: what is
+        written is never read back.
+        """
+        store = NullJobStore()
+        self.assertTrue(verifyObject(IJobStore, store))
+        job = queuedSnapshot()
+        store.save(job)
+        store.finish(job, [StoredEvent(1, "complete", "{}")])
+        store.expire("job2", 10.0)
+        self.assertEqual((store.load(), store.expired(0.0)), ([], []))
+
+    def test_serviceWithoutAStoreHasTheNullOne(self) -> None:
+        """
+        A service built without a store has a L{NullJobStore}, never
+        C{None}.
+        """
+        service = ticksService(Clock(), FakeSpawner(), Path(self.mktemp()))
+        self.assertIsInstance(service.store, NullJobStore)
+        self.successResultOf(service.stopService())
 
 
 class StoreTests(SynchronousTestCase):
@@ -50,8 +84,8 @@ class StoreTests(SynchronousTestCase):
         """
         clock, spawner = Clock(), FakeSpawner()
         first = self.service(spawner, clock)
-        links = lambda jobID: {"output_url": f"/renders/{jobID}/output"}  # noqa: E731
-        jobID = first.submit("ticks", {}, links).id
+        jobID = first.newJobID()
+        first.submit("ticks", {}, f"/renders/{jobID}/output", jobID=jobID)
         process = spawner.processes[0]
         process.stdout(b'{"p": 0.5}\n{"p": 1.0}\n')
         Path(process.env["TWISTEDSSE_OUTPUT"]).write_bytes(b"video")

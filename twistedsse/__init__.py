@@ -16,7 +16,8 @@ not to be buffered.
 from ._app import TwistedSSEApp
 from ._broker import MemoryBroker
 from ._build import buildResource, buildService, buildSite
-from ._site import DrainingSite, ServerService
+from ._server import ServerService
+from ._site import DrainingSite
 from ._card import CardRenderer
 from ._connections import ConnectionLimits
 from ._command import CommandRenderer

@@ -7,7 +7,6 @@ wrong methods included.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from urllib.parse import unquote_to_bytes
 from typing import Any, Mapping
@@ -26,7 +25,6 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
 from ._errors import (
-    REASONS,
     InvalidBody,
     MalformedJSON,
     MethodNotAllowed,
@@ -41,6 +39,9 @@ from ._errors import (
 )
 from . import _json
 from ._frames import Event
+from ._responses import respondError as _error
+from ._responses import respondJSON as _respond
+from ._job import JobSnapshot
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
 from ._output import OutputResource
@@ -67,17 +68,6 @@ _STATIC_TYPES = {
 def _loadStatic() -> dict[str, bytes]:
     folder = resources.files("twistedsse") / "_static"
     return {name: (folder / name).read_bytes() for name in _STATIC_TYPES}
-
-
-def _respond(request: IRequest, status: int, body: Any) -> bytes:
-    request.setResponseCode(status, REASONS.get(status))
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
-
-
-def _error(request: IRequest, status: int, code: str, detail: str) -> bytes:
-    return _respond(request, status, {"error": code, "detail": detail})
 
 
 def _readJSON(request: IRequest) -> Any:
@@ -254,22 +244,28 @@ class TwistedSSEApp:
 
     # -- helpers ---------------------------------------------------------
 
-    def _links(self, request: IRequest) -> Any:
+    def _links(self, request: IRequest, jobID: str) -> dict[str, str]:
         kr = IKleinRequest(request)
-
-        def links(jobID: str) -> dict[str, str]:
-            return {
-                "status_url": kr.url_for("status", {"jobID": jobID}),
-                "events_url": kr.url_for("events", {"jobID": jobID}),
-                "output_url": kr.url_for("output", {"jobID": jobID}),
-            }
-
-        return links
+        return {
+            "status_url": kr.url_for("status", {"jobID": jobID}),
+            "events_url": kr.url_for("events", {"jobID": jobID}),
+            "output_url": kr.url_for("output", {"jobID": jobID}),
+        }
 
     def _describe(self, request: IRequest, jobID: str) -> dict[str, Any]:
         body = self.service.broker.get(jobID).toJSON()
-        body.update(self._links(request)(jobID))
+        body.update(self._links(request, jobID))
         return body
+
+    def _submit(self, request: IRequest, renderer: Any, params: Any) -> JobSnapshot:
+        """
+        Submit a render, giving the service the URL its output will have
+        (for the C{complete} event), which names its id: so the id is made
+        first.
+        """
+        jobID = self.service.newJobID()
+        outputURL = IKleinRequest(request).url_for("output", {"jobID": jobID})
+        return self.service.submit(renderer, params, outputURL, jobID=jobID)
 
     def _stream(self, jobID: str, **kw: Any) -> EventStreamResource:
         self.limits.check(jobID)
@@ -334,7 +330,7 @@ class TwistedSSEApp:
         if unknown:
             raise InvalidBody(f"unknown field {unknown[0]!r}; a render request has only renderer and params")
         grant.need("create", str(body.get("renderer")))
-        snapshot = self.service.submit(body.get("renderer"), body.get("params", {}), self._links(request))
+        snapshot = self._submit(request, body.get("renderer"), body.get("params", {}))
         description = self._describe(request, snapshot.id)
         request.setHeader(b"location", description["status_url"].encode("ascii"))
         return _respond(request, 202, description)
@@ -402,7 +398,7 @@ class TwistedSSEApp:
         # The stream limits first: a 503 must not leave a render nobody
         # watches (a new job has no streams: only the global limit applies).
         self.limits.check(None)
-        snapshot = self.service.submit(renderer, params, self._links(request))
+        snapshot = self._submit(request, renderer, params)
         # The first frame names the render (a C{render} event, id
         # C{JOBID:0}): a client that drops before the render's first event
         # re-attaches to it rather than starting another.

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ._frames import Event
     from ._job import JobSnapshot
     from ._json import JSON, JSONObject
+    from ._store import StoredEvent
 
 
 class IProgressParser(Interface):
@@ -235,4 +236,154 @@ class IJobBroker(Interface):
     def forget(jobID: str) -> None:
         """
         Stop remembering an expired id: it is unknown from now on.
+        """
+
+
+class IJobStore(Interface):
+    """
+    Where jobs are kept across restarts: each job's snapshot, written when
+    it is created, starts and ends, and a finished job's final events.
+    L{twistedsse._store.SQLiteJobStore} keeps them in a file;
+    L{twistedsse._store.NullJobStore} keeps nothing (jobs live in memory
+    only), so the service always has a store and never asks whether it has
+    one.
+
+    A write that fails raises C{sqlite3.Error} or C{OSError} (see
+    L{twistedsse._store.STORE_ERRORS}); a store on another backend raises
+    its failures as C{OSError}. Called in the reactor thread.
+    """
+
+    def save(snapshot: JobSnapshot) -> None:
+        """
+        Write (or overwrite) a job's L{twistedsse._job.JobSnapshot}.
+        """
+
+    def finish(snapshot: JobSnapshot, events: Iterable[StoredEvent]) -> None:
+        """
+        Write a finished job's snapshot and its final events (an iterable
+        of L{twistedsse._store.StoredEvent}), together.
+        """
+
+    def load() -> list[tuple[JobSnapshot, list[StoredEvent]]]:
+        """
+        Every job, oldest first, as C{(snapshot, [StoredEvent, ...])}.
+        """
+
+    def expire(jobID: str, forgetAt: float) -> None:
+        """
+        Delete a job and its events, and remember its id as expired until
+        C{forgetAt}.
+        """
+
+    def delete(jobID: str) -> None:
+        """
+        Delete a job and its events, remembering nothing.
+        """
+
+    def forget(jobID: str) -> None:
+        """
+        Stop remembering an expired id.
+        """
+
+    def expired(now: float) -> list[tuple[str, float]]:
+        """
+        Drop the expired ids whose time to be forgotten has come; return the
+        others as C{(id, forgetAt)}.
+        """
+
+    def close() -> None:
+        """
+        Release the store (at the service's stop).
+        """
+
+
+@attrs.frozen
+class QueuedRender:
+    """
+    A job waiting for a worker: what the worker needs besides the job's
+    snapshot (which the broker holds).
+
+    @ivar outputURL: the URL clients fetch the output from, opaque to the
+        service: the C{complete} event's C{output_url} if a file is made.
+    """
+
+    jobID: str
+    outputURL: str | None = None
+
+
+class IQueueConsumer(Interface):
+    """
+    What runs queued renders (L{twistedsse._runner.RenderRunner}), as its
+    queue sees it.
+    """
+
+    def rendersWaiting() -> None:
+        """
+        A render was queued: take what there are free slots for.
+        """
+
+    def cancel(jobID: str) -> None:
+        """
+        Stop a render this consumer took (TERM, then KILL); it ends
+        C{cancelled} once its process has exited. Nothing if it runs no
+        such render.
+        """
+
+    def busy() -> bool:
+        """
+        Whether every slot is taken (a new render would wait).
+        """
+
+    def refusal() -> str | None:
+        """
+        Why no render could start now (the output filesystem is nearly
+        full), or C{None}.
+        """
+
+
+class IRenderQueue(Interface):
+    """
+    Renders waiting for a worker, first come first served: in memory
+    (L{twistedsse._queue.MemoryQueue}), or across processes.
+    """
+
+    def attach(consumer: IQueueConsumer) -> None:
+        """
+        Give the queue the consumer that takes its renders.
+        """
+
+    def enqueue(render: QueuedRender) -> None:
+        """
+        Add a render at the end, and tell the consumer.
+        """
+
+    def withdraw(jobID: str) -> bool:
+        """
+        Remove a render if it is still waiting; whether it was.
+        """
+
+    def take() -> QueuedRender | None:
+        """
+        The first waiting render, removed; C{None} if none waits.
+        """
+
+    def __len__() -> int:
+        """
+        How many renders wait.
+        """
+
+    def cancelRunning(jobID: str) -> None:
+        """
+        Ask the consumer that took the render to stop it
+        (L{IQueueConsumer.cancel}).
+        """
+
+    def busy() -> bool:
+        """
+        Whether a new render would wait (L{IQueueConsumer.busy}).
+        """
+
+    def refusal() -> str | None:
+        """
+        Why a new render would be refused now (L{IQueueConsumer.refusal}).
         """

@@ -33,10 +33,13 @@ def loads(data: bytes | str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def dumps(value: object) -> str:
+def dumps(value: object, *, spaced: bool = False) -> str:
     """
     Compact JSON text, non-ASCII kept as is.
 
+    @param spaced: a space after each C{,} and C{:}, as HTTP response
+        bodies have always been written (L{twistedsse._responses}).
     @raise ValueError: C{value} holds a float that is not finite.
     """
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    separators = (", ", ": ") if spaced else (",", ":")
+    return json.dumps(value, separators=separators, ensure_ascii=False, allow_nan=False)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import math
 import time
 from pathlib import Path
@@ -59,7 +58,8 @@ from twisted.web.iweb import IAccessLogFormatter, IRequest
 from twisted.web.resource import IResource, Resource
 from zope.interface import provider
 
-from ._errors import REASONS, Forbidden, MisdirectedRequest, TwistedSSEError, Unauthorized, UnsupportedMediaType
+from ._errors import Forbidden, MisdirectedRequest, TwistedSSEError, Unauthorized, UnsupportedMediaType
+from ._responses import respondError
 
 #: The longest a scoped token may live, in seconds.
 MAX_TOKEN_LIFETIME = 3600
@@ -330,10 +330,7 @@ def _isJSON(contentType: bytes | None) -> bool:
 
 
 def _refuse(request: Any, error: TwistedSSEError) -> bytes:
-    request.setResponseCode(error.status, REASONS.get(error.status))
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps({"error": error.code, "detail": str(error)}).encode("utf-8") + b"\n"
+    return respondError(request, error.status, error.code, str(error))
 
 
 class RequestGuard(Resource):

@@ -1,46 +1,38 @@
 """
-L{RenderService}: owns the jobs (through an L{IJobBroker}), the queue and
-the running render processes, and ends all of them when it stops.
+L{RenderService}: the jobs and the render processes of one server, as one
+Twisted service that ends all of them when it stops.
 
-Its API speaks in jobs and renderers, not HTTP: C{_app} maps requests onto
-it, and an embedding application may call it directly.
+It is a facade over the parts that a server split across processes will
+run apart: the web side (L{twistedsse._jobs.JobTracker}: submit, cancel,
+status, expiry, restore) and the worker side
+(L{twistedsse._runner.RenderRunner}: run, time out, stop, clean up), joined
+by a queue (L{twistedsse._queue.MemoryQueue}) and both reporting through
+one L{JobLedger} (broker and store). Its API speaks in jobs and renderers,
+not HTTP: C{_app} maps requests onto it, and an embedding application may
+call it directly.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import sqlite3
 import tempfile
-from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Hashable, Mapping
+from typing import Any, Callable, Mapping
 
-import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
-from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
-from ._errors import (
-    InsufficientStorage,
-    JobFinished,
-    OutputExpired,
-    OutputNotReady,
-    QueueFull,
-    RenderProtocolError,
-    UnknownJob,
-    UnknownRenderer,
-)
-from ._expiry import Deadlines
-from ._interfaces import IJobBroker, IRenderer, RenderPlan
-from ._job import JobSnapshot, JobState
-from ._render import ExitStatus, RunningRender, launch, removeWorkDirs
-from ._store import SQLiteJobStore, StoredEvent
-
-_log = Logger()
-
-Links = Callable[[str], Mapping[str, str]]
+from ._disk import OutputDisk
+from ._interfaces import IJobBroker, IJobStore, IRenderer
+from ._job import JobSnapshot
+from ._jobs import JobTracker
+from ._ledger import JobLedger
+from ._queue import MemoryQueue
+from ._render import removeWorkDirs
+from ._runner import RenderRunner
+from ._store import NullJobStore
 
 
 def newJobID() -> str:
@@ -49,13 +41,6 @@ def newJobID() -> str:
     capability to read a job's events and output.
     """
     return secrets.token_urlsafe(24)
-
-
-@attrs.define
-class _Active:
-    plan: RenderPlan
-    render: RunningRender
-    timeout: IDelayedCall | None
 
 
 class RenderService(Service):
@@ -71,9 +56,10 @@ class RenderService(Service):
         and failed; C{0} for no limit.
     @param killGrace: seconds between TERM and KILL.
     @param maxQueued: renders that may wait for a slot (0: no limit); past
-        it, L{QueueFull}.
-    @param store: where jobs are kept across restarts, or C{None} for
-        memory only.
+        it, L{twistedsse._errors.QueueFull}.
+    @param store: where jobs are kept across restarts; C{None} (a
+        L{NullJobStore}) for memory only.
+    @param newID: makes job ids (L{newJobID}).
     @param expireAfter: seconds after a job ends when it and its output
         are deleted (memory, disk, store; C{0}: never). Its id answers
         L{twistedsse._errors.JobExpired} for as long again, then is
@@ -102,7 +88,7 @@ class RenderService(Service):
         renderTimeout: float = 3600.0,
         killGrace: float = 5.0,
         maxQueued: int = 0,
-        store: SQLiteJobStore | None = None,
+        store: IJobStore | None = None,
         newID: Callable[[], str] = newJobID,
         expireAfter: float = 86400.0,
         maxOutputBytes: int | None = None,
@@ -113,77 +99,103 @@ class RenderService(Service):
         if maxRenders < 1:
             raise ValueError(f"maxRenders must be at least 1, got {maxRenders!r}")
         self.clock = clock
-        self.spawner = spawner
         self.broker = broker
         self.renderers = dict(renderers)
-        self.outputDir = Path(outputDir)
         self.maxRenders = maxRenders
-        self.renderTimeout = renderTimeout
-        self.killGrace = killGrace
-        self.maxQueued = maxQueued
-        self.store = store
-        self.renderEnv = dict(renderEnv or {})
-        self._restored = False
-        self._newID = newID
-        self._links: dict[str, Mapping[str, str]] = {}
-        self._queue: deque[str] = deque()
-        self._active: dict[str, _Active] = {}
-        self._stopping = False
-        self.expireAfter = expireAfter
-        self.maxOutputBytes = maxOutputBytes or None
-        self.minFreeBytes = minFreeBytes
-        self._statvfs = statvfs
-        self._deadlines = Deadlines(clock, self._due)
-        # Finished outputs on disk, oldest first, with their sizes.
-        self._outputs: dict[str, int] = {}
+        self.store: IJobStore = store if store is not None else NullJobStore()
+        self._disk = OutputDisk(Path(outputDir), maxRenders, maxOutputBytes or None, minFreeBytes, statvfs)
+        self._ledger = JobLedger(clock, broker, self.store)
+        queue = MemoryQueue()
+        self._jobs = JobTracker(
+            clock, self.renderers, self._ledger, queue, self._disk, newID, maxQueued=maxQueued, expireAfter=expireAfter
+        )
+        self._ledger.onEnded = self._jobs.ended
+        self._runner = RenderRunner(
+            clock,
+            spawner,
+            self.renderers,
+            queue,
+            self._ledger,
+            self._disk,
+            maxRenders,
+            renderTimeout=renderTimeout,
+            killGrace=killGrace,
+            renderEnv=dict(renderEnv or {}),
+        )
+        self._queue = queue
+
+    # -- settings, as given --------------------------------------------
+
+    @property
+    def outputDir(self) -> Path:
+        return self._disk.directory
+
+    @outputDir.setter
+    def outputDir(self, value: Path) -> None:
+        # (Set before startService by a service that makes its directory
+        # then: see twistedsse._build.)
+        self._disk.directory = Path(value)
+
+    @property
+    def spawner(self) -> IReactorProcess:
+        return self._runner.spawner
+
+    @property
+    def renderTimeout(self) -> float:
+        return self._runner.renderTimeout
+
+    @property
+    def killGrace(self) -> float:
+        return self._runner.killGrace
+
+    @property
+    def renderEnv(self) -> Mapping[str, str]:
+        return self._runner.renderEnv
+
+    @property
+    def maxQueued(self) -> int:
+        return self._jobs.maxQueued
+
+    @property
+    def expireAfter(self) -> float:
+        return self._jobs.expireAfter
+
+    @property
+    def maxOutputBytes(self) -> int | None:
+        return self._disk.maxBytes
+
+    @property
+    def minFreeBytes(self) -> int:
+        return self._disk.minFreeBytes
 
     # -- the API -------------------------------------------------------
 
-    def submit(self, renderer: str, params: object, links: Links | None = None) -> JobSnapshot:
+    def newJobID(self) -> str:
+        """
+        A new job id, for a caller that names a job's URLs before it
+        submits it (the C{outputURL} of L{submit}).
+        """
+        return self._jobs.newID()
+
+    def submit(
+        self, renderer: str, params: object, outputURL: str | None = None, *, jobID: str | None = None
+    ) -> JobSnapshot:
         """
         Validate and queue a render.
 
-        @param links: gives the URLs clients use for a job id; the
-            C{output_url} in the C{complete} event comes from it.
-        @raise UnknownRenderer: no renderer by that name.
+        @param outputURL: the URL clients fetch the output from, opaque
+            here: the C{output_url} in the C{complete} event if the render
+            makes a file.
+        @param jobID: the id to give the job, from L{newJobID}; by default
+            a new one.
+        @raise ValueError: a job with that C{jobID} exists already.
+        @raise twistedsse._errors.UnknownRenderer: no renderer by that name.
         @raise twistedsse._errors.InvalidParams: C{params} do not suit it.
+        @raise twistedsse._errors.QueueFull: too many renders wait already.
+        @raise twistedsse._errors.InsufficientStorage: no room on disk, or
+            the job store cannot be written.
         """
-        impl = self.renderers.get(renderer) if isinstance(renderer, str) else None
-        if impl is None:
-            known = ", ".join(sorted(self.renderers)) or "none"
-            raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
-        normalized = impl.validate(params)
-        if self.maxQueued and len(self._queue) >= self.maxQueued and len(self._active) >= self.maxRenders:
-            raise QueueFull(f"{len(self._queue)} renders are waiting already, the limit", retryAfter=10)
-        if self.running:
-            lacking = self._diskLacks()
-            if lacking is not None:
-                raise InsufficientStorage(lacking)
-        jobID = self._newID()
-        snapshot = JobSnapshot(
-            id=jobID,
-            renderer=renderer,
-            params=normalized,
-            state=JobState.QUEUED,
-            createdAt=self.clock.seconds(),
-        )
-        self.broker.create(snapshot)
-        if self.store is not None:
-            try:
-                self.store.save(snapshot)
-            except (sqlite3.Error, OSError) as e:
-                # Not created at all: nobody has its id yet.
-                self.broker.remove(jobID)
-                _log.warn("could not store a new render: {e!r}", e=e)
-                raise InsufficientStorage(f"the job store cannot be written ({e})") from None
-        if links is not None:
-            self._links[jobID] = links(jobID)
-        if self._stopping:
-            self._end(jobID, JobState.FAILED, "failed", self._interrupted())
-        else:
-            self._queue.append(jobID)
-            self._pump()
-        return self.broker.get(jobID)
+        return self._jobs.submit(renderer, params, outputURL, jobID)
 
     def cancel(self, jobID: str) -> JobSnapshot:
         """
@@ -191,190 +203,45 @@ class RenderService(Service):
         then KILL) and becomes C{cancelled} once its process has exited.
 
         @raise twistedsse._errors.UnknownJob: no such job.
-        @raise JobFinished: it had finished already.
+        @raise twistedsse._errors.JobFinished: it had finished already.
         """
-        snapshot = self.broker.get(jobID)
-        if snapshot.state.terminal:
-            raise JobFinished(f"render {jobID} has already {snapshot.state.value}")
-        if jobID in self._active:
-            self._active[jobID].render.stop("cancel")
-        else:
-            self._queue.remove(jobID)
-            self._end(jobID, JobState.CANCELLED, "cancelled", {"message": "cancelled before it started"})
-        return self.broker.get(jobID)
+        return self._jobs.cancel(jobID)
 
     def outputPath(self, jobID: str) -> Path:
         """
         The finished output file of a job.
 
         @raise twistedsse._errors.UnknownJob: no such job.
-        @raise OutputNotReady: the render has not succeeded, or made no file.
+        @raise twistedsse._errors.OutputNotReady: the render has not
+            succeeded, or made no file.
+        @raise twistedsse._errors.OutputExpired: it has been deleted since.
         """
-        snapshot = self.broker.get(jobID)
-        if snapshot.state is not JobState.SUCCEEDED:
-            raise OutputNotReady(f"render {jobID} is {snapshot.state.value}: no output yet")
-        path = self.outputDir / f"{jobID}.mp4"
-        if not (snapshot.result or {}).get("output_url"):
-            raise OutputNotReady(f"render {jobID} made no output file")
-        if not path.is_file():
-            # Deleted since: to make room for newer outputs
-            # (maxOutputBytes), or by hand.
-            raise OutputExpired(f"the output of render {jobID} has been deleted")
-        return path
+        return self._jobs.outputPath(jobID)
 
     def activeCount(self) -> int:
         """
         How many render processes are running.
         """
-        return len(self._active)
+        return self._runner.activeCount()
 
     def queuedCount(self) -> int:
         return len(self._queue)
 
-    # -- running -------------------------------------------------------
-
-    def _pump(self) -> None:
-        # Renders submitted before the service starts wait in the queue.
-        while self._queue and len(self._active) < self.maxRenders and self.running and not self._stopping:
-            self._start(self._queue.popleft())
-
-    def _start(self, jobID: str) -> None:
-        snapshot = self.broker.get(jobID).transition(JobState.RUNNING, self.clock.seconds())
-        self.broker.update(snapshot)
-        if not self._saved(snapshot) or not self._roomFor(jobID):
-            return
-        renderer = self.renderers[snapshot.renderer]
-        plan = None
-        try:
-            self.outputDir.mkdir(parents=True, exist_ok=True)
-            plan = renderer.plan(snapshot.params, self.outputDir, jobID)
-            render = launch(
-                self.spawner,
-                self.clock,
-                plan,
-                lambda payloads: self._progress(jobID, payloads),
-                killGrace=self.killGrace,
-                path=str(self.outputDir),
-                extraEnv=self.renderEnv,
-            )
-        except Exception as e:
-            # The full reason (paths included) is for the operator's log;
-            # the client gets the kind of error only.
-            _log.warn("render {jobID} could not start: {e!r}", jobID=jobID, e=e)
-            if plan is not None:
-                for path in plan.scratch:
-                    _unlink(path)
-            self._end(
-                jobID,
-                JobState.FAILED,
-                "failed",
-                _failure(f"could not start the renderer ({_clientReason(e)})", reason="spawn"),
-            )
-            return
-        timeout = None
-        if self.renderTimeout > 0:
-            timeout = self.clock.callLater(self.renderTimeout, render.stop, "timeout")
-        self._active[jobID] = _Active(plan, render, timeout)
-        render.whenEnded().addCallback(self._ended, jobID).addErrback(
-            lambda f: _log.failure("finishing render {jobID}", f, jobID=jobID)
-        )
-
-    def _progress(self, jobID: str, payloads: list[dict[str, Any]]) -> None:
-        # Several at once when the render printed faster than we read (the
-        # server is busy): one fan-out for all of them, not one each.
-        self.broker.publishMany(jobID, "progress", payloads)
-        self.broker.update(attrs.evolve(self.broker.get(jobID), progress=payloads[-1]))
-
-    def _ended(self, status: ExitStatus, jobID: str) -> None:
-        active = self._active.pop(jobID)
-        if active.timeout is not None and active.timeout.active():
-            active.timeout.cancel()
-        plan = active.plan
-        try:
-            self._conclude(jobID, plan, status)
-        finally:
-            for path in plan.scratch:
-                _unlink(path)
-            if self.broker.get(jobID).state is not JobState.SUCCEEDED and plan.output is not None:
-                _unlink(plan.output)
-            self._pump()
-
-    def _conclude(self, jobID: str, plan: RenderPlan, status: ExitStatus) -> None:
-        if status.stopReason == "cancel":
-            self._end(jobID, JobState.CANCELLED, "cancelled", {"message": "cancelled by request"})
-            return
-        if status.stopReason == "shutdown":
-            self._end(jobID, JobState.FAILED, "failed", self._interrupted(status))
-            return
-        if not status.succeeded:
-            self._end(jobID, JobState.FAILED, "failed", _exitFailure(self._private(status), self.renderTimeout))
-            return
-        size = None
-        try:
-            if plan.finalize is not None:
-                plan.finalize()
-            if plan.output is not None and plan.output.is_file():
-                size = plan.output.stat().st_size
-                share = self._share()
-                if share is not None and size > share:
-                    raise _OverShare(f"{size} bytes, over its share of --max-output-bytes ({share})")
-        except Exception as e:
-            _log.warn("render {jobID}: output unusable: {e!r}", jobID=jobID, e=e)
-            self._end(
-                jobID,
-                JobState.FAILED,
-                "failed",
-                _failure(f"the render's output is unusable ({_clientReason(e)})", reason="output", status=status),
-            )
-            return
-        snapshot = self.broker.get(jobID)
-        links = self._links.get(jobID, {})
-        result = {
-            "output_url": links.get("output_url") if size is not None else None,
-            "duration": plan.mediaDuration,
-            "size": size,
-            "elapsed": round(self.clock.seconds() - (snapshot.startedAt or snapshot.createdAt), 3),
-        }
-        if size is not None:
-            self._outputs[jobID] = size
-        self._end(jobID, JobState.SUCCEEDED, "complete", result)
-
-    def _end(self, jobID: str, state: JobState, event: str, payload: Mapping[str, Any]) -> None:
-        snapshot = self.broker.get(jobID)
-        changes: dict[str, Any] = {}
-        if state is JobState.SUCCEEDED:
-            changes["result"] = payload
-        elif state is JobState.FAILED:
-            changes["error"] = payload
-        final = snapshot.transition(state, self.clock.seconds(), **changes)
-        self.broker.update(final)
-        self.broker.publish(jobID, event, payload)
-        self._links.pop(jobID, None)
-        if self.store is not None:
-            try:
-                self.store.finish(
-                    final, [StoredEvent(*e) for e in self.broker.finalEvents(jobID)]
-                )
-            except Exception:
-                _log.failure("could not store the end of render {jobID}", jobID=jobID)
-        if self.expireAfter > 0:
-            self._deadlines.add(self.clock.seconds() + self.expireAfter, ("expire", jobID))
-
-    def _private(self, status: ExitStatus) -> ExitStatus:
+    def outputBytes(self) -> int:
         """
-        The status with the output directory's path taken out of its
-        stderr lines (ffmpeg names the file it cannot open): clients do not
-        need to know the server's paths.
+        The total size of the finished outputs on disk.
         """
-        where = str(self.outputDir.resolve())
-        if not any(where in line for line in status.stderrTail):
-            return status
-        return attrs.evolve(status, stderrTail=tuple(line.replace(where, "<output>") for line in status.stderrTail))
-
-    def _interrupted(self, status: ExitStatus | None = None) -> dict[str, Any]:
-        return _failure("interrupted: the server shut down", reason="interrupted", status=status)
+        return self._disk.total()
 
     # -- the service ---------------------------------------------------
+
+    def startService(self) -> None:
+        # No render runs yet: any working directory is a dead one's.
+        removeWorkDirs(self.outputDir)
+        self._jobs.start()
+        self._disk.evict(0)
+        super().startService()
+        self._runner.start()
 
     def stopService(self) -> Deferred[None]:
         """
@@ -384,265 +251,19 @@ class RenderService(Service):
         ends its open streams with a final frame.
         """
         super().stopService()
-        self._stopping = True
-        self._deadlines.stop()
-        while self._queue:
-            self._end(self._queue.popleft(), JobState.FAILED, "failed", self._interrupted())
-        ended = [active.render.stop("shutdown") for active in self._active.values()]
+        self._jobs.stop()
+        ended = self._runner.stop()
 
         def closeStore(result: object) -> None:
             # Every stream's final frame is written before the connections
             # are closed (the fan-out may be mid-pass).
             self.broker.flush()
-            if self.store is not None:
-                self.store.close()
+            self.store.close()
 
         if not ended:
             closeStore(None)
             return succeed(None)
         return DeferredList(ended, consumeErrors=True).addCallback(closeStore)
-
-    def startService(self) -> None:
-        self._stopping = False
-        # No render runs yet: any working directory is a dead one's.
-        removeWorkDirs(self.outputDir)
-        if self.store is not None and not self._restored:
-            self._restore(self.store)
-        self._evict(0)
-        self._deadlines.start()
-        super().startService()
-        self._pump()
-
-    def _restore(self, store: SQLiteJobStore) -> None:
-        """
-        Load the jobs of earlier runs. One that never ended (the process
-        stopped, or was killed, while it was queued or running) ends now as
-        C{failed}, "interrupted": never a job that hangs forever. One that
-        expired while the service was down is deleted, not loaded, and its
-        id remembered as expired as if the service had run all along.
-        """
-        self._restored = True
-        now = self.clock.seconds()
-        for jobID, forgetAt in store.expired(now):
-            self.broker.expire(jobID)
-            self._deadlines.add(forgetAt, ("forget", jobID))
-        found: list[tuple[float, str, int]] = []
-        for snapshot, events in store.load():
-            ended = snapshot.endedAt
-            if snapshot.state.terminal and ended is not None and self.expireAfter > 0:
-                if ended + self.expireAfter <= now:
-                    # Expired while the service was down: deleted, not loaded.
-                    self._deleteOutputs(snapshot.id)
-                    self._expireStored(snapshot.id, ended + 2 * self.expireAfter, now)
-                    continue
-                self._deadlines.add(ended + self.expireAfter, ("expire", snapshot.id))
-            self.broker.restore(snapshot, [(e.seq, e.name, e.data) for e in events])
-            if snapshot.state is JobState.SUCCEEDED:
-                path = self.outputDir / f"{snapshot.id}.mp4"
-                try:
-                    found.append((ended or 0.0, snapshot.id, path.stat().st_size))
-                except OSError:
-                    pass
-            if not snapshot.state.terminal:
-                for leftover in self.outputDir.glob(f"{snapshot.id}.*"):
-                    _unlink(leftover)
-                self._end(snapshot.id, JobState.FAILED, "failed", self._interrupted())
-        # Oldest first, by when they ended: the first to go for room.
-        for _, jobID, size in sorted(found, key=lambda item: item[0]):
-            self._outputs[jobID] = size
-
-    # -- bounded storage -----------------------------------------------
-
-    def _saved(self, snapshot: JobSnapshot) -> bool:
-        """
-        Write a job's snapshot; if the store cannot be written (disk full),
-        end the job C{failed} ("storage") instead: it must not stay
-        C{running} (or, after a restart, be "interrupted") without a
-        process.
-        """
-        if self.store is None:
-            return True
-        try:
-            self.store.save(snapshot)
-        except (sqlite3.Error, OSError) as e:
-            _log.warn("could not store render {jobID}: {e!r}", jobID=snapshot.id, e=e)
-            self._end(
-                snapshot.id,
-                JobState.FAILED,
-                "failed",
-                _failure(f"the job store cannot be written ({e})", reason="storage"),
-            )
-            return False
-        return True
-
-    def _diskLacks(self) -> str | None:
-        """
-        Why the output filesystem cannot take a new render (less than
-        C{minFreeBytes} free), or C{None}.
-        """
-        if self.minFreeBytes <= 0:
-            return None
-        where = self.outputDir
-        while not where.exists() and where.parent != where:
-            where = where.parent
-        try:
-            stat = self._statvfs(str(where))
-        except OSError as e:
-            return f"the output filesystem cannot be examined ({_clientReason(e)})"
-        free = stat.f_bavail * stat.f_frsize
-        if free < self.minFreeBytes:
-            return f"the output filesystem is nearly full: {free} bytes free, {self.minFreeBytes} needed"
-        return None
-
-    def _share(self) -> int | None:
-        """
-        What one render may write, and reserves while it runs.
-        """
-        if self.maxOutputBytes is None:
-            return None
-        return self.maxOutputBytes // self.maxRenders
-
-    def _roomFor(self, jobID: str) -> bool:
-        """
-        Before a render starts: fail it ("storage") if the disk is nearly
-        full; otherwise make room for its share by deleting the oldest
-        finished outputs.
-        """
-        lacking = self._diskLacks()
-        if lacking is not None:
-            self._end(jobID, JobState.FAILED, "failed", _failure(lacking, reason="storage"))
-            return False
-        self._evict(len(self._active) + 1)
-        return True
-
-    def _evict(self, renders: int) -> None:
-        """
-        Delete the oldest finished outputs until they and the shares of
-        C{renders} renders fit in C{maxOutputBytes}. Their jobs stay; their
-        C{/output} answers L{OutputExpired}.
-        """
-        share = self._share()
-        if share is None or self.maxOutputBytes is None:
-            return
-        budget = self.maxOutputBytes - renders * share
-        total = sum(self._outputs.values())
-        while self._outputs and total > budget:
-            jobID = next(iter(self._outputs))
-            total -= self._outputs.pop(jobID)
-            _log.info("deleting the output of render {jobID} to make room", jobID=jobID)
-            _unlink(self.outputDir / f"{jobID}.mp4")
-
-    def outputBytes(self) -> int:
-        """
-        The total size of the finished outputs on disk.
-        """
-        return sum(self._outputs.values())
-
-    def _due(self, key: Hashable) -> None:
-        kind, jobID = key  # type: ignore[misc]
-        if kind == "expire":
-            self._expire(jobID)
-        else:
-            self.broker.forget(jobID)
-            if self.store is not None:
-                try:
-                    self.store.forget(jobID)
-                except sqlite3.Error as e:
-                    _log.warn("could not forget render {jobID}: {e!r}", jobID=jobID, e=e)
-
-    def _expire(self, jobID: str) -> None:
-        """
-        Delete a finished job: its output, its memory, its rows; remember
-        its id as expired for another C{expireAfter}.
-        """
-        now = self.clock.seconds()
-        try:
-            ended = self.broker.get(jobID).endedAt
-        except UnknownJob:
-            return
-        # Forgotten one period after the expiry was due (not after this
-        # call, which a busy or suspended process may make late), as a
-        # restart would compute it.
-        forgetAt = (now if ended is None else ended + self.expireAfter) + self.expireAfter
-        self._deleteOutputs(jobID)
-        self.broker.expire(jobID)
-        self._expireStored(jobID, forgetAt, now)
-
-    def _expireStored(self, jobID: str, forgetAt: float, now: float) -> None:
-        if forgetAt <= now:
-            self.broker.forget(jobID)
-            if self.store is not None:
-                self._tryStore(self.store.delete, jobID)
-            return
-        self.broker.expire(jobID)
-        self._deadlines.add(forgetAt, ("forget", jobID))
-        if self.store is not None:
-            self._tryStore(self.store.expire, jobID, forgetAt)
-
-    def _tryStore(self, write: Callable[..., None], jobID: str, *args: Any) -> None:
-        try:
-            write(jobID, *args)
-        except sqlite3.Error as e:
-            _log.warn("could not delete render {jobID} from the store: {e!r}", jobID=jobID, e=e)
-
-    def _deleteOutputs(self, jobID: str) -> None:
-        self._outputs.pop(jobID, None)
-        if self.outputDir.is_dir():
-            for path in self.outputDir.glob(f"{jobID}.*"):
-                _unlink(path)
-
-
-class _OverShare(Exception):
-    """
-    A render wrote more than its share of C{--max-output-bytes}.
-    """
-
-
-def _failure(
-    message: str, reason: str, status: ExitStatus | None = None
-) -> dict[str, Any]:
-    return {
-        "message": message,
-        "reason": reason,
-        "exit_code": None if status is None else status.exitCode,
-        "signal": None if status is None else status.signal,
-        "stderr_tail": [] if status is None else list(status.stderrTail),
-    }
-
-
-def _clientReason(error: Exception) -> str:
-    """
-    What went wrong, without the paths an C{OSError} carries.
-    """
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    if isinstance(error, (RenderProtocolError, _OverShare)):
-        return str(error)
-    return type(error).__name__
-
-
-def _exitFailure(status: ExitStatus, timeout: float) -> dict[str, Any]:
-    if status.stopReason == "timeout":
-        return _failure(f"timed out after {timeout:g} s", reason="timeout", status=status)
-    if status.protocolError is not None:
-        return _failure(
-            f"the renderer broke its output protocol: {status.protocolError}",
-            reason="protocol",
-            status=status,
-        )
-    if status.signal is not None:
-        return _failure(f"the renderer was killed by signal {status.signal}", "signal", status)
-    last = status.stderrTail[-1] if status.stderrTail else "no message on stderr"
-    return _failure(f"the renderer exited with code {status.exitCode}: {last}", "exit", status)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        _log.warn("could not remove {path}: {e}", path=path, e=e)
 
 
 def defaultOutputDir() -> Path:

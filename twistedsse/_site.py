@@ -1,18 +1,15 @@
 """
 The HTTP server's own behaviour: L{DrainingSite} bounds what a request may
-send and can close its connections gracefully at shutdown, and
-L{ServerService} stops a whole server in the right order.
+send and can close its connections gracefully at shutdown.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any
 
 from zope.interface import implementer
-from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IProtocol, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol
@@ -23,7 +20,7 @@ from twisted.web.server import Request, Site
 from ._app import MAX_BODY
 from ._connections import ABORT_AFTER, ConnectionCounter, ConnectionLimits, RequestClock, timeoutResponse
 from ._errors import HeaderTooLarge, PayloadTooLarge, URITooLong
-from ._service import RenderService
+from ._responses import errorBody
 from ._transport import sendTogether
 
 _log = Logger()
@@ -38,7 +35,7 @@ def _refuseNow(channel: Any, status: int, reason: bytes, code: str, detail: str)
     Answer with a JSON error and close, before the request is whole (so no
     Request object can answer it).
     """
-    body = json.dumps({"error": code, "detail": detail}).encode() + b"\n"
+    body = errorBody(code, detail)
     response = (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body)
@@ -66,7 +63,7 @@ def _refuseStream(stream: Any, status: int, code: str, detail: str) -> None:
     streamID = stream.streamID
     if connection.streams.get(streamID) is not stream:
         return  # already ended
-    body = json.dumps({"error": code, "detail": detail}).encode() + b"\n"
+    body = errorBody(code, detail)
     h2 = connection.conn
     try:
         fits = h2.local_flow_control_window(streamID) >= len(body)
@@ -437,39 +434,3 @@ class DrainingSite(Site):
                 deadline.cancel()
 
         return DeferredList(waits).addCallback(done)
-
-
-class ServerService(MultiService):
-    """
-    The whole server: the render service and the listening services, which
-    stop in order: no new connections; every render ends and every stream
-    gets its final frame; the site's connections drain.
-    """
-
-    def __init__(self, renders: RenderService, site: DrainingSite, clock: IReactorTime, drainTimeout: float = 5.0):
-        super().__init__()
-        self.renders = renders
-        self.site = site
-        self._clock = clock
-        self._drainTimeout = drainTimeout
-        renders.setServiceParent(self)
-
-    def addListener(self, listener: IService) -> None:
-        listener.setServiceParent(self)
-
-    @inlineCallbacks
-    def stopService(self) -> Any:
-        # twistd drops a failure from a shutdown trigger silently: log each
-        # step's, and go on to the next step regardless.
-        self.running = 0
-        listeners = [s for s in self if s is not self.renders]
-        steps = [
-            ("stop listening", lambda: DeferredList([maybeDeferred(s.stopService) for s in listeners])),
-            ("stop renders", self.renders.stopService),
-            ("drain connections", lambda: self.site.drain(self._clock, self._drainTimeout)),
-        ]
-        for what, step in steps:
-            try:
-                yield maybeDeferred(step)
-            except Exception:
-                _log.failure("shutdown: could not {what}", what=what)

@@ -1,5 +1,8 @@
 """
-L{SQLiteJobStore}: what survives a restart. Each job's snapshot is written
+The job stores (L{IJobStore}): L{SQLiteJobStore}, what survives a restart,
+and L{NullJobStore}, nothing does.
+
+L{SQLiteJobStore}: Each job's snapshot is written
 when it is created, starts and ends; when it ends, its final events (the
 latest progress and the terminal event) are written too. On start the
 service reads them back: finished renders keep their status, their final
@@ -23,8 +26,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import attrs
+from zope.interface import implementer
 
 from . import _json
+from ._interfaces import IJobStore
 from ._job import JobSnapshot, JobState
 
 _SCHEMA = """
@@ -75,6 +80,11 @@ class StoredEvent:
     data: str
 
 
+#: What a store's writes raise when they fail (a full disk, a locked file).
+STORE_ERRORS = (sqlite3.Error, OSError)
+
+
+@implementer(IJobStore)
 @attrs.define
 class SQLiteJobStore:
     """
@@ -170,3 +180,36 @@ class SQLiteJobStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+@implementer(IJobStore)
+@attrs.frozen
+class NullJobStore:
+    """
+    A store that keeps nothing: jobs live in the broker only and are gone
+    after a restart (no C{--state-dir}).
+    """
+
+    def save(self, snapshot: JobSnapshot) -> None:
+        pass
+
+    def finish(self, snapshot: JobSnapshot, events: Iterable[StoredEvent]) -> None:
+        pass
+
+    def load(self) -> list[tuple[JobSnapshot, list[StoredEvent]]]:
+        return []
+
+    def expire(self, jobID: str, forgetAt: float) -> None:
+        pass
+
+    def delete(self, jobID: str) -> None:
+        pass
+
+    def forget(self, jobID: str) -> None:
+        pass
+
+    def expired(self, now: float) -> list[tuple[str, float]]:
+        return []
+
+    def close(self) -> None:
+        pass

@@ -29,7 +29,7 @@ from ._connections import (
     fileReserve,
     raiseFileLimit,
 )
-from ._site import ServerService
+from ._server import ServerService
 from ._command import CommandRenderer, checkRenderEnv
 from ._listen import loopbackOnly
 from ._security import HostPolicy, readSecret, readTokens

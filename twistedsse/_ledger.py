@@ -1,0 +1,83 @@
+"""
+L{JobLedger}: the one place a job's state changes are written, to the
+broker (its live state and events, for streams) and to the store (what
+survives a restart). The web side and the worker side both report through
+it: a job starts, makes progress, ends with an L{Outcome}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ._interfaces import IJobBroker, IJobStore
+from ._job import JobSnapshot, JobState
+from ._outcome import Outcome, storageFailed
+from ._store import STORE_ERRORS, StoredEvent
+
+_log = Logger()
+
+
+def _nothing(snapshot: JobSnapshot) -> None:
+    pass
+
+
+@attrs.define
+class JobLedger:
+    """
+    @ivar onEnded: called with each job's final snapshot once it is
+        recorded (the web side schedules its expiry).
+    """
+
+    clock: IReactorTime
+    broker: IJobBroker
+    store: IJobStore
+    onEnded: Callable[[JobSnapshot], None] = _nothing
+
+    def started(self, jobID: str) -> JobSnapshot | None:
+        """
+        Mark a job C{running} and store it. If the store cannot be written
+        (disk full), end the job C{failed} ("storage") instead and return
+        C{None}: it must not stay C{running} (or, after a restart, be
+        "interrupted") without a process.
+        """
+        snapshot = self.broker.get(jobID).transition(JobState.RUNNING, self.clock.seconds())
+        self.broker.update(snapshot)
+        try:
+            self.store.save(snapshot)
+        except STORE_ERRORS as e:
+            _log.warn("could not store render {jobID}: {e!r}", jobID=jobID, e=e)
+            self.end(jobID, storageFailed(f"the job store cannot be written ({e})"))
+            return None
+        return snapshot
+
+    def progress(self, jobID: str, payloads: list[dict[str, Any]]) -> None:
+        """
+        Publish progress reports, several at once when the render printed
+        faster than we read (the server is busy): one fan-out for all of
+        them, not one each.
+        """
+        self.broker.publishMany(jobID, "progress", payloads)
+        self.broker.update(attrs.evolve(self.broker.get(jobID), progress=payloads[-1]))
+
+    def end(self, jobID: str, outcome: Outcome) -> None:
+        """
+        Record a job's end: its final snapshot, its terminal event (which
+        ends its streams), and both in the store.
+        """
+        changes: dict[str, Any] = {}
+        if outcome.state is JobState.SUCCEEDED:
+            changes["result"] = outcome.payload
+        elif outcome.state is JobState.FAILED:
+            changes["error"] = outcome.payload
+        final = self.broker.get(jobID).transition(outcome.state, self.clock.seconds(), **changes)
+        self.broker.update(final)
+        self.broker.publish(jobID, outcome.event, outcome.payload)
+        try:
+            self.store.finish(final, [StoredEvent(*e) for e in self.broker.finalEvents(jobID)])
+        except Exception:
+            _log.failure("could not store the end of render {jobID}", jobID=jobID)
+        self.onEnded(final)
