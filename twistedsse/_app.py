@@ -32,7 +32,7 @@ from ._errors import (
     OutputNotReady,
     PayloadTooLarge,
     RangeNotSatisfiable,
-    TooManyStreams,
+    RetryLater,
     TwistedSSEError,
     Unauthorized,
     UnknownJob,
@@ -210,7 +210,7 @@ class TwistedSSEApp:
     @router.handle_errors(TwistedSSEError)
     def _ourError(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
-        if isinstance(error, TooManyStreams):
+        if isinstance(error, RetryLater):
             request.setHeader(b"retry-after", str(error.retryAfter).encode("ascii"))
         if isinstance(error, Unauthorized):
             request.setHeader(b"www-authenticate", b'Bearer realm="twistedsse"')

@@ -200,22 +200,29 @@ class MethodNotAllowed(TwistedSSEError):
     status = 405
 
 
-class TooManyStreams(TwistedSSEError):
+class RetryLater(TwistedSSEError):
     """
-    Opening one more event stream would pass a configured limit.
+    The server is at a configured limit now; the same request may succeed
+    later. Answered with C{Retry-After}.
 
-    @ivar retryAfter: seconds the client should wait (C{Retry-After}).
+    @ivar retryAfter: seconds the client should wait.
     """
-
-    code = "too_many_streams"
-    status = 503
 
     def __init__(self, detail: str, retryAfter: int = 5) -> None:
         super().__init__(detail)
         self.retryAfter = retryAfter
 
 
-class QueueFull(TooManyStreams):
+class TooManyStreams(RetryLater):
+    """
+    Opening one more event stream would pass a configured limit.
+    """
+
+    code = "too_many_streams"
+    status = 503
+
+
+class QueueFull(RetryLater):
     """
     The render queue is full: try again later.
     """
