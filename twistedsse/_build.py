@@ -21,7 +21,15 @@ from ._command import renderEnvironment
 from ._interfaces import IJobBroker, IRenderer
 from ._service import RenderService, defaultOutputDir
 from ._security import BearerTokens, CORSPolicy, HostPolicy, redactedLogFormatter
-from ._connections import ConnectionCounter, ConnectionLimits
+from ._connections import (
+    MAX_STREAMS,
+    MAX_STREAMS_PER_JOB,
+    ConnectionCounter,
+    ConnectionLimits,
+    defaultLimits,
+    fileRoom,
+)
+from ._jobs import MAX_QUEUED
 from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
@@ -77,7 +85,7 @@ def buildService(
     maxRenders: int | None = None,
     renderTimeout: float = 3600.0,
     killGrace: float = 5.0,
-    maxQueued: int = 0,
+    maxQueued: int = MAX_QUEUED,
     stateDir: str | os.PathLike[str] | None = None,
     expireAfter: float = 86400.0,
     maxOutputBytes: int | None = None,
@@ -96,6 +104,8 @@ def buildService(
     @param stateDir: where jobs are kept across restarts (SQLite); by
         default they live in memory only.
     @param maxRenders: renders run at once; by default the CPU count.
+    @param maxQueued: renders that may wait for a slot (C{0}: no limit);
+        by default, as twistd, L{MAX_QUEUED}.
     @param expireAfter: seconds after a render ends when it and its output
         are deleted (C{0}: never).
     @param maxOutputBytes: total bytes of outputs kept (C{None}/C{0}: no
@@ -155,8 +165,8 @@ def buildResource(
     keepalive: float = 15.0,
     retry: int = 2000,
     writeTimeout: float = 30.0,
-    maxStreams: int = 0,
-    maxStreamsPerJob: int = 0,
+    maxStreams: int | None = None,
+    maxStreamsPerJob: int = MAX_STREAMS_PER_JOB,
     authTokens: Iterable[bytes] = (),
     corsOrigins: Iterable[str] = (),
     jwtSecret: bytes | None = None,
@@ -172,7 +182,8 @@ def buildResource(
     @param writeTimeout: seconds a client may read nothing while its
         stream has frames waiting, before it is disconnected.
     @param maxStreams: event streams open at once (0: no limit); past it,
-        503 with C{Retry-After}.
+        503 with C{Retry-After}. By default, as twistd: L{MAX_STREAMS}, or
+        fewer if the open-file limit holds fewer (L{fileRoom}).
     @param maxStreamsPerJob: the same, per render.
     @param authTokens: operator tokens; if any, creating and cancelling
         renders needs one (C{Authorization: Bearer TOKEN}).
@@ -187,6 +198,8 @@ def buildResource(
     @param connectionCounter: the serving site's connection counts, for
         C{/healthz}.
     """
+    if maxStreams is None:
+        maxStreams = min(MAX_STREAMS, fileRoom(1, service.maxRenders))
     return TwistedSSEApp(
         service,
         _reactor(reactor),
@@ -207,11 +220,14 @@ def buildSite(
     its root. Its access log writes C{access_token} values as C{REDACTED}.
 
     @param connections: the bounds on client connections (request
-        timeouts, caps); by default those of L{ConnectionLimits}: request
-        timeouts, no caps.
+        timeouts, caps); by default twistd's (L{defaultLimits}): request
+        timeouts, L{MAX_CONNECTIONS} or what the open-file limit holds,
+        L{MAX_CONNECTIONS_PER_ADDRESS} per non-loopback address.
     """
     reactor = _reactor(reactor)
-    counter = ConnectionCounter(connections if connections is not None else ConnectionLimits())
+    if connections is None:
+        connections = defaultLimits(1, service.maxRenders)
+    counter = ConnectionCounter(connections)
     site = DrainingSite(
         buildResource(service, reactor, connectionCounter=counter, **options),
         reactor=reactor,

@@ -41,6 +41,11 @@ BODY_MIN_RATE = 1024
 MAX_CONNECTIONS = 16384
 #: Connections open at once from one (non-loopback) address, by default.
 MAX_CONNECTIONS_PER_ADDRESS = 256
+#: Event streams open at once, by default (lowered to what the file limit
+#: allows).
+MAX_STREAMS = 10000
+#: Event streams open at once per render, by default.
+MAX_STREAMS_PER_JOB = 1000
 #: Seconds after the polite close of a timed-out connection before it is
 #: aborted (a peer that does not read, or a TLS handshake never finished).
 ABORT_AFTER = 2.0
@@ -345,6 +350,35 @@ def fileReserve(listeners: int, maxRenders: int) -> int:
     per listening socket, L{FDS_PER_RENDER} per render that may run.
     """
     return FD_RESERVE + listeners + FDS_PER_RENDER * maxRenders
+
+
+def fileRoom(listeners: int, maxRenders: int, limit: int | None = None) -> int:
+    """
+    The descriptors left for client connections (and so for event
+    streams) under the open-file C{limit} once L{fileReserve} is set
+    aside; never less than one.
+
+    @param limit: by default this process's soft limit as it stands:
+        twistd raises it first (L{raiseFileLimit}); an application that
+        embeds twistedsse owns its process's limits.
+    """
+    if limit is None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return max(MAX_CONNECTIONS, MAX_STREAMS)
+    return max(limit - fileReserve(listeners, maxRenders), 1)
+
+
+def defaultLimits(listeners: int, maxRenders: int, limit: int | None = None) -> ConnectionLimits:
+    """
+    The connection bounds twistd applies unless told otherwise: request
+    timeouts, L{MAX_CONNECTIONS} (or what L{fileRoom} allows),
+    L{MAX_CONNECTIONS_PER_ADDRESS} from each non-loopback address.
+    """
+    return ConnectionLimits(
+        maxConnections=min(MAX_CONNECTIONS, fileRoom(listeners, maxRenders, limit)),
+        maxPerAddress=MAX_CONNECTIONS_PER_ADDRESS,
+    )
 
 
 def checkFileBudget(limit: int, reserve: int, **wanted: int) -> None:

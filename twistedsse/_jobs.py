@@ -34,6 +34,9 @@ from ._store import STORE_ERRORS
 
 _log = Logger()
 
+#: Renders that may wait for a slot, by default (C{--max-queued}).
+MAX_QUEUED = 100
+
 
 @attrs.define
 class JobTracker:

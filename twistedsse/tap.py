@@ -23,12 +23,16 @@ from ._connections import (
     BODY_MIN_RATE,
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_ADDRESS,
+    MAX_STREAMS,
+    MAX_STREAMS_PER_JOB,
     REQUEST_TIMEOUT,
     ConnectionLimits,
     checkFileBudget,
     fileReserve,
+    fileRoom,
     raiseFileLimit,
 )
+from ._jobs import MAX_QUEUED
 from ._server import ServerService
 from ._command import CommandRenderer, checkRenderEnv
 from ._listen import loopbackOnly
@@ -36,8 +40,6 @@ from ._security import HostPolicy, readSecret, readTokens
 from ._transport import EagerSendReactor
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
-#: --max-streams unless given (lowered to what the open-file limit allows).
-MAX_STREAMS = 10000
 
 _log = Logger()
 
@@ -80,12 +82,12 @@ class Options(usage.Options):
         ["retry", None, 2000, "Reconnection delay (ms) sent to EventSource clients.", _positive(int, "--retry", 0)],
         ["write-timeout", None, 30.0, "Seconds a client may read nothing while frames wait, before it is dropped (0: never).", _positive(float, "--write-timeout", 0)],
         ["max-streams", None, None, f"Event streams open at once (0: no limit); past it, 503. Default: {MAX_STREAMS}, or what the open-file limit allows", _positive(int, "--max-streams", 0)],
-        ["max-streams-per-job", None, 1000, "Event streams open at once per render (0: no limit).", _positive(int, "--max-streams-per-job", 0)],
+        ["max-streams-per-job", None, MAX_STREAMS_PER_JOB, "Event streams open at once per render (0: no limit).", _positive(int, "--max-streams-per-job", 0)],
         ["request-timeout", None, REQUEST_TIMEOUT, "Seconds a request head may take, from the connection's start (or the next request's first byte); also the grace of a body before --body-min-rate applies (0: no limit, and no body rate either). Past it, 408 and close.", _positive(float, "--request-timeout", 0)],
         ["body-min-rate", None, BODY_MIN_RATE, "Bytes/s a request body must average once it has had --request-timeout seconds (0: no minimum). Slower: 408 and close.", _positive(int, "--body-min-rate", 0)],
         ["max-connections", None, None, f"Client connections open at once (0: no limit); past it, new ones are closed at once. Default: {MAX_CONNECTIONS}, or what the open-file limit allows", _positive(int, "--max-connections", 0)],
         ["max-connections-per-address", None, MAX_CONNECTIONS_PER_ADDRESS, "Client connections open at once from one address (0: no limit); loopback peers (a reverse proxy on this host) are exempt unless --limit-loopback.", _positive(int, "--max-connections-per-address", 0)],
-        ["max-queued", None, 100, "Renders that may wait for a slot (0: no limit); past it, 429.", _positive(int, "--max-queued", 0)],
+        ["max-queued", None, MAX_QUEUED, "Renders that may wait for a slot (0: no limit); past it, 429.", _positive(int, "--max-queued", 0)],
         ["expire-after", None, 86400.0, "Seconds after a render ends when it and its output are deleted (0: never); its id then answers 410 for as long again.", _positive(float, "--expire-after", 0)],
         ["max-output-bytes", None, 0, "Total bytes of render outputs kept (0: no limit); the oldest go first, and each render may write at most this / --max-renders.", _positive(int, "--max-output-bytes", 0)],
         ["min-free-bytes", None, 100 * 1024 * 1024, "Renders are refused (507) while the output filesystem has less free space (0: no check).", _positive(int, "--min-free-bytes", 0)],
@@ -220,7 +222,7 @@ class Options(usage.Options):
         """
         limit = self["open-file-limit"] = raiseFileLimit()
         reserve = fileReserve(len(self["listen"]), self["max-renders"])
-        room = max(limit - reserve, 1)
+        room = fileRoom(len(self["listen"]), self["max-renders"], limit)
         if self["max-streams"] is None:
             self["max-streams"] = min(MAX_STREAMS, room)
         if self["max-connections"] is None:

@@ -1,0 +1,113 @@
+"""
+The builders an embedding application uses give it twistd's limits unless
+it asks for others.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import resource
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from twistedsse import ConnectionLimits, buildResource, buildService, buildSite, tap
+from twistedsse._connections import MAX_CONNECTIONS_PER_ADDRESS, defaultLimits, fileReserve
+from twistedsse.testing import FakeSpawner
+from tests._helpers import Connection, splitResponse, ticksService
+
+
+def _defaults(builder: object) -> dict[str, object]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(builder).parameters.items()  # type: ignore[arg-type]
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_sameAsTwistd(self) -> None:
+        """
+        Each builder keyword that has a twistd option defaults to that
+        option's default (C{None} where twistd computes it the same way:
+        the CPU count, what the open-file limit holds).
+        """
+        options = tap.Options()
+        pairs = {
+            buildService: {
+                "history": "history", "renderTimeout": "render-timeout", "killGrace": "kill-grace",
+                "maxQueued": "max-queued", "expireAfter": "expire-after", "minFreeBytes": "min-free-bytes",
+                "renderThreads": "render-threads", "ffmpeg": "ffmpeg",
+            },
+            buildResource: {
+                "keepalive": "keepalive", "retry": "retry", "writeTimeout": "write-timeout",
+                "maxStreams": "max-streams", "maxStreamsPerJob": "max-streams-per-job",
+            },
+        }  # fmt: skip
+        for builder, names in pairs.items():
+            defaults = _defaults(builder)
+            for keyword, option in names.items():
+                self.assertEqual(defaults[keyword], options.defaults[option], f"{keyword} / --{option}")
+        # No limit either way: 0 for twistd, None or 0 for the builder.
+        self.assertFalse(_defaults(buildService)["maxOutputBytes"] or options.defaults["max-output-bytes"])
+        limits = defaultLimits(1, 1, limit=1 << 20)
+        self.assertEqual(
+            (limits.requestTimeout, limits.bodyMinRate, limits.maxPerAddress, limits.limitLoopback),
+            (
+                options.defaults["request-timeout"],
+                options.defaults["body-min-rate"],
+                options.defaults["max-connections-per-address"],
+                False,
+            ),
+        )
+
+
+class FileLimitTests(SynchronousTestCase):
+    """
+    Unless given, the stream and connection caps are what the open-file
+    limit holds (the builders read the soft limit as it is; twistd raises
+    it first).
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.service = ticksService(self.clock, FakeSpawner(), self.mktemp(), maxRenders=1)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        low = fileReserve(1, 1) + 3  # room for 3 streams and connections
+        if soft != resource.RLIM_INFINITY and soft < low:
+            self.skipTest(f"the open-file limit ({soft}) is lower than this test's")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+        try:
+            self.site = buildSite(self.service, self.clock)
+            # Connections uncapped, to reach the streams' own cap.
+            self.uncapped = buildSite(self.service, self.clock, connections=ConnectionLimits())
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def test_connections(self) -> None:
+        """
+        The site caps connections at the room the limit leaves, and
+        connections per address at twistd's default.
+        """
+        limits = self.site.connections.limits
+        self.assertEqual((limits.maxConnections, limits.maxPerAddress), (3, MAX_CONNECTIONS_PER_ADDRESS))
+
+    def test_streams(self) -> None:
+        """
+        The fourth stream is refused: 503 C{too_many_streams}; the fourth
+        connection, on the site with default caps, is closed at once.
+        """
+        jobID = self.service.submit("ticks", {}).id
+        conns = []
+        for _ in range(3):
+            conn = Connection(self.uncapped)
+            conn.request("GET", f"/renders/{jobID}/events")
+            self.assertEqual(splitResponse(conn.take())[0], 200)
+            conns.append(conn)
+        conn = Connection(self.uncapped)
+        conn.request("GET", f"/renders/{jobID}/events")
+        status, _, body = splitResponse(conn.take())
+        self.assertEqual((status, json.loads(body)["error"]), (503, "too_many_streams"))
+        for conn in conns + [conn]:
+            conn.disconnect()
