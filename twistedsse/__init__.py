@@ -13,75 +13,119 @@ the moment it exists, on a socket with TCP_NODELAY, marked for proxies as
 not to be buffered.
 """
 
-from ._app import TwistedSSEApp
 from ._broker import MemoryBroker
 from ._build import buildResource, buildService, buildSite
-from ._server import ServerService
-from ._site import DrainingSite
 from ._card import CardRenderer
-from ._connections import ConnectionLimits
 from ._command import CommandRenderer
+from ._connections import ConnectionCounter, ConnectionLimits
 from ._decoder import EventStreamDecoder
 from ._errors import (
     BadRequest,
     Conflict,
+    Forbidden,
+    HeaderTooLarge,
+    InsufficientStorage,
+    InvalidBody,
     InvalidParams,
+    JobExpired,
     JobFinished,
     MalformedJSON,
+    MethodNotAllowed,
+    MisdirectedRequest,
     NotFound,
+    OutputExpired,
     OutputNotReady,
     PayloadTooLarge,
+    QueueFull,
+    RangeNotSatisfiable,
+    RenderProtocolError,
+    RetryLater,
+    TooManyStreams,
     TwistedSSEError,
-    Unprocessable,
+    Unauthorized,
     UnknownJob,
     UnknownRenderer,
+    Unprocessable,
+    UnsupportedMediaType,
+    URITooLong,
 )
 from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent
-from ._interfaces import IJobBroker, IProgressParser, IRenderer, ISubscriber, RenderPlan
+from ._interfaces import IJobBroker, IJobStore, IProgressParser, IRenderer, ISubscriber, RenderPlan
 from ._job import JobSnapshot, JobState
 from ._security import mintToken, redactedLogFormatter
+from ._server import ServerService
 from ._service import RenderService
-from ._stream import EventStreamResource
+from ._site import DrainingSite
+from ._store import NullJobStore, SQLiteJobStore
 from ._transport import EagerSendReactor
 
+# The shape, deliberately: the builders (what twistd uses, with twistd's
+# limits by default), the service and site they return with what their
+# constructors take, the renderer and broker seams, the event format, and
+# every error the API raises. The HTTP app and the per-request stream
+# resource are reached through buildResource (their constructors take
+# private policy objects). tests/test_exports.py pins this list.
 __all__ = [
-    "BadRequest",
+    # Building and serving
+    "buildService",
+    "buildResource",
+    "buildSite",
+    "RenderService",
+    "DrainingSite",
+    "ServerService",
+    "ConnectionLimits",
+    "ConnectionCounter",
+    "EagerSendReactor",
+    # Renderers
+    "IRenderer",
+    "IProgressParser",
+    "RenderPlan",
     "CardRenderer",
     "CommandRenderer",
-    "Conflict",
-    "ConnectionLimits",
-    "DrainingSite",
-    "EagerSendReactor",
-    "Event",
-    "EventStreamDecoder",
-    "EventStreamResource",
+    # Jobs, their events and where they are kept
     "IJobBroker",
-    "IProgressParser",
-    "IRenderer",
     "ISubscriber",
-    "InvalidParams",
-    "JobFinished",
+    "MemoryBroker",
+    "IJobStore",
+    "SQLiteJobStore",
+    "NullJobStore",
     "JobSnapshot",
     "JobState",
-    "MalformedJSON",
-    "MemoryBroker",
-    "NotFound",
-    "OutputNotReady",
-    "PayloadTooLarge",
-    "RenderPlan",
-    "RenderService",
-    "ServerService",
+    "Event",
     "TERMINAL_EVENTS",
-    "TwistedSSEApp",
-    "TwistedSSEError",
-    "UnknownJob",
-    "UnknownRenderer",
-    "Unprocessable",
-    "buildResource",
-    "buildService",
-    "buildSite",
-    "encodeComment",
     "encodeEvent",
+    "encodeComment",
+    "EventStreamDecoder",
+    # Tokens and logs
     "mintToken",
     "redactedLogFormatter",
+    # Errors
+    "TwistedSSEError",
+    "BadRequest",
+    "MalformedJSON",
+    "PayloadTooLarge",
+    "URITooLong",
+    "HeaderTooLarge",
+    "Unauthorized",
+    "Forbidden",
+    "UnsupportedMediaType",
+    "MisdirectedRequest",
+    "Unprocessable",
+    "InvalidBody",
+    "UnknownRenderer",
+    "InvalidParams",
+    "NotFound",
+    "UnknownJob",
+    "JobExpired",
+    "OutputExpired",
+    "InsufficientStorage",
+    "MethodNotAllowed",
+    "RetryLater",
+    "TooManyStreams",
+    "QueueFull",
+    "RangeNotSatisfiable",
+    "Conflict",
+    "JobFinished",
+    "OutputNotReady",
+    "RenderProtocolError",
 ]
