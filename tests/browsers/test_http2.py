@@ -17,7 +17,6 @@ process stamped on the line when it printed it (same machine, same clock).
 from __future__ import annotations
 
 import json
-import math
 import socket
 import ssl
 import statistics
@@ -36,7 +35,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twistedsse._decoder import EventStreamDecoder
 
-from ._server import Server
+from tests._support.launcher import Server
+from tests._support.stats import summary
+from tests._support.waiting import waitUntil
+
 from ._tls import Identity, selfSigned
 
 BOUND_MS = 100.0
@@ -44,18 +46,6 @@ BOUND_MS = 100.0
 #: ten interpreters starting at once on a small machine are not what is
 #: measured.
 DELAY = 1.0
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]
-
-
-def summary(latencies: list[float]) -> str:
-    return (
-        f"n={len(latencies)} p50={statistics.median(latencies):.2f}ms "
-        f"p95={percentile(latencies, 0.95):.2f}ms max={max(latencies):.2f}ms"
-    )
 
 
 def renderStreamPath(**params: Any) -> str:
@@ -412,10 +402,7 @@ class HTTP2ProtocolTests(_TLSServerMixin, SynchronousTestCase):
 
         client.close()
         probe = self.connect(server)
-        deadline = time.monotonic() + 5
-        while probe.json("/healthz")[1]["subscribers"] != 0:
-            self.assertLess(time.monotonic(), deadline, "closing the connection left subscribers")
-            time.sleep(0.01)
+        waitUntil(lambda: probe.json("/healthz")[1]["subscribers"] == 0, 5, "the closed connection's subscribers to go", 0.01)
 
     def test_shutdownDeliversFinalFrameOverH2(self) -> None:
         """

@@ -30,8 +30,9 @@ from twisted.trial.unittest import TestCase
 
 from twistedsse import CommandRenderer
 
-from ._support import HERE, ServerMixin, stream, ticker
+from tests._support.server import ServerMixin, stream, ticker
 
+HERE = Path(__file__).parent
 FAULTY = str(HERE / "faulty.py")
 
 #: Everything a test waits for is bounded by this (seconds), well inside
