@@ -14,7 +14,7 @@ module has one job:
   - L{web}: an HTTP/1.1 connection to a real L{Site} over a
     L{StringTransport}, and the transports the unit tests use;
   - L{fixtures}: job and service fixtures for unit tests;
-  - L{http}: blocking JSON requests and response heads;
+  - L{jsonhttp}: blocking JSON requests and response heads;
   - L{server}: a twistedsse server in the test's reactor (integration);
   - L{frames}: L{frames.FrameReader}, the load clients' fast parser;
   - L{serve}: the twistedsse server program the browser and load tests

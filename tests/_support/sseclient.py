@@ -24,7 +24,7 @@ import time
 from urllib.parse import urlsplit
 
 from tests._support.chunked import Dechunker
-from tests._support.http import parseHead
+from tests._support.jsonhttp import parseHead
 from twistedsse._decoder import EventStreamDecoder
 from twistedsse._frames import TERMINAL_EVENTS
 

@@ -30,7 +30,7 @@ from twistedsse import EventStreamDecoder
 from tests._support.web import splitResponse
 from ._cutter import Connection, Cutter, Request
 from ._drivers import OneBrowserPerClass
-from tests._support.http import postJSON
+from tests._support.jsonhttp import postJSON
 from tests._support.launcher import Server
 from tests._support.stats import summary as latencySummary
 

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from ._drivers import OneBrowserPerClass
-from tests._support.http import getJSON, postJSON
+from tests._support.jsonhttp import getJSON, postJSON
 from tests._support.waiting import waitUntil
 from tests._support.launcher import Server
 

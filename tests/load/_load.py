@@ -32,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests._support.chunked import Dechunker
 from tests._support.frames import FrameReader
-from tests._support.http import getJSON, parseHead, postJSON
+from tests._support.jsonhttp import getJSON, parseHead, postJSON
 from tests._support.launcher import Launched, Server, childEnv
 from tests._support.procfs import cpuSeconds, fdCount, vmRSS
 from tests._support.stats import summary
