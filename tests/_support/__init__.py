@@ -17,6 +17,10 @@ module has one job:
   - L{jsonhttp}: blocking JSON requests and response heads;
   - L{server}: a twistedsse server in the test's reactor (integration);
   - L{frames}: L{frames.FrameReader}, the load clients' fast parser;
+  - L{h2client}: a blocking HTTP/2 client over TLS; L{tls}: a self-signed
+    identity for it and the server;
+  - L{markers}: marking a whole test tree (the slow trees' conftest.py);
+  - L{sseclient}: a socket client in a process of its own;
   - L{serve}: the twistedsse server program the browser and load tests
     run in a process of their own.
 

@@ -498,8 +498,8 @@ class HTTP2BodyTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         try:
-            from tests.browsers._tls import selfSigned
-            from tests.browsers.test_http2 import H2Client
+            from tests._support.tls import selfSigned
+            from tests._support.h2client import H2Client
         except ImportError as e:  # (h2 or cryptography missing)
             raise SkipTest(str(e))
         directory = Path(self.mktemp())
@@ -517,7 +517,7 @@ class HTTP2BodyTests(SynchronousTestCase):
         POST C{body} on a new stream, as flow control allows, reading
         meanwhile; stop sending once the server answered or reset it.
         """
-        from tests.browsers.test_http2 import _Response
+        from tests._support.h2client import Response
 
         client = self.client
         connection = client.connection
@@ -527,7 +527,7 @@ class HTTP2BodyTests(SynchronousTestCase):
         if contentLength:
             headers.append(("content-length", str(len(body))))
         connection.send_headers(stream, headers)
-        response = client.responses[stream] = _Response()
+        response = client.responses[stream] = Response()
         sent = 0
         answered = lambda: bool(response.headers) or response.reset or response.ended  # noqa: E731
         while sent < len(body) and not answered():

@@ -1234,7 +1234,7 @@ class FuzzTests(TestCase):
         """
         from twisted.internet.endpoints import serverFromString
 
-        from tests.browsers._tls import selfSigned
+        from tests._support.tls import selfSigned
 
         folder = Path(self.mktemp())
         folder.mkdir()
