@@ -29,7 +29,8 @@ from twistedsse._build import buildSite
 from twistedsse._security import MAX_TOKEN_LIFETIME, BearerTokens, HostPolicy, mintToken, redactQuery
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import Connection, splitResponse, ticksService
+from tests._support.fixtures import ticksService
+from tests._support.web import Connection, splitResponse
 
 OPERATOR = "operator-token"
 SECRET = b"s" * 32

@@ -5,9 +5,8 @@ L{MemoryBroker}'s own details.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-import attrs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -18,31 +17,9 @@ from twistedsse._frames import Event, encodeEvent
 from twistedsse._interfaces import IJobBroker, ISubscriber
 from twistedsse._job import JobState
 
-from ._helpers import snapshot
+from tests._support.fixtures import Recorder, snapshot
 
-
-@implementer(ISubscriber)
-@attrs.define
-class Recorder:
-    """
-    A subscriber that records what it is given, and may unsubscribe itself
-    on a given event.
-    """
-
-    got: list[tuple[Event, bytes]] = attrs.Factory(list)
-    batches: list[bytes] = attrs.Factory(list)
-
-    def deliver(self, event: Event, frame: bytes) -> None:
-        self.got.append((event, frame))
-
-    def deliverMany(self, events: Sequence[Event], frames: Sequence[bytes], joined: bytes) -> None:
-        self.batches.append(joined)
-        for event, frame in zip(events, frames):
-            self.deliver(event, frame)
-
-    @property
-    def ids(self) -> list[str | None]:
-        return [event.id for event, _ in self.got]
+__all__ = ["Recorder"]  # test_service and test_store import it from here
 
 
 class BrokerContractTests:

@@ -19,7 +19,7 @@ from twistedsse._frames import Event
 from twistedsse.client import HTTPStatusError, subscribe
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import ticksService
+from tests._support.fixtures import ticksService
 
 
 class Scripted(Resource):

@@ -23,7 +23,8 @@ from twistedsse._connections import ConnectionLimits, checkFileBudget, fileReser
 from twistedsse.tap import Options
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import TCPStringTransport, splitResponse, ticksService
+from tests._support.fixtures import ticksService
+from tests._support.web import TCPStringTransport, splitResponse
 
 
 class _HalfClosingTransport(TCPStringTransport):

@@ -27,8 +27,8 @@ from twistedsse._service import RenderService
 from twistedsse._store import SQLiteJobStore
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import Connection, splitResponse
-from .test_broker import Recorder
+from tests._support.web import Connection, splitResponse
+from tests._support.fixtures import Recorder
 
 DAY = 86400.0
 
@@ -303,7 +303,7 @@ class CompactionTests(SynchronousTestCase):
         whole history; a resume from an older id gets C{reset} first.
         """
         broker = MemoryBroker(history=1000)
-        from ._helpers import snapshot
+        from tests._support.fixtures import snapshot
 
         broker.create(snapshot("j"))
         for i in range(500):
@@ -325,7 +325,7 @@ class CompactionTests(SynchronousTestCase):
         A restored job (latest progress 5, terminal 9) resumed from id 7
         gets a C{reset} and the terminal event: not nothing.
         """
-        from ._helpers import snapshot
+        from tests._support.fixtures import snapshot
 
         broker = MemoryBroker()
         final = snapshot("r").transition(JobState.CANCELLED, 1.0)
@@ -342,7 +342,7 @@ class BrokerExpiryTests(SynchronousTestCase):
         raises L{JobExpired} (410) until the id is forgotten, then
         L{UnknownJob} (404); an expired id cannot be created again.
         """
-        from ._helpers import snapshot
+        from tests._support.fixtures import snapshot
 
         broker = MemoryBroker()
         broker.create(snapshot("x"))
@@ -367,7 +367,7 @@ class BrokerExpiryTests(SynchronousTestCase):
         """
         A removed job (one that could not be stored) is simply unknown.
         """
-        from ._helpers import snapshot
+        from tests._support.fixtures import snapshot
 
         broker = MemoryBroker()
         broker.create(snapshot("y"))

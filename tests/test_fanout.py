@@ -21,7 +21,7 @@ from twistedsse._frames import Event, encodeEvent
 from twistedsse._interfaces import ISubscriber
 from twistedsse._job import Entry
 
-from ._helpers import snapshot
+from tests._support.fixtures import snapshot
 
 
 @implementer(ISubscriber)

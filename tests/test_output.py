@@ -22,7 +22,8 @@ from twistedsse._errors import OutputNotReady, RangeNotSatisfiable
 from twistedsse._output import BLOCK, BLOCKS_PER_TURN, MAX_RANGES, byteRange, openOutput
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import Connection, splitResponse, ticksService
+from tests._support.fixtures import ticksService
+from tests._support.web import Connection, splitResponse
 
 #: The size of the finished card the issue measured with.
 SIZE = 2746

@@ -19,7 +19,8 @@ from twistedsse._build import buildSite
 from twistedsse._decoder import EventStreamDecoder
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import Connection, chunks, splitResponse, ticksService
+from tests._support.fixtures import ticksService
+from tests._support.web import Connection, chunks, splitResponse
 
 OPEN = "/render-stream?renderer=ticks&params=%7B%7D"
 

@@ -21,7 +21,8 @@ from twistedsse._broker import MemoryBroker
 from twistedsse._decoder import EventStreamDecoder
 from twistedsse._stream import EventStreamResource, StreamSettings
 
-from ._helpers import BufferTransport, Connection, chunks, snapshot, splitResponse
+from tests._support.fixtures import snapshot
+from tests._support.web import BufferTransport, Connection, chunks, splitResponse
 
 EVENTS = 40
 

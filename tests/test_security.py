@@ -17,7 +17,8 @@ from twistedsse._build import buildSite
 from twistedsse._security import readTokens
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import Connection, splitResponse, ticksService
+from tests._support.fixtures import ticksService
+from tests._support.web import Connection, splitResponse
 
 TOKEN = "s3cret-token-\u00e9"
 

@@ -13,7 +13,8 @@ from twistedsse._broker import MemoryBroker
 from twistedsse._frames import encodeEvent
 from twistedsse._stream import EventStreamResource, StreamLimits, StreamSettings, tcpTransport
 
-from ._helpers import Connection, TCPStringTransport, chunks, decode, snapshot, splitResponse
+from tests._support.fixtures import snapshot
+from tests._support.web import Connection, TCPStringTransport, chunks, decode, splitResponse
 
 
 class StreamTests(SynchronousTestCase):

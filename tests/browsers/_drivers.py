@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -47,7 +46,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
-from ._server import need
+from tests._support.ports import freePort
+from tests._support.procfs import allPIDs, descendants, procStat
+from tests._support.waiting import PipeReader, poll
+
+from ._need import need
 
 ENGINES = ("chromium", "firefox", "webkit")
 
@@ -137,60 +140,22 @@ def _unwrap(answer: Any, expression: str) -> Any:
 # --------------------------------------------------------------- processes
 
 
-def _procStat(pid: int) -> tuple[int, int] | None:
-    """
-    (parent PID, start time) of a live process, or None.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] == b"Z":
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def _allPIDs() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
 def _tagged(tag: str) -> dict[int, int]:
     """
     Live processes whose environment carries C{tag}: PID -> start time.
     """
     needle = f"{TAG_VARIABLE}={tag}".encode()
     found: dict[int, int] = {}
-    for pid in _allPIDs():
+    for pid in allPIDs():
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = f.read()
         except OSError:
             continue
         if needle in environ.split(b"\0"):
-            stat = _procStat(pid)
+            stat = procStat(pid)
             if stat is not None:
                 found[pid] = stat[1]
-    return found
-
-
-def _descendants(root: int) -> dict[int, int]:
-    """
-    Live descendants of C{root} (not C{root} itself): PID -> start time.
-    """
-    children: dict[int, list[tuple[int, int]]] = {}
-    for pid in _allPIDs():
-        stat = _procStat(pid)
-        if stat is not None:
-            children.setdefault(stat[0], []).append((pid, stat[1]))
-    found: dict[int, int] = {}
-    todo = [root]
-    while todo:
-        for pid, started in children.get(todo.pop(), []):
-            if pid not in found:
-                found[pid] = started
-                todo.append(pid)
     return found
 
 
@@ -200,22 +165,11 @@ def _killAll(processes: dict[int, int], grace: float = 5.0) -> None:
     time, so a reused PID is left alone) and wait until they are gone.
     """
     for pid, started in processes.items():
-        stat = _procStat(pid)
+        stat = procStat(pid)
         if stat is not None and stat[1] == started:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        alive = [pid for pid, started in processes.items() if (_procStat(pid) or (0, -1))[1] == started]
-        if not alive:
-            return
-        time.sleep(0.02)
-
-
-def _freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    poll(lambda: not any((procStat(pid) or (0, -1))[1] == started for pid, started in processes.items()), grace)
 
 
 class _Scratch:
@@ -307,7 +261,7 @@ def _chromium(scratch: _Scratch, insecureTLS: bool) -> tuple[_SeleniumBrowser, i
         options.add_argument("--ignore-certificate-errors")
         options.accept_insecure_certs = True
     service = Service(
-        CHROMEDRIVER, port=_freePort(), env=scratch.env, log_output=str(scratch.path / "chromedriver.log")
+        CHROMEDRIVER, port=freePort(), env=scratch.env, log_output=str(scratch.path / "chromedriver.log")
     )
     driver = webdriver.Chrome(service=service, options=options)
     return _SeleniumBrowser("chromium", driver), driver.service.process.pid
@@ -340,14 +294,10 @@ class _Xvfb:
             )
         finally:
             os.close(write)
-        number = b""
-        deadline = time.monotonic() + 20
-        with os.fdopen(read, "rb", buffering=0) as f:
-            while not number.endswith(b"\n") and time.monotonic() < deadline:
-                chunk = f.read(16)
-                if not chunk:
-                    break
-                number += chunk
+        try:
+            number = PipeReader(read).readLine(20) or b""
+        finally:
+            os.close(read)
         if not number.strip().isdigit():
             self.stop()
             raise AssertionError("Xvfb did not report a display")
@@ -388,7 +338,7 @@ def _webkit(scratch: _Scratch, insecureTLS: bool, onExit: list[Callable[[], None
     if insecureTLS:
         options.accept_insecure_certs = True
     service = Service(
-        WEBKITDRIVER, port=_freePort(), env=scratch.env, log_output=str(scratch.path / "webkitdriver.log")
+        WEBKITDRIVER, port=freePort(), env=scratch.env, log_output=str(scratch.path / "webkitdriver.log")
     )
     driver = webdriver.WebKitGTK(service=service, options=options)
     return _SeleniumBrowser("webkit", driver), driver.service.process.pid
@@ -457,7 +407,7 @@ def _firefox(scratch: _Scratch, insecureTLS: bool) -> tuple[_FirefoxBrowser, int
             args["env"].update({k: v for k, v in env.items() if k.startswith(("XDG_", "HOME", "TMPDIR", TAG_VARIABLE))})
             return args
 
-    port = _freePort()
+    port = freePort()
     # Not the default 2828: parallel runs would collide.
     marionette = Marionette(host="127.0.0.1", port=port, startup_timeout=int(STARTUP_TIMEOUT))
     marionette.bin = FIREFOX
@@ -578,8 +528,8 @@ def browser(engine: str, insecureTLS: bool = False) -> Iterator[Browser]:
     finally:
         ours = _tagged(scratch.tag)
         if driverPID is not None:
-            ours.update(_descendants(driverPID))
-            stat = _procStat(driverPID)
+            ours.update(descendants(driverPID))
+            stat = procStat(driverPID)
             if stat is not None:
                 ours[driverPID] = stat[1]
         ours.pop(os.getpid(), None)

@@ -25,16 +25,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import quote
 
-from tests.integration._support import summary
+from tests._support.stats import summary
 
-from ._server import ROOT, need, needProgram
+from tests._support.launcher import ROOT, childEnv
+from tests._support.waiting import poll
+from ._need import need, needProgram
 
-CLIENT = str(ROOT / "tests" / "integration" / "sseclient.py")
+CLIENT = str(ROOT / "tests" / "_support" / "sseclient.py")
 BOUND_MS = 100.0
 
 #: The /30 that joins the two namespaces: the server's address, the client's.
@@ -54,10 +55,6 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def inNamespace(argv: Sequence[str], netns: str | None) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
-
-
-def childEnvironment() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 class NamespacePair:
@@ -123,9 +120,7 @@ class NamespacePair:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 5
-        while any(self.pids(netns) for netns in self.created) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll(lambda: not any(self.pids(netns) for netns in self.created), 5)
         # Deleting a namespace destroys the veth end in it, and so its peer.
         for netns in reversed(self.created):
             ip("netns", "delete", netns, check=False)
@@ -143,12 +138,12 @@ def renderStreamURL(base: str, **params: Any) -> str:
 
 def socketClient(url: str, netns: str | None = None, http10: bool = False, timeout: float = 30) -> list[dict]:
     """
-    Run the socket client (tests/integration/sseclient.py) in its own
+    Run the socket client (tests/_support/sseclient.py) in its own
     process, inside C{netns} if given: its JSON lines, the response head
     first.
     """
     argv = [sys.executable, CLIENT, *(["--http1.0"] if http10 else []), url]
-    done = subprocess.run(inNamespace(argv, netns), capture_output=True, env=childEnvironment(), timeout=timeout)
+    done = subprocess.run(inNamespace(argv, netns), capture_output=True, env=childEnv(), timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f"socket client exited {done.returncode}: {done.stderr.decode(errors='replace')}")
     return [json.loads(line) for line in done.stdout.splitlines()]
@@ -228,7 +223,7 @@ def browserClient(engine: str, base: str, count: int, startFile: str, netns: str
     argv = [sys.executable, "-m", "tests.browsers._netns", engine, base, str(count), startFile]
     argv += [token] if token else []
     process = subprocess.Popen(inNamespace(argv, netns), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=childEnvironment(), cwd=ROOT)
+                               env=childEnv(), cwd=ROOT)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -310,7 +305,8 @@ class Measuring:
 def main(engine: str, base: str, count: str, startFile: str, token: str | None = None) -> None:
     from twisted.trial.unittest import SkipTest
 
-    from ._drivers import _descendants, browser
+    from ._drivers import browser
+    from tests._support.procfs import descendants
 
     def terminated(signum: int, frame: Any) -> None:
         raise SystemExit(f"{engine} client: SIGTERM")
@@ -320,7 +316,7 @@ def main(engine: str, base: str, count: str, startFile: str, token: str | None =
         with browser(engine) as b:
             seen = pageRender(b, base, int(count), startFile, token)
             # Every process of the browser and its driver descends from us.
-            seen["netns"] = sorted({namespaceOf(pid) for pid in [os.getpid(), *_descendants(os.getpid())]} - {None})
+            seen["netns"] = sorted({namespaceOf(pid) for pid in [os.getpid(), *descendants(os.getpid())]} - {None})
     except SkipTest as e:
         sys.stderr.write(f"{e}\n")
         sys.exit(77)

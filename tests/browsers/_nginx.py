@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from ._server import ROOT, needProgram
+from tests._support.launcher import ROOT
+from tests._support.ports import accepts, freePort
+from tests._support.waiting import poll
+from ._need import needProgram
 
 #: The location block users put in their server (README, "Behind nginx").
 LOCATION = ROOT / "docs" / "nginx-location.conf"
@@ -56,20 +57,6 @@ http {{
     }}
 }}
 """
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
 
 
 class Nginx:
@@ -116,14 +103,11 @@ class Nginx:
                  "-g", "daemon off;"],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=output,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            if accepts(self.port):
-                return True
-            time.sleep(0.01)
-        raise AssertionError(f"nginx did not accept within {timeout} s:\n{self.errorLog()}")
+        process = self.process
+        state = poll(lambda: "ended" if process.poll() is not None else "accepts" if accepts(self.port) else "", timeout, 0.01)
+        if not state:
+            raise AssertionError(f"nginx did not accept within {timeout} s:\n{self.errorLog()}")
+        return state == "accepts"
 
     def errorLog(self) -> str:
         texts = []

@@ -20,7 +20,7 @@ from twistedsse import mintToken
 from twistedsse._app import CSP
 
 from ._drivers import OneBrowserPerClass
-from ._server import Server
+from tests._support.launcher import Server
 from .test_direct import FINISHED, SUBSCRIBED, pageURL
 
 OPERATOR = "operator-token-for-the-page"

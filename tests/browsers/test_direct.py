@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 import urllib.parse
@@ -28,10 +27,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twistedsse import EventStreamDecoder
 
-from .._helpers import splitResponse
+from tests._support.web import splitResponse
 from ._cutter import Connection, Cutter, Request
 from ._drivers import OneBrowserPerClass
-from ._server import Server, postJSON
+from tests._support.jsonhttp import postJSON
+from tests._support.launcher import Server
+from tests._support.stats import summary as latencySummary
 
 BOUND_MS = 100.0
 # Below this the page's clock and the ticker's disagree: the measurement,
@@ -121,21 +122,13 @@ def latencies(events: list[dict[str, Any]]) -> list[float]:
     return [e["receivedAt"] - e["data"]["t_ns"] / 1e6 for e in events if e["type"] == "progress"]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def summary(values: list[float]) -> str:
     """
     p50/p95/max, and the machine's load: on a busy machine (other browser
     suites at once) WebKit above all gets late for want of CPU.
     """
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"p50 {statistics.median(values):.2f} ms, p95 {percentile(values, 0.95):.2f} ms, "
-        f"max {max(values):.2f} ms (n={len(values)}; load average {load})"
-    )
+    return f"{latencySummary(values)} (load average {load})"
 
 
 def wireEvents(wire: bytes) -> list[tuple[str, str, Any]]:

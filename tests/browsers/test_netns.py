@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twistedsse import mintToken
 
 from ._netns import SERVER_ADDRESS, Measuring, NamespacePair, browserClient
-from ._server import Server
+from tests._support.launcher import Server
 
 SECRET = b"the-netns-test-secret-of-32-bytes-or-more"
 

@@ -9,17 +9,18 @@ sending C{X-Accel-Buffering: no} or holds its frames back.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration._support import summary
+from tests._support.stats import summary
+from tests._support.waiting import poll
 
 from ._drivers import browser
 from ._netns import Measuring, late, pageRender
 from ._nginx import DEFAULTS, LOCATION, SNIPPET, Nginx
-from ._server import ROOT, Server, needProgram
+from tests._support.launcher import ROOT, Server
+from ._need import needProgram
 
 
 class NginxMixin(Measuring):
@@ -52,9 +53,7 @@ class NginxTests(NginxMixin, SynchronousTestCase):
         little for it).
         """
         line = re.compile(rf'"GET /render-stream\?[^"]* HTTP/{re.escape(version)}"')
-        deadline = time.monotonic() + 5
-        while not line.search(server.logText()) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll(lambda: line.search(server.logText()), 5)
         self.assertRegex(server.logText(), line)
 
     def test_snippetIsTheREADMEs(self) -> None:

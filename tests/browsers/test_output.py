@@ -8,13 +8,14 @@ WebKit's viewers load nothing (see L{twistedsse._output}).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from ._drivers import OneBrowserPerClass
-from ._server import Server, getJSON, postJSON
+from tests._support.jsonhttp import getJSON, postJSON
+from tests._support.waiting import waitUntil
+from tests._support.launcher import Server
 
 #: The viewer's video element, once it has metadata (or 15 s).
 VIEWER = """new Promise(function (resolve) {
@@ -43,10 +44,8 @@ class OutputViewerMixin(OneBrowserPerClass):
         base = f"http://127.0.0.1:{server.port}"
         status, job = postJSON(base + "/renders", {"renderer": "card", "params": {"duration": 1}})
         self.assertEqual(status, 202, job)
-        deadline = time.monotonic() + 60
-        while getJSON(base + job["status_url"])[1]["state"] in ("queued", "running"):
-            self.assertLess(time.monotonic(), deadline, "the card did not finish")
-            time.sleep(0.1)
+        waitUntil(lambda: getJSON(base + job["status_url"])[1]["state"] not in ("queued", "running"), 60,
+                  "the card to finish", 0.1)  # fmt: skip
         self.assertEqual(getJSON(base + job["status_url"])[1]["state"], "succeeded")
         self.browser.open(base + job["output_url"])
         video = self.browser.evaluate(VIEWER, timeout=30)

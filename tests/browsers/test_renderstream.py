@@ -21,7 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ._cutter import Cutter
 from ._drivers import OneBrowserPerClass
-from ._server import Server, getJSON, postJSON
+from tests._support.jsonhttp import getJSON, postJSON
+from tests._support.launcher import Server
 
 # Opens the page's own EventSource on /render-stream and records what it
 # sees; closes it on the terminal event, as a page should.

@@ -34,6 +34,8 @@ from typing import Any, Callable
 import attrs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests._support.waiting import poll, waitUntil
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Linux TCP states (include/net/tcp_states.h), the first byte of TCP_INFO.
@@ -63,18 +65,13 @@ class Service:
             preexec_fn=limit,
         )  # fmt: skip
         self.port = 0
-        deadline = time.monotonic() + timeout
-        while not self.port:
-            found = re.search(r" starting on (\d+)", self.logText())
-            if found:
-                self.port = int(found.group(1))
-            elif self.process.poll() is not None:
-                return  # ended: the caller looks at why
-            elif time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"twistd did not start: {self.logText()}")
-            else:
-                time.sleep(0.05)
+        process = self.process
+        found = poll(lambda: re.search(r" starting on (\d+)", self.logText()) or process.poll() is not None, timeout, 0.05)
+        if not found:
+            self.stop()
+            raise AssertionError(f"twistd did not start: {self.logText()}")
+        if found is not True:
+            self.port = int(found.group(1))  # else it ended: the caller looks at why
 
     def logText(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
@@ -323,10 +320,7 @@ class StalledDownload(Attacker):
     def connect(self, service: Service) -> None:
         code, job = service.json("/renders", {"renderer": "big"})
         assert code == 202, job
-        deadline = time.monotonic() + 20
-        while service.json(job["status_url"])[1]["state"] != "succeeded":
-            assert time.monotonic() < deadline, "the big render did not succeed"
-            time.sleep(0.05)
+        waitUntil(lambda: service.json(job["status_url"])[1]["state"] == "succeeded", 20, "the big render to succeed", 0.05)
         self.path = job["output_url"]
         super().connect(service)
 
@@ -429,18 +423,14 @@ class AttackTests(SynchronousTestCase):
             select.select([events.sock], [], [], 0.2)
             events.poll()
         self.assertIn(b"event: complete", events.received)
-        deadline = time.monotonic() + 20
-        while service.json(f"/renders/{second['id']}")[1]["state"] != "succeeded" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        poll(lambda: service.json(f"/renders/{second['id']}")[1]["state"] == "succeeded", 20, 0.2)
         self.assertEqual(service.json(f"/renders/{second['id']}")[1]["state"], "succeeded")
 
         # (A refused connection lingers, reading and dropping, until its
         # client closes it or 2 s pass.)
         for attacker in attackers:
             attacker.close()
-        deadline = time.monotonic() + 5
-        while service.json("/healthz")[1]["connections"]["open"] > 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        poll(lambda: service.json("/healthz")[1]["connections"]["open"] <= 2, 5, 0.1)
         health = service.json("/healthz")[1]
         self.assertEqual(health["connections"]["max"], self.maxConnections)
         self.assertLessEqual(health["connections"]["open"], 2)  # the events socket and this request
@@ -508,8 +498,8 @@ class HTTP2BodyTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         try:
-            from tests.browsers._tls import selfSigned
-            from tests.browsers.test_http2 import H2Client
+            from tests._support.tls import selfSigned
+            from tests._support.h2client import H2Client
         except ImportError as e:  # (h2 or cryptography missing)
             raise SkipTest(str(e))
         directory = Path(self.mktemp())
@@ -527,7 +517,7 @@ class HTTP2BodyTests(SynchronousTestCase):
         POST C{body} on a new stream, as flow control allows, reading
         meanwhile; stop sending once the server answered or reset it.
         """
-        from tests.browsers.test_http2 import _Response
+        from tests._support.h2client import Response
 
         client = self.client
         connection = client.connection
@@ -537,7 +527,7 @@ class HTTP2BodyTests(SynchronousTestCase):
         if contentLength:
             headers.append(("content-length", str(len(body))))
         connection.send_headers(stream, headers)
-        response = client.responses[stream] = _Response()
+        response = client.responses[stream] = Response()
         sent = 0
         answered = lambda: bool(response.headers) or response.reset or response.ended  # noqa: E731
         while sent < len(body) and not answered():

@@ -26,14 +26,17 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from twistedsse import CommandRenderer
 from twistedsse._render import launcherArgv
 
-from ._support import HERE, ServerMixin, ServiceProcess, stream
+from tests._support.launcher import childEnv, spawnService
+from tests._support.procfs import alive
+from tests._support.server import ServerMixin, stream
+from tests._support.waiting import whenTrue
 
+HERE = Path(__file__).parent
 GROUPED = str(HERE / "grouped.py")
 
 #: Every wait is bounded by this many seconds.
@@ -47,28 +50,8 @@ def grouped(name: str = "grouped") -> CommandRenderer:
     return CommandRenderer(name, [sys.executable, "-u", GROUPED])
 
 
-def alive(pid: int) -> bool:
-    """
-    Whether C{pid} is a live process: a zombie (dead, waiting for a parent
-    to collect it, which the init of a container may never do) counts as
-    gone.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    state = data[data.rindex(b")") + 2 :].split()[0]
-    return state not in (b"Z", b"X")
-
-
-@inlineCallbacks
 def waitUntil(predicate: Any, what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        yield deferLater(reactor, 0.01, lambda: None)
+    return whenTrue(reactor, predicate, timeout, what)
 
 
 def killLeftovers(pids: list[int]) -> None:
@@ -308,22 +291,14 @@ class ServiceDeathTests(TestCase):
         """
         from twisted.web.client import HTTPConnectionPool
 
-        protocol = ServiceProcess()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parents[1]), env.get("PYTHONPATH")]))
+        env = childEnv()
         outputs = Path(self.mktemp()).absolute()
         argv = [
             sys.executable, "-m", "twistedsse", "--listen", "tcp:0:interface=127.0.0.1",
             "--output-dir", str(outputs), "--renderer", f"grouped={sys.executable} -u {GROUPED}",
         ]  # fmt: skip
-        process = reactor.spawnProcess(protocol, sys.executable, argv, env=env)
-
-        def cleanup() -> Any:
-            if not protocol.ended.called:
-                process.signalProcess("KILL")
-            return protocol.ended
-
-        self.addCleanup(cleanup)
+        process, protocol = spawnService(argv, env)
+        self.addCleanup(protocol.kill)
         port = yield protocol.listening
         pool = HTTPConnectionPool(reactor, persistent=False)
         response = yield treq.post(
@@ -347,8 +322,8 @@ class ServiceDeathTests(TestCase):
         yield cut
         self.assertTrue(Path(report["cwd"]).is_dir())  # nobody was left to remove it
 
-        protocol = ServiceProcess()
-        process = reactor.spawnProcess(protocol, sys.executable, argv, env=env)
+        process, protocol = spawnService(argv, env)
+        self.addCleanup(protocol.kill)
         yield protocol.listening
         self.assertFalse(Path(report["cwd"]).exists())
         process.signalProcess("TERM")

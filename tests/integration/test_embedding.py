@@ -20,7 +20,7 @@ from twistedsse import buildResource, buildService
 
 from twistedsse import DrainingSite
 
-from ._support import ServerMixin, ticker
+from tests._support.server import ServerMixin, ticker
 
 
 class EmbeddingTests(ServerMixin, TestCase):

@@ -30,8 +30,10 @@ from twisted.trial.unittest import TestCase
 
 from twistedsse import CommandRenderer
 
-from ._support import HERE, ServerMixin, stream, ticker
+from tests._support.server import ServerMixin, stream, ticker
+from tests._support.waiting import whenTrue
 
+HERE = Path(__file__).parent
 FAULTY = str(HERE / "faulty.py")
 
 #: Everything a test waits for is bounded by this (seconds), well inside
@@ -117,13 +119,8 @@ class FaultTests(ServerMixin, TestCase):
             Path(gate).touch()
         return Render(job, events, done)
 
-    @inlineCallbacks
     def waitUntil(self, predicate: Any, what: str, timeout: float = WAIT) -> Any:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            yield deferLater(reactor, 0.01, lambda: None)
+        return whenTrue(reactor, predicate, timeout, what)
 
     @inlineCallbacks
     def started(self, renderer: str, params: Any) -> Any:

@@ -15,10 +15,10 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from ._support import ServerMixin, stream
+from tests._support.waiting import whenTrue
+from tests._support.server import ServerMixin, stream
 
 HOSTILE = "It's 100%{pts} \\ done: [a];b,c\n\nevent: complete\ndata: x \u202e\u05e9 \U0001f600 $(id) `id`"
 
@@ -99,8 +99,7 @@ class FFmpegTests(ServerMixin, TestCase):
         self.startServer()
         job = yield self.post("card", {"duration": 60, "size": "1920x1080", "fps": 60})
         events, done = stream(self.base + job["events_url"], self.pool)
-        while len(events) < 3:
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield whenTrue(reactor, lambda: len(events) >= 3, 20, "3 events")
         response = yield treq.delete(self.base + job["status_url"], pool=self.pool)
         body = yield response.json()
         self.assertEqual(response.code, 202, body)

@@ -48,14 +48,15 @@ from typing import Any, Callable, Iterable
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from twistedsse import CommandRenderer, EventStreamDecoder, buildService, buildSite
 
-from ._support import stream
+from tests._support.chunked import Dechunker
+from tests._support.server import stream
+from tests._support.waiting import whenTrue
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -429,19 +430,11 @@ def parseReplies(data: bytes, closed: bool = False) -> tuple[list[Reply], bool]:
                 return replies, False
             body, data = rest[:length], rest[length:]
         elif headers.get("transfer-encoding", "").lower() == "chunked":
-            body = b""
-            while True:
-                size, sep, after = rest.partition(b"\r\n")
-                if not sep:
-                    return replies, False
-                length = int(size.split(b";")[0], 16)
-                if len(after) < length + 2:
-                    return replies, False
-                body += after[:length]
-                rest = after[length + 2 :]
-                if length == 0:
-                    break
-            data = rest
+            dechunker = Dechunker()
+            body = dechunker.feed(rest)
+            if not dechunker.ended:
+                return replies, False
+            data = dechunker.rest
         else:
             if not closed:
                 replies.append(Reply(status, headers, rest))
@@ -1241,7 +1234,7 @@ class FuzzTests(TestCase):
         """
         from twisted.internet.endpoints import serverFromString
 
-        from tests.browsers._tls import selfSigned
+        from tests._support.tls import selfSigned
 
         folder = Path(self.mktemp())
         folder.mkdir()
@@ -1257,15 +1250,17 @@ class FuzzTests(TestCase):
         Every render the fuzzer started ends; no stream or subscriber is
         left; and a normal render still completes.
         """
-        deadline = time.monotonic() + 20
-        while self.service.activeCount() or self.service.queuedCount():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.service.activeCount()} renders still running")
-            yield deferLater(reactor, 0.02, lambda: None)
-        while self.service.broker.subscriberCount():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.service.broker.subscriberCount()} subscribers left")
-            yield deferLater(reactor, 0.02, lambda: None)
+        began = reactor.seconds()
+        service = self.service
+        yield whenTrue(
+            reactor, lambda: not (service.activeCount() or service.queuedCount()), 20,
+            lambda: f"every render to end ({service.activeCount()} still running)",
+        )  # fmt: skip
+        left = 20 - (reactor.seconds() - began)
+        yield whenTrue(
+            reactor, lambda: not service.broker.subscriberCount(), left,
+            lambda: f"every subscriber to go ({service.broker.subscriberCount()} left)",
+        )  # fmt: skip
         path = "/render-stream?renderer=cat&params=%7B%22ok%22%3A1%7D"
         if self.token:
             path += "&access_token=" + self.token
@@ -1290,10 +1285,10 @@ class FuzzTests(TestCase):
                     found.append(target)
             return found
 
-        while openOutputs():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"output files left open: {openOutputs()}")
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield whenTrue(
+            reactor, lambda: not openOutputs(), 20 - (reactor.seconds() - began),
+            lambda: f"output files to be closed (left open: {openOutputs()})",
+        )  # fmt: skip
         # No scratch file is left: only the outputs of renders that
         # succeeded with one.
         succeeded = {job.id for job in self.service.broker.jobs() if job.state.value == "succeeded"}

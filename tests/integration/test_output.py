@@ -8,11 +8,9 @@ C{Range} headers, as the issue measured them.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import treq
@@ -23,6 +21,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from twistedsse import CommandRenderer, EagerSendReactor, buildService, buildSite
+
+from tests._support.procfs import openCount
+from tests._support.waiting import whenTrue
 
 SIZE = 8 * 1024 * 1024
 WRITE_TIMEOUT = 1.0
@@ -36,20 +37,6 @@ DATA = bytes(range(256)) * (SIZE // 256)
 
 def sleep(seconds: float) -> Any:
     return deferLater(reactor, seconds, lambda: None)
-
-
-def openCount(path: Path) -> int:
-    """
-    How many descriptors of this process are open on C{path}.
-    """
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == str(path):
-                count += 1
-        except OSError:
-            pass  # closed meanwhile
-    return count
 
 
 class RawClient:
@@ -134,13 +121,8 @@ class StalledDownloadTests(TestCase):
         self.path = (self.service.outputDir / f"{job['id']}.mp4").absolute()
         self.assertEqual(self.path.stat().st_size, SIZE)
 
-    @inlineCallbacks
     def waitFor(self, condition: Any, timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            yield sleep(0.01)
+        return whenTrue(reactor, condition, timeout, what)
 
     @inlineCallbacks
     def test_stalledDownloadDropped(self) -> Any:

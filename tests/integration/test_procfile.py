@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
+
+from tests._support.launcher import Launched
+from tests._support.waiting import TimedOut
 
 from twistedsse import mintToken
 
@@ -58,38 +59,15 @@ class ProcfileTests(SynchronousTestCase):
         )
         cwd = self.mktemp()
         os.mkdir(cwd)
-        process = subprocess.Popen(
-            ["sh", "-c", webCommand()], env=environ, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        self.addCleanup(self.stop, process)
-        output = b""
-        deadline = time.monotonic() + 30
-        assert process.stdout is not None
-        os.set_blocking(process.stdout.fileno(), False)
-        while time.monotonic() < deadline:
-            chunk = process.stdout.read()
-            if chunk:
-                output += chunk
-            found = re.search(rb"Site starting on (\d+)", output)
-            if found:
-                return process, int(found.group(1)), output.decode(errors="replace")
-            if process.poll() is not None:
-                output += process.stdout.read() or b""
-                return process, None, output.decode(errors="replace")
-            time.sleep(0.05)
-        raise AssertionError(f"the Procfile command neither started nor ended: {output!r}")
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        if process.stdout:
-            process.stdout.close()
+        launched = Launched(["sh", "-c", webCommand()], environ, cwd, stderr=subprocess.STDOUT, newSession=True)
+        self.addCleanup(launched.stop)
+        found = launched.readUntil(lambda out: re.search(rb"Site starting on (\d+)", out), 30)
+        if found:
+            return launched.process, int(found.group(1)), launched.output.decode(errors="replace")
+        if not launched.reader.closed:
+            raise TimedOut(f"the Procfile command neither started nor ended: {launched.output!r}")
+        launched.process.wait(15)
+        return launched.process, None, launched.output.decode(errors="replace")
 
     def test_refusesWithoutAuthentication(self) -> None:
         """

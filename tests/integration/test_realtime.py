@@ -13,10 +13,11 @@ from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from ._support import ServerMixin, stream, summary, ticker
+from tests._support.waiting import whenTrue
+from tests._support.server import ServerMixin, stream, ticker
+from tests._support.stats import summary
 
 BOUND_MS = 100.0
 
@@ -139,8 +140,7 @@ class SocketOptionTests(ServerMixin, TestCase):
         base = self.startServer([ticker()])
         job = yield self.post("ticks", {"count": 200, "interval": 0.01})
         events, done = stream(base + job["events_url"], self.pool)
-        while len(events) < 2:
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield whenTrue(reactor, lambda: len(events) >= 2, 20, "2 events")
         handles = [transport.getHandle() for transport, _ in self.site._gone.values()]
         streaming = [h for h in handles if h.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)]
         self.assertEqual(len(streaming), 1)

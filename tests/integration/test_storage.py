@@ -18,19 +18,12 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from ._support import stream
-from .test_twistd import TWISTD, _kill, startTwistd
+from tests._support.launcher import TwistdMixin
+from tests._support.server import stream
 
 
-class StorageTests(TestCase):
+class StorageTests(TwistdMixin, TestCase):
     timeout = 60
-
-    def start(self, *options: str) -> Any:
-        if not os.path.exists(TWISTD):
-            self.fail(f"no twistd next to {sys_executable()}")
-        process, protocol = startTwistd(*options)
-        self.addCleanup(lambda: protocol.ended if protocol.ended.called else _kill(process, protocol))
-        return process, protocol
 
     @inlineCallbacks
     def test_expiryAcrossARestart(self) -> None:
@@ -60,7 +53,7 @@ class StorageTests(TestCase):
 
             return treq.get(f"http://127.0.0.1:{port}{path}", pool=pool).addCallback(both)
 
-        process, protocol = self.start(*options)
+        process, protocol = self.startTwistd(*options)
         port = yield protocol.listening
         down = yield post(port)
         events, finished = stream(f"http://127.0.0.1:{port}{down['events_url']}", pool)
@@ -72,7 +65,7 @@ class StorageTests(TestCase):
         yield protocol.ended
         yield deferLater(reactor, 4.2, lambda: None)
 
-        process, protocol = self.start(*options)
+        process, protocol = self.startTwistd(*options)
         port = yield protocol.listening
         code, body = yield get(port, down["status_url"])
         self.assertEqual((code, body["error"]), (410, "job_expired"))
@@ -113,7 +106,7 @@ class StorageTests(TestCase):
         stat = os.statvfs(state)
         free = stat.f_bavail * stat.f_frsize
         pool = HTTPConnectionPool(reactor, persistent=False)
-        process, protocol = self.start("--state-dir", str(state), "--min-free-bytes", str(free * 2 + 1))
+        process, protocol = self.startTwistd("--state-dir", str(state), "--min-free-bytes", str(free * 2 + 1))
         port = yield protocol.listening
         response = yield treq.post(
             f"http://127.0.0.1:{port}/renders", json={"renderer": "ticks", "params": {"count": 2}}, pool=pool
@@ -125,9 +118,3 @@ class StorageTests(TestCase):
         self.assertEqual((health["renders"]["running"], health["renders"]["queued"]), (0, 0))
         process.signalProcess("TERM")
         yield protocol.ended
-
-
-def sys_executable() -> str:
-    import sys
-
-    return sys.executable

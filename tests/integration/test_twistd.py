@@ -7,44 +7,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from ._support import TICKER, ServiceProcess, stream
+from tests._support.launcher import TwistdMixin
+from tests._support.waiting import whenTrue
+from tests._support.server import stream
 
-TWISTD = str(Path(sys.executable).with_name("twistd"))
-
-
-def startTwistd(*options: str) -> tuple[Any, ServiceProcess]:
-    protocol = ServiceProcess()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), env.get("PYTHONPATH")]))
-    argv = [
-        TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "twistedsse",
-        "--listen", "tcp:0:interface=127.0.0.1",
-        "--renderer", f"ticks={sys.executable} -u {TICKER}",
-        "--kill-grace", "2", *options,
-    ]  # fmt: skip
-    process = reactor.spawnProcess(protocol, TWISTD, argv, env=env)
-    return process, protocol
-
-
-class TwistdTests(TestCase):
+class TwistdTests(TwistdMixin, TestCase):
     timeout = 60
-
-    def start(self, *options: str) -> Any:
-        if not os.path.exists(TWISTD):
-            self.fail(f"no twistd next to {sys.executable}")
-        process, protocol = startTwistd(*options)
-        self.addCleanup(lambda: protocol.ended if protocol.ended.called else _kill(process, protocol))
-        return process, protocol
 
     @inlineCallbacks
     def test_finishedRendersSurviveARestart(self) -> None:
@@ -64,21 +40,20 @@ class TwistdTests(TestCase):
                 f"http://127.0.0.1:{port}/renders", json={"renderer": "ticks", "params": params}, pool=pool
             ).addCallback(treq.json_content)
 
-        process, protocol = self.start("--state-dir", state)
+        process, protocol = self.startTwistd("--state-dir", state)
         port = yield protocol.listening
         done = yield post(port, {"count": 3, "interval": 0.01, "output": "the video"})
         events, finished = stream(f"http://127.0.0.1:{port}{done['events_url']}", pool)
         yield finished
         running = yield post(port, {"count": 5000})
         events, finished = stream(f"http://127.0.0.1:{port}{running['events_url']}", pool)
-        while len(events) < 3:
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield whenTrue(reactor, lambda: len(events) >= 3, 20, "3 events")
         process.signalProcess("TERM")
         yield protocol.ended
         yield finished
         self.assertEqual(events[-1].event, "failed")
 
-        process, protocol = self.start("--state-dir", state)
+        process, protocol = self.startTwistd("--state-dir", state)
         port = yield protocol.listening
         status = yield treq.get(f"http://127.0.0.1:{port}{done['status_url']}", pool=pool).addCallback(treq.json_content)
         self.assertEqual(status["state"], "succeeded")
@@ -93,13 +68,12 @@ class TwistdTests(TestCase):
 
         killed = yield post(port, {"count": 5000})
         events, cut = stream(f"http://127.0.0.1:{port}{killed['events_url']}", pool)
-        while len(events) < 3:
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield whenTrue(reactor, lambda: len(events) >= 3, 20, "3 events")
         process.signalProcess("KILL")
         yield protocol.ended
         # A SIGKILLed server cannot end its streams: the body is cut short.
         yield self.assertFailure(cut, Exception)
-        process, protocol = self.start("--state-dir", state)
+        process, protocol = self.startTwistd("--state-dir", state)
         port = yield protocol.listening
         status = yield treq.get(f"http://127.0.0.1:{port}{killed['status_url']}", pool=pool).addCallback(treq.json_content)
         self.assertEqual((status["state"], status["error"]["reason"]), ("failed", "interrupted"))
@@ -113,29 +87,12 @@ class TwistdTests(TestCase):
         ("interrupted") frame, ends the render process, removes its temporary
         output directory and exits promptly, leaving no process behind.
         """
-        if not os.path.exists(TWISTD):
-            self.fail(f"no twistd next to {sys.executable}")
-        protocol = ServiceProcess()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), env.get("PYTHONPATH")]))
-        process = reactor.spawnProcess(
-            protocol,
-            TWISTD,
-            [
-                TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "twistedsse",
-                "--listen", "tcp:0:interface=127.0.0.1",
-                "--renderer", f"ticks={sys.executable} -u {TICKER}",
-                "--kill-grace", "2",
-            ],
-            env=env,
-        )  # fmt: skip
-        self.addCleanup(lambda: protocol.ended if protocol.ended.called else _kill(process, protocol))
+        process, protocol = self.startTwistd()
         port = yield protocol.listening
         pool = HTTPConnectionPool(reactor, persistent=False)
         url = f"http://127.0.0.1:{port}/render-stream?renderer=ticks&params=" + "%7B%22count%22%3A2000%7D"
         events, done = stream(url, pool)
-        while len(events) < 5:
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield whenTrue(reactor, lambda: len(events) >= 5, 20, "5 events")
         child = json.loads(events[-1].data)
         self.assertTrue(Path(child["cwd"]).is_dir())
         started = reactor.seconds()
@@ -155,11 +112,3 @@ class TwistdTests(TestCase):
         with self.assertRaises(ProcessLookupError):
             os.kill(child["pid"], 0)
         self.assertFalse(Path(child["cwd"]).exists(), "temporary output directory left behind")
-
-
-def _kill(process: Any, protocol: ServiceProcess) -> Deferred[Any]:
-    try:
-        process.signalProcess("KILL")
-    except Exception:
-        pass
-    return protocol.ended

@@ -30,8 +30,13 @@ from typing import Any, Callable, Iterable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.browsers._server import ROOT, Server, getJSON, postJSON
-from tests.integration.sseclient import parseHead
+from tests._support.chunked import Dechunker
+from tests._support.frames import FrameReader
+from tests._support.jsonhttp import getJSON, parseHead, postJSON
+from tests._support.launcher import Launched, Server, childEnv
+from tests._support.procfs import cpuSeconds, fdCount, vmRSS
+from tests._support.stats import summary
+from tests._support.waiting import TimedOut, poll, waitUntil
 from twistedsse._frames import TERMINAL_EVENTS
 
 #: Every progress event must reach a reading client this soon after the
@@ -44,45 +49,8 @@ BOUND_MS = 100.0
 BACKLOG = 1024
 
 
-def vmRSS(pid: int) -> int:
-    """
-    The resident memory of process C{pid}, in KiB.
-    """
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for process {pid}")
-
-
-def fdCount(pid: int) -> int:
-    """
-    How many file descriptors process C{pid} has open.
-    """
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpuSeconds(pid: int) -> float:
-    """
-    The CPU time (user + system) process C{pid} has used, in seconds.
-    """
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def latencySummary(latencies: list[float]) -> str:
-    if not latencies:
-        return "n=0"
-    return (
-        f"n={len(latencies)} p50={percentile(latencies, 0.5):.2f}ms "
-        f"p99={percentile(latencies, 0.99):.2f}ms max={max(latencies):.2f}ms"
-    )
+    return summary(latencies, (0.5, 0.99))
 
 
 def firstBreak(seen: list[int], expected: list[int]) -> str:
@@ -109,7 +77,7 @@ def report(line: str) -> None:
 
 class LoadServer:
     """
-    A twistedsse server process (L{tests.browsers.serve}) with the C{ticks}
+    A twistedsse server process (L{tests._support.serve}) with the C{ticks}
     renderer (tests/integration/ticker.py), listening on an ephemeral
     127.0.0.1 port with a backlog of L{BACKLOG}.
     """
@@ -168,19 +136,16 @@ class LoadServer:
         """
         The objects the server's garbage collector tracks and its resident
         memory (KiB), both right after a full collection (SIGUSR1, see
-        L{tests.browsers.serve}): what it keeps, whatever garbage it had.
+        L{tests._support.serve}): what it keeps, whatever garbage it had.
         """
         before = self.logText().count("CENSUS ")
         os.kill(self.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.findall(r"CENSUS objects=(\d+) rss_kib=(\d+)", self.logText())
-            if len(found) > before:
-                objects, rss = found[-1]
-                return int(objects), int(rss)
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no census from the server within {timeout} s")
-            time.sleep(0.02)
+        found = waitUntil(
+            lambda: re.findall(r"CENSUS objects=(\d+) rss_kib=(\d+)", self.logText())[before:], timeout,
+            "a census from the server",
+        )  # fmt: skip
+        objects, rss = found[-1]
+        return int(objects), int(rss)
 
     def health(self) -> dict[str, Any]:
         code, body = getJSON(self.base + "/healthz", timeout=10)
@@ -205,11 +170,9 @@ class LoadServer:
                 raise AssertionError(f"DELETE {job['status_url']}: {response.status}")
 
     def waitForState(self, job: dict[str, Any], states: Iterable[str], timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (state := self.state(job)) not in states:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"render {job['id']} still {state} after {timeout} s")
-            time.sleep(0.02)
+        state = poll(lambda: (lambda now: now if now in states else "")(self.state(job)), timeout)
+        if not state:
+            raise TimedOut(f"render {job['id']} still {self.state(job)} after {timeout} s")
         return state
 
     def waitFor(self, what: str, condition: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
@@ -217,14 +180,16 @@ class LoadServer:
         Poll C{/healthz} every 20 ms until C{condition(health)} holds, for
         at most C{timeout} seconds.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            health = self.health()
-            if condition(health):
-                return health
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not within {timeout} s; /healthz says {health}")
-            time.sleep(0.02)
+        seen: list[dict[str, Any]] = []
+
+        def healthy() -> dict[str, Any] | None:
+            seen[:] = [self.health()]
+            return seen[0] if condition(seen[0]) else None
+
+        health = poll(healthy, timeout)
+        if health is None:
+            raise TimedOut(f"{what}: not within {timeout} s; /healthz says {seen[0]}")
+        return health
 
     def settledFds(self, target: int, slack: int, timeout: float = 5.0) -> int:
         """
@@ -232,12 +197,14 @@ class LoadServer:
         C{target} or C{timeout} seconds have passed (closing sockets is
         asynchronous).
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            count = self.fds()
-            if abs(count - target) <= slack or time.monotonic() > deadline:
-                return count
-            time.sleep(0.02)
+        counts: list[int] = []
+
+        def settled() -> bool:
+            counts[:] = [self.fds()]
+            return abs(counts[0] - target) <= slack
+
+        poll(settled, timeout)
+        return counts[0]
 
 
 class MemoryWatch:
@@ -258,118 +225,6 @@ class MemoryWatch:
     @property
     def growthMiB(self) -> float:
         return (self.peak - self.baseline) / 1024
-
-
-class Dechunker:
-    """
-    Undo HTTP/1.1 chunked framing as bytes arrive. A chunk's payload is
-    returned only once the whole chunk is in (the server writes each frame
-    as one chunk, so frames come out whole); chunk extensions and trailers
-    are not expected and not handled.
-    """
-
-    def __init__(self) -> None:
-        self._pending = b""
-        self.ended = False  # the last chunk (size 0) has been read
-
-    def feed(self, data: bytes) -> bytes:
-        if self._pending:
-            data, self._pending = self._pending + data, b""
-        out = []
-        position, size = 0, len(data)
-        while not self.ended:
-            end = data.find(b"\r\n", position)
-            if end < 0:
-                break
-            length = int(data[position:end], 16)
-            start = end + 2
-            stop = start + length
-            if stop + 2 > size:
-                break
-            if data[stop : stop + 2] != b"\r\n":
-                raise AssertionError(f"chunk of {length} bytes not followed by CRLF: {data[start:stop + 20]!r}")
-            if length == 0:
-                self.ended = True
-            else:
-                out.append(data[start:stop])
-            position = stop + 2
-        self._pending = data[position:]
-        return b"".join(out)
-
-
-#: The frame of a one-line event with an id and a type, as the server
-#: writes every event.
-_EVENT = re.compile(rb"id: ([^\n]*)\nevent: ([^\n]*)\ndata: ([^\n]*)")
-
-
-class FrameReader:
-    """
-    The event stream parser of the load clients: the server's frames, on
-    bytes.
-
-    The project's L{EventStreamDecoder} implements the whole WHATWG
-    algorithm on text and builds a validated L{Event} per event: about
-    13 us an event for 1 KiB events on a quiet machine, as much as the
-    server spends on writing one, so twenty clients decoding 20 000 events
-    each would make the client the bottleneck of a test about the server.
-    This reader, three to four times faster, takes the server's own framing
-    (LF line ends; C{id}, C{event}, C{data}, C{retry} fields; comments)
-    and refuses anything else (a CR, an unknown field) rather than misread
-    it. On the server's streams it returns what L{EventStreamDecoder}
-    returns (checked on 20 000 events cut at random places), except that
-    an event without an C{id} line has no id here, where the decoder
-    repeats the last one: the server gives every event an id.
-
-    @ivar comments: how many comment lines (keepalives) it has read.
-    """
-
-    def __init__(self) -> None:
-        self._pending = b""
-        self.comments = 0
-        self.retry: int | None = None
-
-    def feed(self, data: bytes) -> list[tuple[str | None, str | None, bytes]]:
-        """
-        @return: the C{(id, event, data)} of each event these bytes
-            completed.
-        """
-        if b"\r" in data:
-            raise AssertionError("a CR in the event stream: this reader only takes the server's LF frames")
-        if self._pending:
-            data, self._pending = self._pending + data, b""
-        blocks = data.split(b"\n\n")
-        self._pending = blocks.pop()
-        events = []
-        match = _EVENT.fullmatch
-        for block in blocks:
-            m = match(block)
-            if m is not None:
-                eventID, name, payload = m.groups()
-                events.append((eventID.decode(), name.decode(), payload))
-                continue
-            eventID = name = None
-            lines = []
-            for line in block.split(b"\n"):
-                if not line:
-                    continue
-                field, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
-                if field == b"data":
-                    lines.append(value)
-                elif field == b"id":
-                    eventID = value.decode()
-                elif field == b"event":
-                    name = value.decode()
-                elif field == b"":
-                    self.comments += 1
-                elif field == b"retry":
-                    self.retry = int(value)
-                else:
-                    raise AssertionError(f"unexpected event stream line {line[:80]!r}")
-            if lines:
-                events.append((eventID, name, b"\n".join(lines)))
-        return events
 
 
 _TICK = re.compile(rb'\{"progress":[^,]*,"i":(\d+),"t_ns":(\d+),')
@@ -872,13 +727,9 @@ class Attempts:
 
     def __init__(self, port: int, path: str, count: int, waves: int = 1, spacing: float = 0.0) -> None:
         argv = [sys.executable, "-m", "tests.load._load", str(port), path, str(count), str(waves), str(spacing)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=env)
-        assert self.process.stdin is not None and self.process.stdout is not None
-        ready = self.process.stdout.readline()
-        if ready != b"READY\n":
-            self.stop()
-            raise AssertionError(f"the attempts process did not start: {ready!r}")
+        self.launched = Launched(argv, childEnv(), stdin=subprocess.PIPE)
+        self.process = self.launched.process
+        self.launched.waitFor(lambda out: out.startswith(b"READY\n"), 30, "the attempts process to start")
 
     def start(self) -> None:
         assert self.process.stdin is not None
@@ -889,18 +740,15 @@ class Attempts:
         return self.process.poll() is None
 
     def answers(self, timeout: float = 30.0) -> list[dict[str, Any]]:
-        out, _ = self.process.communicate(timeout=timeout)
-        if self.process.returncode != 0:
+        self.launched.readUntil(lambda out: False, timeout)
+        if not self.launched.reader.closed:
+            raise TimedOut(f"the attempts process did not answer within {timeout} s")
+        if self.process.wait(timeout) != 0:
             raise AssertionError(f"the attempts process failed ({self.process.returncode})")
-        return json.loads(out)
+        return json.loads(self.launched.output.removeprefix(b"READY\n"))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                stream.close()
+        self.launched.stop(signal.SIGKILL)
 
 
 def main(argv: list[str]) -> None:

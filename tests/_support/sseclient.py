@@ -23,45 +23,10 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from tests._support.chunked import Dechunker
+from tests._support.jsonhttp import parseHead
 from twistedsse._decoder import EventStreamDecoder
 from twistedsse._frames import TERMINAL_EVENTS
-
-
-def parseHead(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        name, value = name.strip().lower(), value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return status, headers
-
-
-class Dechunker:
-    """
-    Undo HTTP/1.1 chunked framing as bytes arrive.
-    """
-
-    def __init__(self) -> None:
-        self.buffer = b""
-
-    def feed(self, data: bytes) -> bytes:
-        self.buffer += data
-        body = b""
-        while True:
-            size, sep, rest = self.buffer.partition(b"\r\n")
-            if not sep:
-                break
-            n = int(size.split(b";")[0], 16)
-            if len(rest) < n + 2:
-                break
-            body += rest[:n]
-            self.buffer = rest[n + 2 :]
-            if n == 0:
-                self.buffer = b""
-                break
-        return body
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ C{CENSUS objects=N rss_kib=M}, to stderr: the objects the collector tracks
 and the resident memory once no garbage is left, which a leak check reads
 (tests/load/test_churn.py).
 
-usage: python -m tests.browsers.serve [--no-accel-header] [--buffer-frames MS] [--leak-streams] TWISTEDSSE-OPTIONS...
+usage: python -m tests._support.serve [--no-accel-header] [--buffer-frames MS] [--leak-streams] TWISTEDSSE-OPTIONS...
 """
 
 from __future__ import annotations
