@@ -27,7 +27,8 @@ from twistedsse._site import BoundedRequest
 from twistedsse._stream import StreamLimits, StreamSettings
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import Connection, chunks, decode, splitResponse, ticksService
+from tests._support.fixtures import ticksService
+from tests._support.web import Connection, chunks, decode, splitResponse
 
 
 class AppTests(SynchronousTestCase):

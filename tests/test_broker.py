@@ -19,7 +19,6 @@ from twistedsse._job import JobState
 
 from tests._support.fixtures import Recorder, snapshot
 
-__all__ = ["Recorder"]  # test_service and test_store import it from here
 
 
 class BrokerContractTests:

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twistedsse import ConnectionLimits, buildResource, buildService, buildSite, tap
 from twistedsse._connections import MAX_CONNECTIONS_PER_ADDRESS, defaultLimits, fileReserve
 from twistedsse.testing import FakeSpawner
-from tests._helpers import Connection, splitResponse, ticksService
+from tests._support.fixtures import ticksService
+from tests._support.web import Connection, splitResponse
 
 
 def _defaults(builder: object) -> dict[str, object]:

@@ -23,7 +23,7 @@ from twistedsse._queue import MemoryQueue
 from twistedsse._service import RenderService, newJobID
 from twistedsse.testing import FakeSpawner
 
-from .test_broker import Recorder
+from tests._support.fixtures import Recorder
 
 
 @implementer(IRenderer)

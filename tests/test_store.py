@@ -17,8 +17,8 @@ from twistedsse._service import RenderService
 from twistedsse._store import NullJobStore, SQLiteJobStore, StoredEvent
 from twistedsse.testing import FakeSpawner
 
-from ._helpers import snapshot as queuedSnapshot, ticksService
-from .test_broker import Recorder
+from tests._support.fixtures import snapshot as queuedSnapshot, ticksService
+from tests._support.fixtures import Recorder
 
 
 class JobStoreInterfaceTests(SynchronousTestCase):

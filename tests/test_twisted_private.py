@@ -534,7 +534,7 @@ class RequestTests(SynchronousTestCase):
         Twisted's requests do not read it (24.10), L{BoundedRequest} keeps
         the body unparsed itself (C{_FORMS_SWITCH}).
         """
-        from tests._helpers import ticksService
+        from tests._support.fixtures import ticksService
         from twistedsse import buildSite
         from twistedsse.testing import FakeSpawner
 
