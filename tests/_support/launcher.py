@@ -275,3 +275,16 @@ class TwistdMixin:
         process, protocol = startTwistd(*options)
         self.addCleanup(protocol.kill)  # type: ignore[attr-defined]
         return process, protocol
+
+
+def _twistdExitsOnUsageError() -> bool:
+    from twisted import version
+
+    return (version.major, version.minor) >= (26, 10)
+
+
+#: Whether twistd exits non-zero when the plugin's options refuse to start
+#: (a C{UsageError}). Before Twisted 26.10 it printed the error and exited
+#: 0 (twisted#12656); the tests check the status where Twisted sets it,
+#: and the message everywhere.
+TWISTD_EXITS_ON_USAGE_ERROR = _twistdExitsOnUsageError()
