@@ -9,7 +9,7 @@ worker side only through the L{IRenderQueue}.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Hashable, Mapping
+from typing import Callable, Concatenate, Literal, Mapping, ParamSpec
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -34,6 +34,12 @@ from ._store import STORE_ERRORS
 
 _log = Logger()
 
+#: What a deadline does to a job: delete it (its id is remembered as
+#: expired), or forget even its id.
+_Due = tuple[Literal["expire", "forget"], str]
+
+_P = ParamSpec("_P")
+
 
 @attrs.define
 class JobTracker:
@@ -52,7 +58,7 @@ class JobTracker:
     newID: Callable[[], str]
     maxQueued: int = 0
     expireAfter: float = 86400.0
-    _deadlines: Deadlines = attrs.field(init=False)
+    _deadlines: Deadlines[_Due] = attrs.field(init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _restored: bool = attrs.field(default=False, init=False)
 
@@ -222,8 +228,8 @@ class JobTracker:
 
     # -- expiry --------------------------------------------------------
 
-    def _due(self, key: Hashable) -> None:
-        kind, jobID = key  # type: ignore[misc]
+    def _due(self, key: _Due) -> None:
+        kind, jobID = key
         if kind == "expire":
             self._expire(jobID)
         else:
@@ -260,8 +266,10 @@ class JobTracker:
         self._deadlines.add(forgetAt, ("forget", jobID))
         self._tryStore(self.store.expire, jobID, forgetAt)
 
-    def _tryStore(self, write: Callable[..., None], jobID: str, *args: Any) -> None:
+    def _tryStore(
+        self, write: Callable[Concatenate[str, _P], None], jobID: str, *args: _P.args, **kwargs: _P.kwargs
+    ) -> None:
         try:
-            write(jobID, *args)
+            write(jobID, *args, **kwargs)
         except STORE_ERRORS as e:
             _log.warn("could not delete render {jobID} from the store: {e!r}", jobID=jobID, e=e)
