@@ -6,7 +6,7 @@ send and can close its connections gracefully at shutdown.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Protocol as _Protocol, Sequence, TypeGuard, cast
+from typing import Any, Callable, Protocol as _Protocol, Sequence, cast
 
 from zope.interface import implementer
 from twisted.internet.defer import Deferred, DeferredList
@@ -31,9 +31,6 @@ from ._connections import ABORT_AFTER, ConnectionCounter, ConnectionLimits, Requ
 from ._errors import HeaderTooLarge, PayloadTooLarge, URITooLong
 from ._responses import errorBody
 from ._transport import sendTogether
-
-if TYPE_CHECKING:
-    from twisted.web._http2 import H2Stream
 
 _log = Logger()
 
@@ -77,13 +74,17 @@ def _refuseNow(channel: HTTPChannel, status: int, reason: bytes, code: str, deta
     transport.loseConnection()
 
 
-def _refuseStream(stream: H2Stream, status: int, code: str, detail: str) -> None:
+def _refuseStream(stream: Any, status: int, code: str, detail: str) -> None:
     """
     Answer one HTTP/2 stream with a JSON error before its request is
     whole, then reset that stream only (C{RST_STREAM NO_ERROR}: "stop
     sending, the answer is complete", RFC 9113 section 8.1): the
     connection's other streams go on. Under h2 a request's channel is an
     C{H2Stream} whose C{transport} is C{None}, so L{_refuseNow} cannot.
+
+    @param stream: that C{H2Stream} (C{Any}: Twisted's, private and
+        unannotated; the private names read here are checked by
+        tests/test_twisted_private.py).
     """
     connection = stream._conn
     streamID = stream.streamID
@@ -108,7 +109,7 @@ def _refuseStream(stream: H2Stream, status: int, code: str, detail: str) -> None
         connection._requestDone(streamID)
 
 
-def _isH2Stream(channel: object) -> TypeGuard[H2Stream]:
+def _isH2Stream(channel: object) -> bool:
     return getattr(channel, "transport", True) is None and hasattr(channel, "streamID")
 
 
@@ -204,13 +205,13 @@ class BoundedRequest(Request):
         detail = f"request body is over the {self.maxBody}-byte limit"
         channel = self.channel
         if _isH2Stream(channel):
-            stream = channel
+            stream: Any = channel  # (see _refuseStream)
 
             def refuse() -> None:
                 _refuseStream(stream, PayloadTooLarge.status, PayloadTooLarge.code, detail)
 
             if later:
-                reactor: IReactorTime = channel._conn._reactor
+                reactor: IReactorTime = stream._conn._reactor
                 reactor.callLater(0, refuse)
             else:
                 refuse()
