@@ -76,7 +76,7 @@ class JobTracker:
     # -- the API -------------------------------------------------------
 
     def submit(
-        self, renderer: str, params: object, outputURL: str | None = None, jobID: str | None = None
+        self, renderer: object, params: object, outputURL: str | None = None, jobID: str | None = None
     ) -> JobSnapshot:
         """
         Validate and queue a render.
@@ -91,8 +91,7 @@ class JobTracker:
         @raise InsufficientStorage: the output filesystem is nearly full,
             or the job store cannot be written.
         """
-        impl = self.renderers.get(renderer) if isinstance(renderer, str) else None
-        if impl is None:
+        if not isinstance(renderer, str) or (impl := self.renderers.get(renderer)) is None:
             known = ", ".join(sorted(self.renderers)) or "none"
             raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
         normalized = impl.validate(params)

@@ -178,11 +178,13 @@ class RenderService(Service):
         return self._jobs.newID()
 
     def submit(
-        self, renderer: str, params: object, outputURL: str | None = None, *, jobID: str | None = None
+        self, renderer: object, params: object, outputURL: str | None = None, *, jobID: str | None = None
     ) -> JobSnapshot:
         """
         Validate and queue a render.
 
+        @param renderer: its name (any other value, as a client may send,
+            is no renderer's).
         @param outputURL: the URL clients fetch the output from, opaque
             here: the C{output_url} in the C{complete} event if the render
             makes a file.
