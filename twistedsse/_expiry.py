@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 from itertools import count
-from typing import Callable, Hashable
+from typing import Callable, Generic, Hashable, TypeVar
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -27,17 +27,19 @@ from twisted.logger import Logger
 
 _log = Logger()
 
+_Key = TypeVar("_Key", bound=Hashable)
+
 
 @attrs.define
-class Deadlines:
+class Deadlines(Generic[_Key]):
     """
     @ivar clock: the time, and the one timer.
     @ivar onDue: called with each key whose time has come.
     """
 
     clock: IReactorTime
-    onDue: Callable[[Hashable], None]
-    _heap: list[tuple[float, int, Hashable]] = attrs.field(factory=list, init=False)
+    onDue: Callable[[_Key], None]
+    _heap: list[tuple[float, int, _Key]] = attrs.field(factory=list, init=False)
     _order: "count[int]" = attrs.field(factory=count, init=False)
     _call: IDelayedCall | None = attrs.field(default=None, init=False)
     _started: bool = attrs.field(default=False, init=False)
@@ -45,7 +47,7 @@ class Deadlines:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def add(self, when: float, key: Hashable) -> None:
+    def add(self, when: float, key: _Key) -> None:
         """
         Hand C{key} to C{onDue} at C{when} (or at the next start, if
         stopped; at once, if started and C{when} has passed).

@@ -9,11 +9,12 @@ from __future__ import annotations
 import enum
 from collections import deque
 from itertools import islice
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import attrs
 
 from ._frames import Event
+from ._json import JSONObject
 
 
 class JobState(enum.Enum):
@@ -54,14 +55,14 @@ class JobSnapshot:
 
     id: str
     renderer: str
-    params: Mapping[str, Any]
+    params: JSONObject
     state: JobState
     createdAt: float
     startedAt: float | None = None
     endedAt: float | None = None
-    progress: Mapping[str, Any] | None = None
-    result: Mapping[str, Any] | None = None
-    error: Mapping[str, Any] | None = None
+    progress: JSONObject | None = None
+    result: JSONObject | None = None
+    error: JSONObject | None = None
 
     def transition(self, state: JobState, now: float, **changes: Any) -> JobSnapshot:
         """

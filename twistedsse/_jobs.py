@@ -9,7 +9,7 @@ worker side only through the L{IRenderQueue}.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Hashable, Mapping
+from typing import Callable, Concatenate, Literal, Mapping, ParamSpec
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -37,6 +37,12 @@ _log = Logger()
 #: Renders that may wait for a slot, by default (C{--max-queued}).
 MAX_QUEUED = 100
 
+#: What a deadline does to a job: delete it (its id is remembered as
+#: expired), or forget even its id.
+_Due = tuple[Literal["expire", "forget"], str]
+
+_P = ParamSpec("_P")
+
 
 @attrs.define
 class JobTracker:
@@ -55,7 +61,7 @@ class JobTracker:
     newID: Callable[[], str]
     maxQueued: int = 0
     expireAfter: float = 86400.0
-    _deadlines: Deadlines = attrs.field(init=False)
+    _deadlines: Deadlines[_Due] = attrs.field(init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _restored: bool = attrs.field(default=False, init=False)
 
@@ -73,7 +79,7 @@ class JobTracker:
     # -- the API -------------------------------------------------------
 
     def submit(
-        self, renderer: str, params: object, outputURL: str | None = None, jobID: str | None = None
+        self, renderer: object, params: object, outputURL: str | None = None, jobID: str | None = None
     ) -> JobSnapshot:
         """
         Validate and queue a render.
@@ -88,8 +94,7 @@ class JobTracker:
         @raise InsufficientStorage: the output filesystem is nearly full,
             or the job store cannot be written.
         """
-        impl = self.renderers.get(renderer) if isinstance(renderer, str) else None
-        if impl is None:
+        if not isinstance(renderer, str) or (impl := self.renderers.get(renderer)) is None:
             known = ", ".join(sorted(self.renderers)) or "none"
             raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
         normalized = impl.validate(params)
@@ -225,8 +230,8 @@ class JobTracker:
 
     # -- expiry --------------------------------------------------------
 
-    def _due(self, key: Hashable) -> None:
-        kind, jobID = key  # type: ignore[misc]
+    def _due(self, key: _Due) -> None:
+        kind, jobID = key
         if kind == "expire":
             self._expire(jobID)
         else:
@@ -263,8 +268,10 @@ class JobTracker:
         self._deadlines.add(forgetAt, ("forget", jobID))
         self._tryStore(self.store.expire, jobID, forgetAt)
 
-    def _tryStore(self, write: Callable[..., None], jobID: str, *args: Any) -> None:
+    def _tryStore(
+        self, write: Callable[Concatenate[str, _P], None], jobID: str, *args: _P.args, **kwargs: _P.kwargs
+    ) -> None:
         try:
-            write(jobID, *args)
+            write(jobID, *args, **kwargs)
         except STORE_ERRORS as e:
             _log.warn("could not delete render {jobID} from the store: {e!r}", jobID=jobID, e=e)

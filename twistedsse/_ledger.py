@@ -7,7 +7,7 @@ it: a job starts, makes progress, ends with an L{Outcome}.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from ._interfaces import IJobBroker, IJobStore
 from ._job import JobSnapshot, JobState
+from ._json import JSONObject
 from ._outcome import Outcome, storageFailed
 from ._store import STORE_ERRORS, StoredEvent
 
@@ -54,7 +55,7 @@ class JobLedger:
             return None
         return snapshot
 
-    def progress(self, jobID: str, payloads: list[dict[str, Any]]) -> None:
+    def progress(self, jobID: str, payloads: Sequence[JSONObject]) -> None:
         """
         Publish progress reports, several at once when the render printed
         faster than we read (the server is busy): one fan-out for all of
@@ -68,7 +69,7 @@ class JobLedger:
         Record a job's end: its final snapshot, its terminal event (which
         ends its streams), and both in the store.
         """
-        changes: dict[str, Any] = {}
+        changes: dict[str, JSONObject] = {}
         if outcome.state is JobState.SUCCEEDED:
             changes["result"] = outcome.payload
         elif outcome.state is JobState.FAILED:

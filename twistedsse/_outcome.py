@@ -13,12 +13,12 @@ C{duration}, C{size}, C{elapsed} for C{complete}).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
 
 import attrs
 
 from ._errors import RenderProtocolError
 from ._job import JobState
+from ._json import JSON, JSONObject
 from ._render import ExitStatus
 
 #: What stands for the output directory in a client's stderr lines.
@@ -34,7 +34,7 @@ class Outcome:
 
     state: JobState
     event: str
-    payload: Mapping[str, Any]
+    payload: JSONObject
 
 
 class OverShare(Exception):
@@ -43,7 +43,7 @@ class OverShare(Exception):
     """
 
 
-def failurePayload(message: str, reason: str, status: ExitStatus | None = None) -> dict[str, Any]:
+def failurePayload(message: str, reason: str, status: ExitStatus | None = None) -> dict[str, JSON]:
     """
     The payload of a C{failed} event: why, as text and as a stable
     C{reason} word, and the process's exit facts when there was a process.
@@ -85,7 +85,7 @@ def scrubPaths(status: ExitStatus, outputDir: str) -> ExitStatus:
     )
 
 
-def exitFailure(status: ExitStatus, timeout: float) -> dict[str, Any]:
+def exitFailure(status: ExitStatus, timeout: float) -> dict[str, JSON]:
     """
     The payload of a render whose process ended without success (and that
     nobody stopped on purpose, but for its timeout).

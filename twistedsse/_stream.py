@@ -34,6 +34,7 @@ import socket
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -67,7 +68,7 @@ def tcpTransport(request: Any) -> ITCPTransport | None:
     return transport if ITCPTransport.providedBy(transport) else None
 
 
-def lastEventID(request: Request) -> str | None:
+def lastEventID(request: IRequest) -> str | None:
     """
     The id the client last saw: the C{Last-Event-ID} header a browser sends
     when it reconnects, or else a C{lastEventId} query parameter (for
@@ -85,7 +86,7 @@ def lastEventID(request: Request) -> str | None:
         return None
 
 
-def startStreamHeaders(request: Request) -> None:
+def startStreamHeaders(request: IRequest) -> None:
     """
     The response headers of an event stream. No C{Content-Length}: the
     body ends when the job does (chunked over HTTP/1.1, connection close
