@@ -112,3 +112,20 @@ class FileLimitTests(SynchronousTestCase):
         self.assertEqual((status, json.loads(body)["error"]), (503, "too_many_streams"))
         for conn in conns + [conn]:
             conn.disconnect()
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_siteOptionsAreTheResourceOptions(self) -> None:
+        """
+        L{buildSite} passes on exactly the keywords L{buildResource} takes
+        (but the connection counter, which it makes itself): the typed
+        options stay in step with the builder.
+        """
+        from twistedsse._build import ResourceOptions
+
+        keywords = {
+            name
+            for name, p in inspect.signature(buildResource).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        self.assertEqual(set(ResourceOptions.__annotations__), keywords - {"connectionCounter"})

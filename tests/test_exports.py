@@ -26,7 +26,7 @@ PUBLIC = {
     "InvalidBody", "InvalidParams", "JobExpired", "JobFinished", "JobSnapshot", "JobState", "MalformedJSON",
     "MemoryBroker", "MethodNotAllowed", "MisdirectedRequest", "NotFound", "NullJobStore", "OutputExpired",
     "OutputNotReady", "PayloadTooLarge", "QueueFull", "RangeNotSatisfiable", "RenderPlan", "RenderProtocolError",
-    "RenderService", "RetryLater", "SQLiteJobStore", "ServerService", "TERMINAL_EVENTS", "TooManyStreams",
+    "RenderService", "ResourceOptions", "RetryLater", "SQLiteJobStore", "ServerService", "TERMINAL_EVENTS", "TooManyStreams",
     "TwistedSSEError", "URITooLong", "Unauthorized", "UnknownJob", "UnknownRenderer", "Unprocessable",
     "UnsupportedMediaType", "buildResource", "buildService", "buildSite", "encodeComment", "encodeEvent",
     "mintToken", "redactedLogFormatter",

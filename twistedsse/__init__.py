@@ -14,7 +14,7 @@ not to be buffered.
 """
 
 from ._broker import MemoryBroker
-from ._build import buildResource, buildService, buildSite
+from ._build import ResourceOptions, buildResource, buildService, buildSite
 from ._card import CardRenderer
 from ._command import CommandRenderer
 from ._connections import ConnectionCounter, ConnectionLimits
@@ -70,6 +70,7 @@ __all__ = [
     "buildService",
     "buildResource",
     "buildSite",
+    "ResourceOptions",
     "RenderService",
     "DrainingSite",
     "ServerService",

@@ -6,9 +6,10 @@ C{twistd -n twistedsse}, without plugin discovery or a pidfile.
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.python import usage
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
 
     def run(reactor: IReactorCore) -> Deferred[None]:
-        service = makeService(options, reactor)
+        # (react's reactor is the global one: every interface at once.)
+        service = makeService(options, cast(IReactorTime, reactor))
         service.startService()
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         return Deferred()  # runs until SIGINT/SIGTERM

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable, TypedDict, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.web.resource import IResource
 
 from ._app import TwistedSSEApp
@@ -34,13 +35,46 @@ from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-def _reactor(reactor: Any) -> Any:
+
+def _reactor(reactor: IReactorTime | None) -> IReactorTime:
+    """
+    The reactor given, or the global one, imported only now: importing
+    twistedsse never installs a reactor.
+    """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
-        return globalReactor
+        # (Typed as a module; it is the running reactor.)
+        return cast(IReactorTime, globalReactor)
     return reactor
+
+
+def _spawner(reactor: IReactorTime) -> IReactorProcess:
+    """
+    The same reactor as what starts processes: every reactor Twisted ships
+    is both (a type cannot say "both" of two zope interfaces).
+    """
+    return cast(IReactorProcess, reactor)
+
+
+class ResourceOptions(TypedDict, total=False):
+    """
+    The options L{buildResource} takes and L{buildSite} passes on: see
+    L{buildResource} for each.
+    """
+
+    keepalive: float
+    retry: int
+    writeTimeout: float
+    maxStreams: int | None
+    maxStreamsPerJob: int
+    authTokens: Iterable[bytes]
+    corsOrigins: Iterable[str]
+    jwtSecret: bytes | None
+    publicNames: Iterable[str]
 
 
 class _TemporaryOutputService(RenderService):
@@ -75,7 +109,7 @@ def defaultRenderThreads() -> int:
 
 
 def buildService(
-    reactor: Any = None,
+    reactor: IReactorTime | None = None,
     *,
     renderers: Iterable[IRenderer] = (),
     outputDir: str | os.PathLike[str] | None = None,
@@ -142,7 +176,7 @@ def buildService(
         kind, outputDir = _TemporaryOutputService, Path(os.devnull)
     return kind(
         clock=reactor,
-        spawner=reactor,
+        spawner=_spawner(reactor),
         broker=broker if broker is not None else MemoryBroker(history=history, clock=reactor),
         renderers=table,
         outputDir=Path(outputDir),
@@ -160,7 +194,7 @@ def buildService(
 
 def buildResource(
     service: RenderService,
-    reactor: Any = None,
+    reactor: IReactorTime | None = None,
     *,
     keepalive: float = 15.0,
     retry: int = 2000,
@@ -213,7 +247,11 @@ def buildResource(
 
 
 def buildSite(
-    service: RenderService, reactor: Any = None, *, connections: ConnectionLimits | None = None, **options: Any
+    service: RenderService,
+    reactor: IReactorTime | None = None,
+    *,
+    connections: ConnectionLimits | None = None,
+    **options: Unpack[ResourceOptions],
 ) -> DrainingSite:
     """
     A L{DrainingSite} serving L{buildResource} (which takes C{options}) at

@@ -10,10 +10,11 @@ from __future__ import annotations
 import gc
 import os
 from urllib.parse import urlsplit
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import strports
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.python import usage
 
 from twisted.logger import Logger
@@ -259,7 +260,7 @@ def tuneGarbageCollector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: IReactorTime | None = None) -> IService:
     """
     The render service and one listening service per C{--listen}. They stop
     in reverse order: first no new connections, then every render ends and
@@ -312,7 +313,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = ServerService(service, site, reactor)
     # TCP connections that send each frame in the write itself (see
     # twistedsse._transport); other endpoints are the reactor's own.
-    listening = reactor if options["no-eager-send"] else EagerSendReactor(reactor)
+    listening: IReactorCore = EagerSendReactor(reactor)
+    if options["no-eager-send"]:
+        # (Every reactor Twisted ships is an IReactorCore too.)
+        listening = cast(IReactorCore, reactor)
     for description in options["listen"]:
         top.addListener(strports.service(description, site, reactor=listening))
     tuneGarbageCollector()
