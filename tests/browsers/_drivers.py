@@ -46,6 +46,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
+from twisted.trial.unittest import SynchronousTestCase
+
 from tests._support.ports import freePort
 from tests._support.procfs import allPIDs, descendants, procStat
 from tests._support.waiting import PipeReader, poll
@@ -53,6 +55,7 @@ from tests._support.waiting import PipeReader, poll
 from ._need import need
 
 ENGINES = ("chromium", "firefox", "webkit")
+_ENGINE_NAMES = {"chromium": "Chromium", "firefox": "Firefox", "webkit": "WebKit"}
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -570,3 +573,32 @@ class OneBrowserPerClass:
     @classmethod
     def tearDownClass(cls) -> None:
         cls._resources.close()
+
+
+def inEveryEngine(
+    mixin: type, name: str, extra: dict[str, type] | None = None
+) -> tuple[type[SynchronousTestCase], ...]:
+    """
+    The one way to say "this test class runs in Chromium, Firefox and
+    WebKit": a C{SynchronousTestCase} per engine of L{ENGINES}, in that
+    order, named C{ChromiumI{name}Tests} and so on, made from C{mixin} (the
+    tests, reading C{self.engine}; usually a L{OneBrowserPerClass}). Bind
+    the result to those names in the test module, so pytest collects them
+    under them:
+
+        ChromiumXTests, FirefoxXTests, WebKitXTests = inEveryEngine(XMixin, "X")
+
+    @param extra: an engine to a further mixin whose tests only that
+        engine's class runs.
+    """
+    extra = extra or {}
+    unknown = set(extra) - set(ENGINES)
+    if unknown:
+        raise ValueError(f"extra names unknown engines: {sorted(unknown)}")
+    classes = []
+    for engine in ENGINES:
+        className = f"{_ENGINE_NAMES[engine]}{name}Tests"
+        bases = (extra[engine], mixin) if engine in extra else (mixin,)
+        namespace = {"engine": engine, "__module__": mixin.__module__, "__qualname__": className}
+        classes.append(type(className, (*bases, SynchronousTestCase), namespace))
+    return tuple(classes)

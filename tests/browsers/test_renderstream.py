@@ -17,10 +17,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
-
 from ._cutter import Cutter
-from ._drivers import OneBrowserPerClass
+from ._drivers import OneBrowserPerClass, inEveryEngine
 from tests._support.jsonhttp import getJSON, postJSON
 from tests._support.launcher import Server
 
@@ -118,13 +116,4 @@ class RenderStreamMixin(OneBrowserPerClass):
         )
 
 
-class ChromiumRenderStreamTests(RenderStreamMixin, SynchronousTestCase):
-    engine = "chromium"
-
-
-class FirefoxRenderStreamTests(RenderStreamMixin, SynchronousTestCase):
-    engine = "firefox"
-
-
-class WebKitRenderStreamTests(RenderStreamMixin, SynchronousTestCase):
-    engine = "webkit"
+ChromiumRenderStreamTests, FirefoxRenderStreamTests, WebKitRenderStreamTests = inEveryEngine(RenderStreamMixin, "RenderStream")
