@@ -602,3 +602,27 @@ def inEveryEngine(
         namespace = {"engine": engine, "__module__": mixin.__module__, "__qualname__": className}
         classes.append(type(className, (*bases, SynchronousTestCase), namespace))
     return tuple(classes)
+
+
+def pollInPage(value: str, ready: str, settle: str, failure: str, seconds: int, every: int = 10) -> str:
+    """
+    A JavaScript promise that polls inside the page, every C{every} ms,
+    until C{ready} holds, then runs C{settle} (which calls C{resolve}); after
+    C{seconds} it rejects with the message C{failure}. Polling from the
+    driver instead stalls Firefox, and a deadline in the page names what
+    it saw, where a driver timeout says nothing.
+
+    @param value: an expression for what is read on every poll, bound to
+        C{v} for C{ready}, C{settle} and C{failure}.
+    @param failure: a JavaScript string expression.
+    """
+    return f"""new Promise(function (resolve, reject) {{
+  var deadline = Date.now() + {seconds * 1000};
+  (function check() {{
+    var v = {value};
+    if ({ready}) {{
+      {settle};
+    }} else if (Date.now() > deadline) reject(new Error({failure}));
+    else setTimeout(check, {every});
+  }})();
+}})"""
