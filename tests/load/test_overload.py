@@ -50,8 +50,8 @@ class OverloadTests(LoadTestCase):
         memory grew by less than L{RSS_GROWTH_BOUND_MIB} MiB.
         """
         count = 200
-        held = self.heldRender(["--max-streams", str(LIMIT)], count=count, interval=0.02)
-        server, loop, job, memory = held.server, held.loop, held.job, held.memory
+        started = self.heldRender(["--max-streams", str(LIMIT)], count=count, interval=0.02)
+        server, loop, job, memory = started.server, started.loop, started.job, started.memory
 
         first = [StreamClient(loop, server.port, job["events_url"]) for _ in range(2 * LIMIT)]
         loop.run(lambda: all(c.status is not None for c in first), 20, "400 answers", memory.sample)
@@ -64,7 +64,7 @@ class OverloadTests(LoadTestCase):
 
         crowd = Attempts(server.port, job["events_url"], LIMIT, waves=10, spacing=0.1)
         self.addCleanup(crowd.stop)
-        held.go()
+        started.go()
         retrying: list[bool] = []
 
         def retry() -> None:
@@ -107,4 +107,4 @@ class OverloadTests(LoadTestCase):
         loop.run(lambda: again.closed, 10, "a stream after the overload")
         self.assertEqual(again.status, 200)
         self.assertEqual(again.events[-1][1], "complete")
-        self.assertDescriptorsReleased(held, "overload")
+        self.assertDescriptorsReleased(started, "overload")

@@ -62,8 +62,8 @@ class SlowClientTests(LoadTestCase):
         count, slowCount, normalCount = 20_000, 200, 20
         waves, firstWave, spacing = 20, 0.5, 0.1
         # The slow ones must still be there when they start reading.
-        held = self.heldRender(["--write-timeout", "300"], count=count, interval=0.001, pad=900)
-        server, loop, job, memory = held.server, held.loop, held.job, held.memory
+        started = self.heldRender(["--write-timeout", "300"], count=count, interval=0.001, pad=900)
+        server, loop, job, memory = started.server, started.loop, started.job, started.memory
         normal = [StreamClient(loop, server.port, job["events_url"]) for _ in range(normalCount)]
         loop.run(lambda: all(c.sent for c in normal), 20, "sending the requests", memory.sample)
         server.waitFor("the readers subscribed", lambda h: h["subscribers"] == normalCount, 20)
@@ -82,7 +82,7 @@ class SlowClientTests(LoadTestCase):
                     )
                 )  # fmt: skip
 
-        held.go()
+        started.go()
         start = time.monotonic()
         cpu = server.cpu()
         took = loop.run(lambda: all(c.closed for c in normal), 90, "the readers' streams", join, 0.01, PACE)
@@ -129,7 +129,7 @@ class SlowClientTests(LoadTestCase):
 
         health = server.waitFor("all streams closed", lambda h: h["streams"] == 0 and h["subscribers"] == 0, 10)
         self.assertEqual(health["renders"]["running"], 0)
-        self.assertDescriptorsReleased(held, "slow clients")
+        self.assertDescriptorsReleased(started, "slow clients")
 
     def test_deadReadersDroppedAfterWriteTimeout(self) -> None:
         """
@@ -140,8 +140,8 @@ class SlowClientTests(LoadTestCase):
         released once the render ends. The readers get every event.
         """
         count, deadCount, liveCount, timeout = 1200, 200, 5, 2.0
-        held = self.heldRender(["--write-timeout", str(timeout)], count=count, interval=0.005, pad=900)
-        server, loop, job, memory = held.server, held.loop, held.job, held.memory
+        started = self.heldRender(["--write-timeout", str(timeout)], count=count, interval=0.005, pad=900)
+        server, loop, job, memory = started.server, started.loop, started.job, started.memory
         dead = [
             StreamClient(loop, server.port, job["events_url"], read=False, rcvbuf=SMALL_RCVBUF, mss=ETHERNET_MSS)
             for _ in range(deadCount)
@@ -151,7 +151,7 @@ class SlowClientTests(LoadTestCase):
         server.waitFor("everyone subscribed", lambda h: h["subscribers"] == deadCount + liveCount, 20)
         fdsOpen = server.fds()
 
-        held.go()
+        started.go()
         start = time.monotonic()
         seen: list[tuple[float, int]] = []
 
@@ -166,7 +166,7 @@ class SlowClientTests(LoadTestCase):
         running = server.state(job)
         report(
             f"dead clients: --write-timeout {timeout:g}: first drop {firstDrop:.2f} s after the render started, "
-            f"all {deadCount} dropped by {allDropped:.2f} s; server fds {held.fdsBefore} before, {fdsOpen} with "
+            f"all {deadCount} dropped by {allDropped:.2f} s; server fds {started.fdsBefore} before, {fdsOpen} with "
             f"{deadCount + liveCount} streams, {fdsDropped} after the drops; RSS +{memory.growthMiB:.1f} MiB"
         )
         self.assertGreaterEqual(firstDrop, timeout, "a stream was dropped before it had stalled that long")
@@ -187,4 +187,4 @@ class SlowClientTests(LoadTestCase):
             self.assertEqual(client.events[-1][1], "complete")
 
         server.waitFor("all streams closed", lambda h: h["streams"] == 0 and h["subscribers"] == 0, 10)
-        self.assertDescriptorsReleased(held, "dead clients")
+        self.assertDescriptorsReleased(started, "dead clients")
