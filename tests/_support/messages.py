@@ -30,11 +30,12 @@ class Request:
         return f"<Request {self.method} {self.target}>"
 
 
-@attrs.frozen
+@attrs.define
 class Reply:
     """
     What a server answered to one request: C{status} is C{None} if it
-    closed the connection without answering.
+    closed the connection without answering. Not frozen: the HTTP/2 client
+    fills it in as the stream's frames come.
 
     @ivar headers: lower-cased names to values.
     """
