@@ -19,7 +19,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twistedsse._broker import MemoryBroker
 from twistedsse._build import buildSite
-from twistedsse._command import CommandRenderer
 from twistedsse._errors import InsufficientStorage, JobExpired, OutputExpired, UnknownJob
 from twistedsse._expiry import Deadlines
 from twistedsse._job import JobState
@@ -28,7 +27,7 @@ from twistedsse._store import SQLiteJobStore
 from twistedsse.testing import FakeSpawner
 
 from tests._support.web import Connection, splitResponse
-from tests._support.fixtures import Recorder
+from tests._support.fixtures import Recorder, ticksService
 
 DAY = 86400.0
 
@@ -112,17 +111,14 @@ class ExpiryTests(SynchronousTestCase):
 
     def makeService(self, **options: Any) -> RenderService:
         options.setdefault("expireAfter", DAY)
-        service = RenderService(
-            clock=self.clock,
-            spawner=self.spawner,
-            broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
-            outputDir=self.out,
+        service = ticksService(
+            self.clock,
+            self.spawner,
+            self.out,
             maxRenders=1,
             store=SQLiteJobStore(self.dir / "jobs.sqlite3"),
             **options,
         )
-        service.startService()
         self.addCleanup(lambda: service.running and self.successResultOf(service.stopService()))
         return service
 
@@ -384,16 +380,7 @@ class OutputBudgetTests(SynchronousTestCase):
 
     def makeService(self, **options: Any) -> RenderService:
         options.setdefault("maxRenders", 1)
-        service = RenderService(
-            clock=self.clock,
-            spawner=self.spawner,
-            broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
-            outputDir=self.dir,
-            expireAfter=0,
-            **options,
-        )
-        service.startService()
+        service = ticksService(self.clock, self.spawner, self.dir, expireAfter=0, **options)
         self.addCleanup(lambda: self.successResultOf(service.stopService()))
         return service
 
@@ -496,18 +483,15 @@ class DiskSpaceTests(SynchronousTestCase):
         self.clock = Clock()
         self.spawner = FakeSpawner()
         self.statvfs = FakeStatvfs(free=10 * 1024 * 1024)
-        self.service = RenderService(
-            clock=self.clock,
-            spawner=self.spawner,
-            broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
-            outputDir=self.dir / "outputs",
+        self.service = ticksService(
+            self.clock,
+            self.spawner,
+            self.dir / "outputs",
             maxRenders=1,
             expireAfter=0,
             minFreeBytes=100 * 1024 * 1024,
             statvfs=self.statvfs,
         )
-        self.service.startService()
         self.addCleanup(lambda: self.successResultOf(self.service.stopService()))
 
     def test_submitRefusedWhenNearlyFull(self) -> None:
@@ -582,18 +566,15 @@ class StoreFullTests(SynchronousTestCase):
         self.clock = Clock()
         self.spawner = FakeSpawner()
         self.store = SQLiteJobStore(self.dir / "jobs.sqlite3")
-        self.service = RenderService(
-            clock=self.clock,
-            spawner=self.spawner,
-            broker=MemoryBroker(),
-            renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
-            outputDir=self.dir / "outputs",
+        self.service = ticksService(
+            self.clock,
+            self.spawner,
+            self.dir / "outputs",
             maxRenders=1,
             expireAfter=0,
             renderTimeout=0,
             store=self.store,
         )
-        self.service.startService()
         self.addCleanup(lambda: self.successResultOf(self.service.stopService()))
 
     def test_fullStoreRefusesANewRender(self) -> None:

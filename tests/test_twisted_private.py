@@ -332,6 +332,27 @@ class PortTests(SynchronousTestCase):
         reactor.advance(0)
 
 
+def _cancelNewGlobalCalls(case: SynchronousTestCase) -> set[Any]:
+    """
+    Cancel, at C{case}'s cleanup, the calls the test leaves on the global
+    reactor (C{startTLS}'s flush, C{HTTPChannel}'s timeout): the test
+    drives the transports by hand and never runs that reactor.
+
+    @return: the calls already there, which are not the test's.
+    """
+    from twisted.internet import reactor as globalReactor
+
+    before = set(globalReactor.getDelayedCalls())
+
+    def cancelNew() -> None:
+        for call in globalReactor.getDelayedCalls():
+            if call not in before and call.active():
+                call.cancel()
+
+    case.addCleanup(cancelNew)
+    return before
+
+
 class _TLSClient:
     """
     The client end of a TLS connection, in memory (C{ssl.SSLObject}) over
@@ -422,14 +443,7 @@ class TLSTests(SynchronousTestCase):
         """
         from twisted.internet import reactor as globalReactor
 
-        before = set(globalReactor.getDelayedCalls())
-
-        def cancelNew() -> None:
-            for call in globalReactor.getDelayedCalls():
-                if call not in before and call.active():
-                    call.cancel()
-
-        self.addCleanup(cancelNew)
+        before = _cancelNewGlobalCalls(self)
         c = _Connected(self, smallBuffers=False)
         c.transport.startTLS(PrivateCertificate.loadPEM(_PEM).options())
         self.assertTrue(c.transport.TLS)
@@ -574,16 +588,7 @@ class ChannelTests(SynchronousTestCase):
         C{_channel.conn.highest_inbound_stream_id}, to stop the request
         clock at the first h2 stream).
         """
-        from twisted.internet import reactor as globalReactor
-
-        before = set(globalReactor.getDelayedCalls())
-
-        def cancelNew() -> None:
-            for call in globalReactor.getDelayedCalls():
-                if call not in before and call.active():
-                    call.cancel()
-
-        self.addCleanup(cancelNew)
+        _cancelNewGlobalCalls(self)
         recorder = _Recorder()
         site = Site(recorder, reactor=MemoryReactorClock())
         protocol, transport = _channel(site)

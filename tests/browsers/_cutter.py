@@ -32,29 +32,13 @@ import time
 from types import TracebackType
 from typing import Callable
 
+from tests._support.messages import Request
+
 # SO_LINGER on with a zero timeout: close() sends RST and drops unsent data.
 _RESET = struct.pack("ii", 1, 0)
 
 
 _REQUEST_HEAD = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (\S+) HTTP/1\.[01]\r\n(.*?)\r\n\r\n", re.DOTALL)
-
-
-class Request:
-    """
-    One request head a client sent through the relay.
-
-    @ivar at: when its first byte arrived (C{time.time()}).
-    @ivar headers: lower-cased names to values.
-    """
-
-    def __init__(self, method: str, target: str, headers: dict[str, str], at: float) -> None:
-        self.method = method
-        self.target = target
-        self.headers = headers
-        self.at = at
-
-    def __repr__(self) -> str:
-        return f"<Request {self.method} {self.target}>"
 
 
 class Connection:

@@ -46,6 +46,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
+from twisted.trial.unittest import SynchronousTestCase
+
 from tests._support.ports import freePort
 from tests._support.procfs import allPIDs, descendants, procStat
 from tests._support.waiting import PipeReader, poll
@@ -53,6 +55,7 @@ from tests._support.waiting import PipeReader, poll
 from ._need import need
 
 ENGINES = ("chromium", "firefox", "webkit")
+_ENGINE_NAMES = {"chromium": "Chromium", "firefox": "Firefox", "webkit": "WebKit"}
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -570,3 +573,56 @@ class OneBrowserPerClass:
     @classmethod
     def tearDownClass(cls) -> None:
         cls._resources.close()
+
+
+def inEveryEngine(
+    mixin: type, name: str, extra: dict[str, type] | None = None
+) -> tuple[type[SynchronousTestCase], ...]:
+    """
+    The one way to say "this test class runs in Chromium, Firefox and
+    WebKit": a C{SynchronousTestCase} per engine of L{ENGINES}, in that
+    order, named C{ChromiumI{name}Tests} and so on, made from C{mixin} (the
+    tests, reading C{self.engine}; usually a L{OneBrowserPerClass}). Bind
+    the result to those names in the test module, so pytest collects them
+    under them:
+
+        ChromiumXTests, FirefoxXTests, WebKitXTests = inEveryEngine(XMixin, "X")
+
+    @param extra: an engine to a further mixin whose tests only that
+        engine's class runs.
+    """
+    extra = extra or {}
+    unknown = set(extra) - set(ENGINES)
+    if unknown:
+        raise ValueError(f"extra names unknown engines: {sorted(unknown)}")
+    classes = []
+    for engine in ENGINES:
+        className = f"{_ENGINE_NAMES[engine]}{name}Tests"
+        bases = (extra[engine], mixin) if engine in extra else (mixin,)
+        namespace = {"engine": engine, "__module__": mixin.__module__, "__qualname__": className}
+        classes.append(type(className, (*bases, SynchronousTestCase), namespace))
+    return tuple(classes)
+
+
+def pollInPage(value: str, ready: str, settle: str, failure: str, seconds: int, every: int = 10) -> str:
+    """
+    A JavaScript promise that polls inside the page, every C{every} ms,
+    until C{ready} holds, then runs C{settle} (which calls C{resolve}); after
+    C{seconds} it rejects with the message C{failure}. Polling from the
+    driver instead stalls Firefox, and a deadline in the page names what
+    it saw, where a driver timeout says nothing.
+
+    @param value: an expression for what is read on every poll, bound to
+        C{v} for C{ready}, C{settle} and C{failure}.
+    @param failure: a JavaScript string expression.
+    """
+    return f"""new Promise(function (resolve, reject) {{
+  var deadline = Date.now() + {seconds * 1000};
+  (function check() {{
+    var v = {value};
+    if ({ready}) {{
+      {settle};
+    }} else if (Date.now() > deadline) reject(new Error({failure}));
+    else setTimeout(check, {every});
+  }})();
+}})"""

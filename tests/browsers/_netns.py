@@ -33,6 +33,7 @@ from tests._support.stats import summary
 
 from tests._support.launcher import ROOT, childEnv
 from tests._support.waiting import poll
+from ._drivers import pollInPage
 from ._need import need, needProgram
 
 CLIENT = str(ROOT / "tests" / "_support" / "sseclient.py")
@@ -171,15 +172,14 @@ def late(latencies: list[float]) -> list[tuple[int, float]]:
 # Settles once the page's EventSource is open and a frame has been painted
 # since: WebKit's first paint holds its main thread for hundreds of ms, and
 # events arriving meanwhile wait for it.
-WAIT_CONNECTED = """new Promise(function (resolve, reject) {
-  var deadline = Date.now() + 20000;
-  (function poll() {
-    var api = window.twistedsse;
-    if (api && api.connections > 0) requestAnimationFrame(function () { requestAnimationFrame(resolve); });
-    else if (Date.now() > deadline) reject(new Error("no EventSource open after 20 s; state " + (api && api.state)));
-    else setTimeout(poll, 5);
-  })();
-})"""
+WAIT_CONNECTED = pollInPage(
+    "window.twistedsse",
+    "v && v.connections > 0",
+    "requestAnimationFrame(function () { requestAnimationFrame(resolve); })",
+    '"no EventSource open after 20 s; state " + (v && v.state)',
+    20,
+    every=5,
+)
 
 WAIT_DONE = """window.twistedsse.done.then(function (end) {
   var api = window.twistedsse;

@@ -14,12 +14,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
-
 from twistedsse import mintToken
 from twistedsse._app import CSP
 
-from ._drivers import OneBrowserPerClass
+from ._drivers import OneBrowserPerClass, inEveryEngine
 from tests._support.launcher import Server
 from .test_direct import FINISHED, SUBSCRIBED, pageURL
 
@@ -110,13 +108,4 @@ class AuthPageMixin(OneBrowserPerClass):
         self.assertIn('"DELETE /renders/', server.logText())
 
 
-class ChromiumAuthPageTests(AuthPageMixin, SynchronousTestCase):
-    engine = "chromium"
-
-
-class FirefoxAuthPageTests(AuthPageMixin, SynchronousTestCase):
-    engine = "firefox"
-
-
-class WebKitAuthPageTests(AuthPageMixin, SynchronousTestCase):
-    engine = "webkit"
+ChromiumAuthPageTests, FirefoxAuthPageTests, WebKitAuthPageTests = inEveryEngine(AuthPageMixin, "AuthPage")

@@ -37,6 +37,8 @@ from tests._support.waiting import waitUntil
 
 from tests._support.tls import selfSigned
 
+from ._drivers import inEveryEngine
+
 BOUND_MS = 100.0
 #: Seconds each render of a ten-stream test waits before its first line:
 #: ten interpreters starting at once on a small machine are not what is
@@ -455,13 +457,4 @@ class _BrowserHTTP2Mixin(_TLSServerMixin):
         self.assertGreater(min(held), DELAY * 1000 + 0.8 * COUNT * INTERVAL * 1000)
 
 
-class ChromiumHTTP2Tests(_BrowserHTTP2Mixin, SynchronousTestCase):
-    engine = "chromium"
-
-
-class FirefoxHTTP2Tests(_BrowserHTTP2Mixin, SynchronousTestCase):
-    engine = "firefox"
-
-
-class WebKitHTTP2Tests(_BrowserHTTP2Mixin, SynchronousTestCase):
-    engine = "webkit"
+ChromiumHTTP2Tests, FirefoxHTTP2Tests, WebKitHTTP2Tests = inEveryEngine(_BrowserHTTP2Mixin, "HTTP2")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
-
-from ._drivers import OneBrowserPerClass
+from ._drivers import OneBrowserPerClass, inEveryEngine
 from tests._support.jsonhttp import getJSON, postJSON
 from tests._support.waiting import waitUntil
 from tests._support.launcher import Server
@@ -53,13 +51,4 @@ class OutputViewerMixin(OneBrowserPerClass):
         self.assertGreaterEqual(video["readyState"], 1, f"{self.engine}: {video}")
 
 
-class ChromiumOutputTests(OutputViewerMixin, SynchronousTestCase):
-    engine = "chromium"
-
-
-class FirefoxOutputTests(OutputViewerMixin, SynchronousTestCase):
-    engine = "firefox"
-
-
-class WebKitOutputTests(OutputViewerMixin, SynchronousTestCase):
-    engine = "webkit"
+ChromiumOutputTests, FirefoxOutputTests, WebKitOutputTests = inEveryEngine(OutputViewerMixin, "Output")

@@ -17,10 +17,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
-
 from ._cutter import Cutter
-from ._drivers import OneBrowserPerClass
+from ._drivers import OneBrowserPerClass, inEveryEngine, pollInPage
 from tests._support.jsonhttp import getJSON, postJSON
 from tests._support.launcher import Server
 
@@ -42,25 +40,15 @@ OPEN = """(function () {
 
 # Settles once the page's EventSource has opened N times (and, for the
 # first, half a second has passed: the opening frame is parsed).
-OPENED = """new Promise(function (resolve, reject) {
-  var deadline = Date.now() + 20000;
-  (function check() {
-    var t = window.renderStreamTest;
-    if (t.opens >= %d && Date.now() - t.openedAt >= 500) resolve(t.opens);
-    else if (Date.now() > deadline) reject(new Error("opened " + t.opens + " times after 20 s"));
-    else setTimeout(check, 10);
-  })();
-})"""
+OPENED = pollInPage(
+    "window.renderStreamTest",
+    "v.opens >= %d && Date.now() - v.openedAt >= 500",
+    "resolve(v.opens)",
+    '"opened " + v.opens + " times after 20 s"',
+    20,
+)
 
-DONE = """new Promise(function (resolve, reject) {
-  var deadline = Date.now() + 30000;
-  (function check() {
-    var t = window.renderStreamTest;
-    if (t.done) resolve(t);
-    else if (Date.now() > deadline) reject(new Error("not done after 30 s: " + JSON.stringify(t)));
-    else setTimeout(check, 10);
-  })();
-})"""
+DONE = pollInPage("window.renderStreamTest", "v.done", "resolve(v)", '"not done after 30 s: " + JSON.stringify(v)', 30)
 
 
 class RenderStreamMixin(OneBrowserPerClass):
@@ -118,13 +106,4 @@ class RenderStreamMixin(OneBrowserPerClass):
         )
 
 
-class ChromiumRenderStreamTests(RenderStreamMixin, SynchronousTestCase):
-    engine = "chromium"
-
-
-class FirefoxRenderStreamTests(RenderStreamMixin, SynchronousTestCase):
-    engine = "firefox"
-
-
-class WebKitRenderStreamTests(RenderStreamMixin, SynchronousTestCase):
-    engine = "webkit"
+ChromiumRenderStreamTests, FirefoxRenderStreamTests, WebKitRenderStreamTests = inEveryEngine(RenderStreamMixin, "RenderStream")

@@ -55,6 +55,7 @@ from twisted.web.client import HTTPConnectionPool
 from twistedsse import CommandRenderer, EventStreamDecoder, buildService, buildSite
 
 from tests._support.chunked import Dechunker
+from tests._support.messages import Reply
 from tests._support.server import stream
 from tests._support.waiting import whenTrue
 
@@ -136,21 +137,6 @@ class Documented:
             return True
         # A CORS preflight (answered before routing).
         return cors and method.upper() == "OPTIONS" and status == 204
-
-
-class Reply:
-    """
-    What the server answered to one request: C{status} is C{None} if it
-    closed the connection without answering.
-    """
-
-    def __init__(self, status: int | None, headers: dict[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def __repr__(self) -> str:
-        return f"<Reply {self.status} {self.headers.get('content-type')} {self.body[:200]!r}>"
 
 
 class Client:

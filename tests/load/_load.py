@@ -26,7 +26,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable, Iterable
+
+import attrs
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -694,6 +697,55 @@ class LoadTestCase(SynchronousTestCase):
         test creates it.
         """
         return os.path.abspath(self.mktemp())
+
+    def heldRender(self, options: Iterable[str], **params: Any) -> HeldRender:
+        """
+        A server started with C{options}, its client loop, and one ticks
+        render (C{params}) that prints nothing until L{HeldRender.go}; the
+        server's descriptors and memory are read before any client comes.
+        """
+        server = self.serve(*options)
+        loop = self.newLoop()
+        fdsBefore = server.fds()
+        startFile = self.startFile()
+        job = server.render(start_file=startFile, **params)
+        return HeldRender(server, loop, job, MemoryWatch(server.pid), fdsBefore, startFile)
+
+    def assertDescriptorsReleased(self, held: HeldRender, what: str) -> int:
+        """
+        Once every stream has closed, the server holds as many descriptors
+        as before the clients came (3 either way), and logged no error.
+
+        @return: the settled count.
+        """
+        fds = held.server.settledFds(held.fdsBefore, 3)
+        report(f"{what}: server fds {fds} after (before: {held.fdsBefore})")
+        self.assertLessEqual(abs(fds - held.fdsBefore), 3)
+        held.server.assertLoggedNoErrors()
+        return fds
+
+
+@attrs.frozen
+class HeldRender:
+    """
+    What L{LoadTestCase.heldRender} started: the server, the loop, the
+    render's job (the POST's answer), the server's memory watch, its
+    descriptors before any client, and the file whose creation starts the
+    render.
+    """
+
+    server: LoadServer
+    loop: Loop
+    job: dict[str, Any]
+    memory: MemoryWatch
+    fdsBefore: int
+    startFile: str
+
+    def go(self) -> None:
+        """
+        Let the render print.
+        """
+        Path(self.startFile).touch()
 
 
 def attempts(port: int, path: str, count: int, waves: int = 1, spacing: float = 0.0) -> list[dict[str, Any]]:

@@ -22,14 +22,12 @@ server's time spent filling it).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from ._load import (
     BOUND_MS,
     ETHERNET_MSS,
     PACE,
     LoadTestCase,
-    MemoryWatch,
     StreamClient,
     firstBreak,
     latencySummary,
@@ -64,12 +62,8 @@ class SlowClientTests(LoadTestCase):
         count, slowCount, normalCount = 20_000, 200, 20
         waves, firstWave, spacing = 20, 0.5, 0.1
         # The slow ones must still be there when they start reading.
-        server = self.serve("--write-timeout", "300")
-        loop = self.newLoop()
-        fdsBefore = server.fds()
-        go = self.startFile()
-        job = server.render(count=count, interval=0.001, pad=900, start_file=go)
-        memory = MemoryWatch(server.pid)
+        started = self.heldRender(["--write-timeout", "300"], count=count, interval=0.001, pad=900)
+        server, loop, job, memory = started.server, started.loop, started.job, started.memory
         normal = [StreamClient(loop, server.port, job["events_url"]) for _ in range(normalCount)]
         loop.run(lambda: all(c.sent for c in normal), 20, "sending the requests", memory.sample)
         server.waitFor("the readers subscribed", lambda h: h["subscribers"] == normalCount, 20)
@@ -88,7 +82,7 @@ class SlowClientTests(LoadTestCase):
                     )
                 )  # fmt: skip
 
-        Path(go).touch()
+        started.go()
         start = time.monotonic()
         cpu = server.cpu()
         took = loop.run(lambda: all(c.closed for c in normal), 90, "the readers' streams", join, 0.01, PACE)
@@ -135,10 +129,7 @@ class SlowClientTests(LoadTestCase):
 
         health = server.waitFor("all streams closed", lambda h: h["streams"] == 0 and h["subscribers"] == 0, 10)
         self.assertEqual(health["renders"]["running"], 0)
-        fds = server.settledFds(fdsBefore, 3)
-        report(f"slow clients: server fds {fdsBefore} before, {fds} after")
-        self.assertLessEqual(abs(fds - fdsBefore), 3)
-        server.assertLoggedNoErrors()
+        self.assertDescriptorsReleased(started, "slow clients")
 
     def test_deadReadersDroppedAfterWriteTimeout(self) -> None:
         """
@@ -149,12 +140,8 @@ class SlowClientTests(LoadTestCase):
         released once the render ends. The readers get every event.
         """
         count, deadCount, liveCount, timeout = 1200, 200, 5, 2.0
-        server = self.serve("--write-timeout", str(timeout))
-        loop = self.newLoop()
-        fdsBefore = server.fds()
-        go = self.startFile()
-        job = server.render(count=count, interval=0.005, pad=900, start_file=go)
-        memory = MemoryWatch(server.pid)
+        started = self.heldRender(["--write-timeout", str(timeout)], count=count, interval=0.005, pad=900)
+        server, loop, job, memory = started.server, started.loop, started.job, started.memory
         dead = [
             StreamClient(loop, server.port, job["events_url"], read=False, rcvbuf=SMALL_RCVBUF, mss=ETHERNET_MSS)
             for _ in range(deadCount)
@@ -164,7 +151,7 @@ class SlowClientTests(LoadTestCase):
         server.waitFor("everyone subscribed", lambda h: h["subscribers"] == deadCount + liveCount, 20)
         fdsOpen = server.fds()
 
-        Path(go).touch()
+        started.go()
         start = time.monotonic()
         seen: list[tuple[float, int]] = []
 
@@ -179,7 +166,7 @@ class SlowClientTests(LoadTestCase):
         running = server.state(job)
         report(
             f"dead clients: --write-timeout {timeout:g}: first drop {firstDrop:.2f} s after the render started, "
-            f"all {deadCount} dropped by {allDropped:.2f} s; server fds {fdsBefore} before, {fdsOpen} with "
+            f"all {deadCount} dropped by {allDropped:.2f} s; server fds {started.fdsBefore} before, {fdsOpen} with "
             f"{deadCount + liveCount} streams, {fdsDropped} after the drops; RSS +{memory.growthMiB:.1f} MiB"
         )
         self.assertGreaterEqual(firstDrop, timeout, "a stream was dropped before it had stalled that long")
@@ -200,7 +187,4 @@ class SlowClientTests(LoadTestCase):
             self.assertEqual(client.events[-1][1], "complete")
 
         server.waitFor("all streams closed", lambda h: h["streams"] == 0 and h["subscribers"] == 0, 10)
-        fds = server.settledFds(fdsBefore, 3)
-        report(f"dead clients: server fds {fds} after the render (before: {fdsBefore})")
-        self.assertLessEqual(abs(fds - fdsBefore), 3)
-        server.assertLoggedNoErrors()
+        self.assertDescriptorsReleased(started, "dead clients")
