@@ -52,7 +52,7 @@ from tests._support.ports import freePort
 from tests._support.procfs import allPIDs, descendants, procStat
 from tests._support.waiting import PipeReader, poll
 
-from ._need import need
+from tests._support.need import need
 
 ENGINES = ("chromium", "firefox", "webkit")
 _ENGINE_NAMES = {"chromium": "Chromium", "firefox": "Firefox", "webkit": "WebKit"}

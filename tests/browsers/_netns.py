@@ -34,7 +34,7 @@ from tests._support.stats import summary
 from tests._support.launcher import ROOT, childEnv
 from tests._support.waiting import poll
 from ._drivers import pollInPage
-from ._need import need, needProgram
+from tests._support.need import need, needProgram
 
 CLIENT = str(ROOT / "tests" / "_support" / "sseclient.py")
 BOUND_MS = 100.0

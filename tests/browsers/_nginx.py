@@ -20,7 +20,7 @@ from pathlib import Path
 from tests._support.launcher import ROOT
 from tests._support.ports import accepts, freePort
 from tests._support.waiting import poll
-from ._need import needProgram
+from tests._support.need import needProgram
 
 #: The location block users put in their server (README, "Behind nginx").
 LOCATION = ROOT / "docs" / "nginx-location.conf"

@@ -20,7 +20,7 @@ from ._drivers import browser
 from ._netns import Measuring, late, pageRender
 from ._nginx import DEFAULTS, LOCATION, SNIPPET, Nginx
 from tests._support.launcher import ROOT, Server
-from ._need import needProgram
+from tests._support.need import needProgram
 
 
 class NginxMixin(Measuring):

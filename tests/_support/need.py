@@ -1,10 +1,7 @@
 """
-What the browser, proxy and network tests need that they may not have: a
-missing part skips the test on a developer's machine and fails it in CI.
-The server process itself is L{tests._support.launcher.Server}.
-
-These tests drive browsers through blocking WebDriver calls, so they are
-synchronous (trial C{SynchronousTestCase}).
+What the browser, proxy, network and Redis tests need that a developer's
+machine may not have: a missing part skips the test there and fails it in
+CI (C{CI=true}), where C{scripts/test} installs everything.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 def need(condition: bool, what: str) -> None:
     """
-    A part the test needs (a browser, nginx, network namespaces) is
+    A part the test needs (a browser, nginx, network namespaces, Redis) is
     missing: skip on a developer's machine, fail in CI, where
     C{scripts/test} installs everything.
     """
