@@ -1,0 +1,98 @@
+"""
+Connections to a real redis-server (tests/_support/redis.py), through
+L{twistedsse._redis}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests._support.ports import freePort
+from tests._support.redis import RedisServer
+from twistedsse._redis import RedisEndpoint, ready
+
+
+class ConnectionTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.server = RedisServer()
+        self.addCleanup(self.server.stop)
+
+    def connect(self, endpoint: RedisEndpoint | None = None) -> Any:
+        connection = (endpoint or RedisEndpoint.fromURL(self.server.url)).connect()
+        self.addCleanup(connection.disconnect)
+        return connection
+
+    @inlineCallbacks
+    def test_streamValuesStayStrings(self) -> Any:
+        """
+        Stream entries come back as written: C{"0019"} and C{"12.5"} stay
+        strings (txredisapi would convert them by default).
+        """
+        connection = self.connect()
+        yield ready(connection, reactor)
+        entry = yield connection.execute_command("XADD", "job:a", "*", "frame", "0019", "pct", "12.5")
+        read = yield connection.execute_command("XRANGE", "job:a", "-", "+")
+        self.assertEqual(read, [[entry, ["frame", "0019", "pct", "12.5"]]])
+
+    @inlineCallbacks
+    def test_password(self) -> Any:
+        """
+        With C{requirepass}, the password from the file authenticates; a
+        wrong one fails L{ready} instead of hanging.
+        """
+        self.server.stop()
+        self.server = RedisServer(password="pw-from-file")
+        self.addCleanup(self.server.stop)
+        right = Path(self.mktemp())
+        right.write_text("pw-from-file\n")
+        connection = self.connect(RedisEndpoint.fromURL(self.server.url, right))
+        yield ready(connection, reactor)
+        self.assertEqual((yield connection.execute_command("SET", "k", "v")), "OK")
+        wrong = Path(self.mktemp())
+        wrong.write_text("nope\n")
+        bad = RedisEndpoint.fromURL(self.server.url, wrong).connect(reconnect=False)
+        try:
+            yield self.assertFailure(ready(bad, reactor, timeout=3), Exception)
+        finally:
+            yield bad.disconnect()
+
+    @inlineCallbacks
+    def test_serverDown(self) -> Any:
+        """
+        Against a port where nothing listens, L{ready} fails after its
+        timeout; disconnecting stops the reconnecting (trial fails a test
+        that leaves a timer or a connection behind).
+        """
+        connection = RedisEndpoint.fromURL(f"redis://127.0.0.1:{freePort()}/0").connect()
+        try:
+            yield self.assertFailure(ready(connection, reactor, timeout=0.5), Exception)
+        finally:
+            yield connection.disconnect()
+
+    @inlineCallbacks
+    def test_reconnectsAfterARestart(self) -> Any:
+        """
+        Redis restarted (same port): the same connection works again,
+        without the caller making a new one.
+        """
+        connection = self.connect()
+        yield ready(connection, reactor)
+        self.server.stop(remove=False)
+        self.server.start()
+        for _ in range(100):
+            try:
+                yield ready(connection, reactor, timeout=0.5)
+                break
+            except Exception:
+                yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((yield connection.execute_command("SET", "k", "v")), "OK")
+
+

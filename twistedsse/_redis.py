@@ -1,0 +1,153 @@
+"""
+Where Redis is and how to reach it: C{--redis redis://HOST:PORT/DB} (or
+C{rediss://} for TLS), with the password from a file, never from the
+command line (where C{ps} and shell history would show it).
+
+Connections are txredisapi's (a Twisted-native client: reactor-agnostic, so
+an application that embeds twistedsse keeps its reactor), always with
+C{convertNumbers=False} (its default turns C{"0019"} into 19 and
+C{"12.5"} into a float: stream values must stay the strings written) and a
+connect timeout (a connection to a closed port with reconnect on otherwise
+never fires). Stream commands (XADD, XREAD, XREADGROUP...) go through
+C{execute_command}: the client has no methods for them.
+
+A blocking read (C{XREAD BLOCK}) holds its connection until it returns, so
+it gets a connection of its own: a command sent behind it would wait for
+the block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+#: Seconds to wait for a connection (and its AUTH and SELECT).
+CONNECT_TIMEOUT = 5.0
+
+
+class RedisConfigError(ValueError):
+    """
+    A C{--redis} URL or password file that cannot be used; the message
+    says which part and why.
+    """
+
+
+@attrs.frozen
+class RedisEndpoint:
+    """
+    One Redis server and database.
+
+    @ivar password: from the password file, if any (C{repr} hides it).
+    """
+
+    host: str
+    port: int
+    db: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=lambda value: "<hidden>" if value else "None")
+
+    @classmethod
+    def fromURL(cls, url: str, passwordFile: str | Path | None = None) -> RedisEndpoint:
+        """
+        Parse C{redis://HOST[:PORT][/DB]} or C{rediss://...}. A password in
+        the URL is refused: it belongs in C{passwordFile} (its first line;
+        surrounding whitespace dropped). A user name may be in the URL
+        (C{redis://USER@HOST/0}, for Redis 6 ACLs).
+
+        @raise RedisConfigError: naming what is wrong.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise RedisConfigError(f"--redis {url!r}: the scheme must be redis:// or rediss://")
+        if parts.password is not None:
+            raise RedisConfigError(
+                "--redis: a password in the URL would show in ps and shell history; "
+                "put it in a file and give --redis-password-file"
+            )
+        if parts.query or parts.fragment:
+            raise RedisConfigError(f"--redis {url!r}: no query or fragment is understood")
+        host = parts.hostname
+        if not host:
+            raise RedisConfigError(f"--redis {url!r}: no host")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise RedisConfigError(f"--redis {url!r}: the port is not a number from 1 to 65535") from None
+        path = parts.path.strip("/")
+        if path and not (path.isdigit() and path.isascii()):
+            raise RedisConfigError(f"--redis {url!r}: the path must be a database number, e.g. /0")
+        db = int(path) if path else 0
+        password = readPassword(passwordFile) if passwordFile is not None else None
+        username = unquote(parts.username) if parts.username else None
+        return cls(host=host, port=port, db=db, tls=parts.scheme == "rediss", username=username, password=password)
+
+    def describe(self) -> str:
+        """
+        The URL without the password, for logs.
+        """
+        user = f"{self.username}@" if self.username else ""
+        return f"{'rediss' if self.tls else 'redis'}://{user}{self.host}:{self.port}/{self.db}"
+
+    def connect(self, *, reconnect: bool = True) -> Any:
+        """
+        A lazy txredisapi connection handler: returned at once, it sends
+        each command once connected and, with C{reconnect}, reconnects
+        after a loss (txredisapi's backoff). Call its C{disconnect()} to
+        stop it: that also stops the reconnecting. L{ready} waits for it.
+        A blocking read loop gets a connection of its own.
+        """
+        import txredisapi
+
+        return txredisapi.lazyConnection(
+            host=self.host,
+            port=self.port,
+            dbid=self.db,
+            reconnect=reconnect,
+            password=self.password,
+            username=self.username,
+            convertNumbers=False,
+            connectTimeout=CONNECT_TIMEOUT,
+            ssl_context_factory=self._tlsOptions() if self.tls else False,
+        )
+
+    def _tlsOptions(self) -> Any:
+        from twisted.internet import ssl
+
+        return ssl.optionsForClientTLS(self.host)
+
+
+def readPassword(path: str | Path) -> str:
+    """
+    The first line of C{path}, stripped.
+
+    @raise RedisConfigError: the file cannot be read, or is empty.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline(4097)
+    except (OSError, UnicodeDecodeError) as e:
+        raise RedisConfigError(f"--redis-password-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    password = line.strip()
+    if not password:
+        raise RedisConfigError(f"--redis-password-file {path}: the file is empty")
+    if len(password) > 4096:
+        raise RedisConfigError(f"--redis-password-file {path}: over 4 096 characters")
+    return password
+
+
+def ready(connection: Any, clock: IReactorTime, timeout: float = CONNECT_TIMEOUT) -> Deferred[None]:
+    """
+    Fire once C{connection} (from L{RedisEndpoint.connect}) answers
+    C{PING}; fail with C{TimeoutError} after C{timeout} seconds (a
+    reconnecting connection to a server that is down never answers, and
+    never fails by itself).
+    """
+    d: Deferred[Any] = connection.execute_command("PING")
+    d.addTimeout(timeout, clock)
+    return d.addCallback(lambda _: None)
