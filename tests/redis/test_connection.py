@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from tests._support.ports import freePort
 from tests._support.redis import RedisServer
-from twistedsse._redis import RedisEndpoint, ready
+from twistedsse._redis import RedisConfigError, RedisEndpoint, check, ready
 
 
 class ConnectionTests(TestCase):
@@ -96,3 +96,23 @@ class ConnectionTests(TestCase):
         self.assertEqual((yield connection.execute_command("SET", "k", "v")), "OK")
 
 
+
+    @inlineCallbacks
+    def test_checkAtStart(self) -> Any:
+        """
+        L{check} passes against a server that answers, and fails clearly,
+        without the password, against a wrong password or a closed port;
+        it leaves no connection or timer behind either way.
+        """
+        yield check(RedisEndpoint.fromURL(self.server.url), reactor)
+        self.server.stop()
+        self.server = RedisServer(password="the-right-one")
+        self.addCleanup(self.server.stop)
+        wrong = Path(self.mktemp())
+        wrong.write_text("not-the-right-one\n")
+        error = yield self.assertFailure(check(RedisEndpoint.fromURL(self.server.url, wrong), reactor), RedisConfigError)
+        self.assertIn("credentials", str(error))
+        self.assertNotIn("not-the-right-one", str(error))
+        closed = RedisEndpoint.fromURL(f"redis://127.0.0.1:{freePort()}/0")
+        error = yield self.assertFailure(check(closed, reactor, timeout=1), RedisConfigError)
+        self.assertIn("cannot be reached", str(error))
