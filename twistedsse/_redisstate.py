@@ -33,8 +33,8 @@ holds a command until Redis is back.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from typing import Any, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import attrs
 from twisted.internet import defer, error
