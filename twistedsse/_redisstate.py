@@ -17,7 +17,9 @@ a restarted Redis has an empty script cache): atomic, and one round trip.
 
 Expiry is Redis' own. The script that ends a job (any terminal state)
 also sets C{PEXPIRE job expireAfter} and C{SET PREFIX expired:ID 1 PX
-2*expireAfter}: the job is deleted C{expireAfter} after it ended, and its
+2*expireAfter}, and files the id in the sorted set C{PREFIX ended} (score:
+when it expires, Redis' clock) for L{RedisJobState.dueOutputs}, since
+Redis' expiry tells nobody whose output file to delete: the job is deleted C{expireAfter} after it ended, and its
 id answers L{JobExpired} for as long again, then L{UnknownJob}, as
 L{twistedsse._jobs.JobTracker} does in memory. The marker exists from the
 end on, so "no job, a marker" means expired, read atomically in one
@@ -162,26 +164,30 @@ def _snapshot(state: str, doc: str, progress: str) -> JobSnapshot:
 
 # -- the scripts -----------------------------------------------------------
 
-# KEYS[1] the job's hash, KEYS[2] its expired marker; ended(ms) starts both
-# clocks. EXISTS, HMGET, HSET, PEXPIRE, SET: Redis 2.6+ (HSET with several
-# fields: 4.0).
+# KEYS[1] the job's hash, KEYS[2] its expired marker, KEYS[3] the ended
+# set; ended(ms, id) starts both clocks and files the job's output for
+# deletion at the same moment (Redis' clock: TIME). HSET with several
+# fields: Redis 4.0; TIME before a write in a script: 5.0 (effects
+# replication).
 _ENDED = """
-local function ended(ms)
+local function ended(ms, id)
   if ms > 0 then
     redis.call('PEXPIRE', KEYS[1], ms)
     redis.call('SET', KEYS[2], '1', 'PX', 2 * ms)
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[3], t[1] * 1000 + math.floor(t[2] / 1000) + ms, id)
   end
 end
 """
 
-#: ARGV: state, doc, progress, output_url, terminal (0/1), ms.
+#: ARGV: state, doc, progress, output_url, terminal (0/1), ms, id.
 #: Returns 1: created; 0: the id is taken (a job, or an expired one).
 _CREATE = (
     _ENDED
     + """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'doc', ARGV[2], 'progress', ARGV[3], 'output_url', ARGV[4])
-if ARGV[5] == '1' then ended(tonumber(ARGV[6])) end
+if ARGV[5] == '1' then ended(tonumber(ARGV[6]), ARGV[7]) end
 return 1
 """
 )
@@ -193,7 +199,7 @@ if not job[1] then return {0, redis.call('EXISTS', KEYS[2])} end
 return {1, job[1], job[2], job[3], job[4]}
 """
 
-#: ARGV: new state, doc, terminal (0/1), ms, expected states...
+#: ARGV: new state, doc, terminal (0/1), ms, id, expected states...
 #: Returns {1, state, doc, progress}: written; {0, state, doc, progress}:
 #: the job was in another state (what it is); {-1, expired (0/1)}: no job.
 _TRANSITION = (
@@ -201,10 +207,10 @@ _TRANSITION = (
     + """
 local job = redis.call('HMGET', KEYS[1], 'state', 'doc', 'progress')
 if not job[1] then return {-1, redis.call('EXISTS', KEYS[2])} end
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if job[1] == ARGV[i] then
     redis.call('HSET', KEYS[1], 'state', ARGV[1], 'doc', ARGV[2])
-    if ARGV[3] == '1' then ended(tonumber(ARGV[4])) end
+    if ARGV[3] == '1' then ended(tonumber(ARGV[4]), ARGV[5]) end
     return {1, ARGV[1], ARGV[2], job[3]}
   end
 end
@@ -221,6 +227,17 @@ _PROGRESS = (
     "redis.call('HSET', KEYS[1], 'progress', ARGV[1])\n"
     "return 1\n"
 )
+
+
+#: KEYS[1] the ended set; ARGV: count. The ids whose expiry is due, at
+#: most C{count}, taken out of the set: each is returned once, to one caller.
+_DUE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+return ids
+"""
 
 
 @attrs.frozen
@@ -258,7 +275,7 @@ class RedisJobState:
     timeout: float = TIMEOUT
 
     def _keys(self, jobID: str) -> list[str]:
-        return [f"{self.prefix}job:{jobID}", f"{self.prefix}expired:{jobID}"]
+        return [f"{self.prefix}job:{jobID}", f"{self.prefix}expired:{jobID}", f"{self.prefix}ended"]
 
     def _milliseconds(self) -> int:
         return max(1, round(self.expireAfter * 1000)) if self.expireAfter > 0 else 0
@@ -304,6 +321,7 @@ class RedisJobState:
             _json.dumps(outputURL),
             int(snapshot.state.terminal),
             self._milliseconds(),
+            snapshot.id,
         ]
 
         def created(result: int) -> None:
@@ -367,6 +385,7 @@ class RedisJobState:
             _document(snapshot),
             int(snapshot.state.terminal),
             self._milliseconds(),
+            jobID,
         ]
         args += sorted(state.value for state in expected)
 
@@ -395,3 +414,15 @@ class RedisJobState:
             return reply == 1
 
         return self._run(_PROGRESS, self._keys(jobID)[:1], [progress]).addCallback(done)
+
+    def dueOutputs(self, count: int = 100) -> defer.Deferred[list[str]]:
+        """
+        The ids of jobs whose expiry is due (Redis deleted or is deleting
+        their state), at most C{count}, each handed to one caller only:
+        the instance that gets an id deletes its output file (Redis' expiry
+        tells nobody). Call it periodically until it returns fewer than
+        C{count}.
+
+        @raise RedisUnavailable: Redis cannot answer now.
+        """
+        return self._run(_DUE, [f"{self.prefix}ended"], [count]).addCallback(list)

@@ -251,14 +251,18 @@ class StateTests(StateTestsMixin, TestCase):
         markerTTL = yield self.raw("PTTL", "twistedsse:expired:job1")
         self.assertTrue(300 < jobTTL <= 400, jobTTL)
         self.assertTrue(700 < markerTTL <= 800, markerTTL)
+        self.assertEqual((yield state.dueOutputs()), [])
 
         self.assertEqual((yield until(lambda: state.get("job1"), JobExpired, 2.0)), JobExpired)
         self.assertGreaterEqual(time.monotonic() - endedAt, 0.39)
+        # Its output is due for deletion, once: to one caller.
+        self.assertEqual((yield state.dueOutputs()), ["job1"])
+        self.assertEqual((yield state.dueOutputs()), [])
         yield self.assertFailure(state.outputURL("job1"), JobExpired)
         yield self.assertFailure(state.create(queued()), ValueError)
         self.assertEqual((yield until(lambda: state.get("job1"), UnknownJob, 2.0)), UnknownJob)
         self.assertGreaterEqual(time.monotonic() - endedAt, 0.79)
-        self.assertEqual((yield self.raw("KEYS", "twistedsse:*")), [])
+        self.assertEqual((yield self.raw("KEYS", "twistedsse:*")), [])  # the ended set is empty
 
     @inlineCallbacks
     def test_createdEnded(self) -> Any:
@@ -271,6 +275,29 @@ class StateTests(StateTestsMixin, TestCase):
         self.assertTrue(19000 < (yield self.raw("PTTL", "twistedsse:expired:job1")) <= 20000)
 
     @inlineCallbacks
+    def test_dueOutputs(self) -> Any:
+        """
+        Ended jobs come out of L{RedisJobState.dueOutputs} when their
+        expiry is due, oldest first, at most C{count} at a time, each
+        once, whichever instance asks.
+        """
+        one = yield self.makeState(expireAfter=0.2)
+        other = yield self.makeState(expireAfter=0.2)
+        for i in range(5):
+            yield one.create(queued(f"j{i}", state=JobState.CANCELLED, endedAt=1.0))
+        yield one.create(queued("late"))
+        self.assertEqual((yield other.dueOutputs()), [])
+        yield wait(0.25)
+        yield one.transition("late", LIVE, queued("late").transition(JobState.CANCELLED, 2.0))
+        self.assertEqual((yield other.dueOutputs(3)), ["j0", "j1", "j2"])
+        self.assertEqual((yield one.dueOutputs(3)), ["j3", "j4"])
+        self.assertEqual((yield other.dueOutputs(3)), [])
+        deadline = time.monotonic() + 2.0
+        while not (due := (yield one.dueOutputs())) and time.monotonic() < deadline:
+            yield wait(0.02)
+        self.assertEqual(due, ["late"])
+
+    @inlineCallbacks
     def test_neverExpire(self) -> Any:
         """
         C{expireAfter=0}: an ended job stays, without a marker.
@@ -280,6 +307,8 @@ class StateTests(StateTestsMixin, TestCase):
         yield state.transition("job1", LIVE, queued().transition(JobState.CANCELLED, 1.0))
         self.assertEqual((yield self.raw("PTTL", "twistedsse:job:job1")), -1)
         self.assertEqual((yield self.raw("EXISTS", "twistedsse:expired:job1")), 0)
+        self.assertEqual((yield state.dueOutputs()), [])
+        self.assertEqual((yield self.raw("EXISTS", "twistedsse:ended")), 0)
 
     @inlineCallbacks
     def test_prefix(self) -> Any:
@@ -289,7 +318,8 @@ class StateTests(StateTestsMixin, TestCase):
         state = yield self.makeState(prefix="other:", expireAfter=60)
         yield state.create(queued())
         yield state.transition("job1", LIVE, queued().transition(JobState.CANCELLED, 1.0))
-        self.assertEqual(sorted((yield self.raw("KEYS", "*"))), ["other:expired:job1", "other:job:job1"])
+        keys = yield self.raw("KEYS", "*")
+        self.assertEqual(sorted(keys), ["other:ended", "other:expired:job1", "other:job:job1"])
 
     @inlineCallbacks
     def test_race(self) -> Any:
