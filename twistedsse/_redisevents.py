@@ -699,12 +699,15 @@ class RedisEventReader:
                 continue
             job.seq = entries[-1].seq
             job.tail.extend(entries)
-            for watcher in list(job.watchers.values()):
+            watchers = list(job.watchers.values())
+            if job.ended:
+                # Over before the watchers hear of it: one that looks
+                # (or watches again) from its callback sees it over.
+                job.watchers.clear()
+                if not job.catchingUp:
+                    self._drop(job)
+            for watcher in watchers:
                 given = [entry for entry in entries if entry.seq > watcher.delivered]
                 if given:
                     watcher.delivered = given[-1].seq
                     self._give(watcher, given)
-            if job.ended:
-                job.watchers.clear()
-                if not job.catchingUp:
-                    self._drop(job)
