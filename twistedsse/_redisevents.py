@@ -549,7 +549,7 @@ class RedisEventReader:
         try:
             watcher.onEntries(entries)
         except Exception:
-            _log.failure("a watcher of {jobID} failed", jobID=entries[0].event.id)
+            _log.failure("a watcher failed with the events up to {eventID}", eventID=entries[-1].event.id)
 
     def _wake(self) -> None:
         """
