@@ -1,0 +1,556 @@
+"""
+Job events in Redis Streams (L{twistedsse._redisevents}) against a real
+redis-server: publishing, history with L{MemoryBroker}'s C{Last-Event-ID}
+rules, shared history reads, and the one-loop-per-instance reader.
+
+Redis work is counted with C{INFO commandstats} (reset with C{CONFIG
+RESETSTAT}): commands a script runs are counted too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Sequence
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests._support.fixtures import Recorder, snapshot
+from tests._support.redis import RedisServer
+from twistedsse import _json
+from twistedsse._broker import MemoryBroker
+from twistedsse._frames import encodeEvent
+from twistedsse._job import Entry
+from twistedsse._redis import RedisEndpoint, ready
+from twistedsse._redisevents import (
+    RedisEventLog,
+    RedisEventReader,
+    SharedHistory,
+    parseEventID,
+)
+
+#: Last-Event-ID values a client may send that this module never issued.
+HOSTILE = [
+    "", "garbage", "9" * 30, "0-0", "$", "+", "-", "-1", "0--1", "0-" + "9" * 19, "0-" + "9" * 20,
+    "1-1", "12345678901234567890-1", "0-1\n", "0-1 ", " 0-1", "0-\u0663", "0-+1", "0x1", "(0-1",
+    "0-1\x00", "*", ">", "0-*",
+]  # fmt: skip
+
+
+def commandstats(connection: Any) -> Deferred[dict[str, int]]:
+    """
+    C{{command: calls}} from C{INFO commandstats}.
+    """
+
+    def parse(text: str) -> dict[str, int]:
+        calls = {}
+        for line in text.splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, fields = line[len("cmdstat_") :].partition(":")
+                calls[name] = int(fields.split(",")[0].partition("=")[2])
+        return calls
+
+    d: Deferred[str] = connection.execute_command("INFO", "commandstats")
+    return d.addCallback(parse)
+
+
+@inlineCallbacks
+def waitFor(predicate: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {predicate}")
+        yield deferLater(reactor, 0.002, lambda: None)
+
+
+class Collector:
+    """
+    A watcher callback that records what it is given, and fires
+    L{Collector.waiting} when it has C{n} entries.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.calls = 0
+        self._want: tuple[int, Deferred[None]] | None = None
+
+    def __call__(self, entries: Sequence[Entry]) -> None:
+        self.calls += 1
+        self.entries.extend(entries)
+        if self._want is not None and len(self.entries) >= self._want[0]:
+            d = self._want[1]
+            self._want = None
+            d.callback(None)
+
+    def waitFor(self, n: int, timeout: float = 10.0) -> Deferred[None]:
+        if len(self.entries) >= n:
+            return Deferred.fromCoroutine(_nothing())
+        d: Deferred[None] = Deferred()
+        self._want = (n, d)
+        return d.addTimeout(timeout, reactor)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [entry.seq for entry in self.entries]
+
+
+async def _nothing() -> None:
+    return None
+
+
+class RedisTestCase(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.server = RedisServer(appendOnly=self.appendOnly)
+        self.addCleanup(self.server.stop)
+
+    appendOnly = False
+
+    def connect(self) -> Any:
+        connection = RedisEndpoint.fromURL(self.server.url).connect()
+        self.addCleanup(connection.disconnect)
+        return connection
+
+    @inlineCallbacks
+    def makeLog(self, history: int = 1000) -> Any:
+        connection = self.connect()
+        yield ready(connection, reactor)
+        self.admin = connection
+        return RedisEventLog(connection, history=history)
+
+    @inlineCallbacks
+    def makeReader(self, **kwargs: Any) -> Any:
+        connection = self.connect()
+        yield ready(connection, reactor)
+        reader = RedisEventReader(connection, self.admin, reactor, **kwargs)
+        reader.start()
+        self.addCleanup(reader.stop)
+        return reader
+
+    @inlineCallbacks
+    def resetStats(self) -> Any:
+        yield self.admin.execute_command("CONFIG", "RESETSTAT")
+
+
+class EventLogTests(RedisTestCase):
+    @inlineCallbacks
+    def test_publishReadBack(self) -> Any:
+        """
+        Published data comes back exactly as its strict JSON text: strings
+        that look like numbers stay strings, ids are C{0-1}, C{0-2}, ...
+        and the frame is the encoded event.
+        """
+        log = yield self.makeLog()
+        datas = [{"frame": "0019", "pct": 12.5, "n": 19, "s": "12.5"}, {"x": "\u00e9\n\u2028"}, "0019", None]
+        ids = []
+        for data in datas:
+            ids.append((yield log.publish("j", "progress", data)))
+        self.assertEqual(ids, ["0-1", "0-2", "0-3", "0-4"])
+        history = yield log.history("j", None)
+        self.assertEqual(history.missed, 0)
+        self.assertEqual(history.lastSeq, 4)
+        self.assertEqual([e.event.data for e in history.entries], [_json.dumps(d) for d in datas])
+        self.assertEqual([e.event.id for e in history.entries], ids)
+        self.assertEqual({e.event.event for e in history.entries}, {"progress"})
+        self.assertEqual([e.frame for e in history.entries], [encodeEvent(e.event) for e in history.entries])
+        self.assertEqual([e.event.data for e in (yield log.history("j", "0-2")).entries], [_json.dumps("0019"), "null"])
+
+    @inlineCallbacks
+    def test_notJSON(self) -> Any:
+        """
+        Data that is not strict JSON is refused before anything is sent.
+        """
+        log = yield self.makeLog()
+        self.assertRaises(ValueError, log.publish, "j", "progress", {"pct": float("nan")})
+        self.assertRaises(ValueError, log.publishMany, "j", "progress", [{}, float("inf")])
+        self.assertEqual((yield self.admin.execute_command("EXISTS", log.key("j"))), 0)
+
+    @inlineCallbacks
+    def test_publishManyIsOneCommand(self) -> Any:
+        """
+        L{RedisEventLog.publishMany} is one command from the client (one
+        C{EVAL}, one round trip) doing one C{XADD} per event; the ids
+        follow on.
+        """
+        log = yield self.makeLog()
+        yield log.publish("j", "progress", {"i": 0})
+        yield self.resetStats()
+        ids = yield log.publishMany("j", "progress", [{"i": i} for i in range(1, 6)])
+        stats = yield commandstats(self.admin)
+        self.assertEqual(ids, [f"0-{i}" for i in range(2, 7)])
+        self.assertEqual(stats.get("eval"), 1)
+        self.assertEqual(stats.get("xadd"), 5)
+        self.assertEqual(sum(stats.values()) - stats["xadd"], 2)  # EVAL, and the INFO asking
+        history = yield log.history("j", "0-1")
+        self.assertEqual([e.event.data for e in history.entries], [_json.dumps({"i": i}) for i in range(1, 6)])
+        self.assertEqual((yield log.publishMany("j", "progress", [])), [])
+
+    @inlineCallbacks
+    def test_trimmedWithReset(self) -> Any:
+        """
+        A stream keeps about C{history} entries (at least that many); a
+        resume from before them is told how many it missed, and the
+        reset's id is the one before the first retained entry.
+        """
+        log = yield self.makeLog(history=10)
+        for start in range(0, 350, 50):
+            yield log.publishMany("j", "progress", [{"i": i} for i in range(start + 1, start + 51)])
+        length = yield self.admin.execute_command("XLEN", log.key("j"))
+        self.assertTrue(10 <= length < 350, length)
+        first = 350 - length + 1
+        history = yield log.history("j", "0-5")
+        self.assertEqual(history.missed, first - 6)
+        self.assertEqual(history.resetID, f"0-{first - 1}")
+        self.assertEqual([e.seq for e in history.entries], list(range(first, 351)))
+        history = yield log.history("j", f"0-{first - 1}")
+        self.assertEqual((history.missed, len(history.entries)), (0, length))
+        history = yield log.history("j", "0-349")
+        self.assertEqual(([e.seq for e in history.entries], history.missed), ([350], 0))
+        history = yield log.history("j", "0-350")
+        self.assertEqual((history.entries, history.missed, history.lastSeq), ((), 0, 350))
+
+    @inlineCallbacks
+    def test_sameAsMemoryBroker(self) -> Any:
+        """
+        For the same retained events, every C{Last-Event-ID} (issued ones,
+        hostile ones, ones ahead of the last) gets what L{MemoryBroker}
+        gives the same id in its own numbering: the same events, the same
+        reset and count.
+        """
+        log = yield self.makeLog(history=10)
+        yield log.publishMany("j", "progress", [{"i": i} for i in range(1, 251)])
+        length = yield self.admin.execute_command("XLEN", log.key("j"))
+        memory = MemoryBroker(history=length)
+        memory.create(snapshot("j"))
+        memory.publishMany("j", "progress", [{"i": i} for i in range(1, 251)])
+        cases = [f"0-{n}" for n in (1, 2, 100, 250 - length - 1, 250 - length, 250 - length + 1, 249, 250, 251, 10**6)]
+        cases += HOSTILE + [None]
+        for lastEventID in cases:
+            history = yield log.history("j", lastEventID)
+            recorder = Recorder()
+            memoryID = lastEventID[2:] if lastEventID and lastEventID in cases[:10] else lastEventID
+            memory.subscribe("j", memoryID, recorder)()
+            expected = [(e.event, e.data) for e, _ in recorder.got]
+            got = [(e.event.event, e.event.data) for e in history.entries]
+            if history.missed:
+                got.insert(0, ("reset", _json.dumps({"state": "queued", "progress": None, "missed": history.missed})))
+                self.assertEqual(recorder.got[0][0].id, history.resetID[2:])  # type: ignore[index]
+            self.assertEqual(got, expected, lastEventID)
+
+    def test_parseEventID(self) -> None:
+        """
+        Only C{0-N} ids (N from 1 to 2**63 - 1) are read; everything else
+        means none (0), so no client text is ever sent to Redis.
+        """
+        self.assertEqual(parseEventID("0-1"), 1)
+        self.assertEqual(parseEventID("0-0042"), 42)
+        self.assertEqual(parseEventID(f"0-{2**63 - 1}"), 2**63 - 1)
+        self.assertEqual(parseEventID(f"0-{2**63}"), 0)
+        self.assertEqual(parseEventID(None), 0)
+        for value in HOSTILE:
+            self.assertEqual(parseEventID(value), 0, value)
+
+    @inlineCallbacks
+    def test_missingStream(self) -> Any:
+        """
+        A job with no events yet (no stream): an empty history from 0,
+        whatever the id.
+        """
+        log = yield self.makeLog()
+        for lastEventID in (None, "0-5", "junk"):
+            history = yield log.history("none", lastEventID)
+            self.assertEqual((history.entries, history.missed, history.lastSeq), ((), 0, 0))
+
+
+class SharedHistoryTests(RedisTestCase):
+    @inlineCallbacks
+    def test_massReconnect(self) -> Any:
+        """
+        10 000 resumes of three jobs made at once (with various ids,
+        garbage ones too) cost one C{XRANGE} per job, and each gets what a
+        read of its own would give.
+        """
+        log = yield self.makeLog(history=1000)
+        for job in ("a", "b", "c"):
+            yield log.publishMany(job, "progress", [{"job": job, "i": i} for i in range(1, 201)])
+        shared = SharedHistory(log, reactor)
+        self.addCleanup(shared.stop)
+        ids = ["0-200", "0-199", "0-150", None, "garbage", "0-999", "0-1"]
+        requests = [(job, ids[i % len(ids)]) for i, job in zip(range(10_000), ["a", "b", "c"] * 4000)]
+        yield self.resetStats()
+        results = yield gatherResults([shared.history(job, lastEventID) for job, lastEventID in requests])
+        stats = yield commandstats(self.admin)
+        self.assertEqual(stats.get("xrange"), 3)
+        self.assertEqual(shared.reads, 3)
+        self.assertNotIn("xrevrange", stats)
+        own = {}
+        for job in ("a", "b", "c"):
+            for lastEventID in ids:
+                own[job, lastEventID] = yield log.history(job, lastEventID)
+        for (job, lastEventID), history in zip(requests, results):
+            self.assertEqual(history, own[job, lastEventID])
+
+    @inlineCallbacks
+    def test_joinsARead(self) -> Any:
+        """
+        A resume made while a read of its job is out joins it when that
+        read covers it (it started from an older id); one from an older
+        id than the read's makes a read of its own.
+        """
+        log = yield self.makeLog()
+        yield log.publishMany("a", "progress", [{"i": i} for i in range(1, 21)])
+        shared = SharedHistory(log, reactor)
+        yield self.resetStats()
+        first = shared.history("a", "0-10")
+        yield deferLater(reactor, 0, lambda: None)  # the read is out
+        self.assertEqual(shared.reads, 1)
+        later = shared.history("a", "0-15")
+        older = shared.history("a", "0-5")
+        results = yield gatherResults([first, later, older])
+        self.assertEqual([[e.seq for e in h.entries][:1] for h in results], [[11], [16], [6]])
+        self.assertEqual(shared.reads, 2)
+        self.assertEqual((yield commandstats(self.admin)).get("xrange"), 2)
+
+    @inlineCallbacks
+    def test_stop(self) -> Any:
+        """
+        L{SharedHistory.stop} cancels reads not started yet.
+        """
+        log = yield self.makeLog()
+        shared = SharedHistory(log, reactor)
+        d = shared.history("a", None)
+        shared.stop()
+        self.failureResultOf(d).trap(Exception)
+
+
+class ReaderTests(RedisTestCase):
+    @inlineCallbacks
+    def test_watchersShareAPosition(self) -> Any:
+        """
+        Two watchers of one job get every entry once, in order, from one
+        stream position; the entries (and their frames) are the same
+        objects for both.
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader()
+        one, two = Collector(), Collector()
+        reader.watch("j", 0, one)
+        reader.watch("j", 0, two)
+        for i in range(1, 21):
+            yield log.publish("j", "progress", {"i": i})
+        yield gatherResults([one.waitFor(20), two.waitFor(20)])
+        self.assertEqual(one.seqs, list(range(1, 21)))
+        self.assertEqual(two.seqs, list(range(1, 21)))
+        self.assertTrue(all(a is b for a, b in zip(one.entries, two.entries)))
+        self.assertEqual(reader.watching(), 1)
+
+    @inlineCallbacks
+    def test_readsDoNotScaleWithWatchers(self) -> Any:
+        """
+        The XREAD calls per event are the same with 1 and with 100
+        watchers of a job (events published one at a time, each awaited):
+        Redis read work per event is per instance.
+        """
+        log = yield self.makeLog()
+        perEvent = {}
+        for n, job in ((1, "one"), (100, "hundred")):
+            reader = yield self.makeReader()
+            collectors = [Collector() for _ in range(n)]
+            for collector in collectors:
+                reader.watch(job, 0, collector)
+            yield waitFor(lambda reader=reader: reader.reads >= 1)
+            yield self.resetStats()
+            for i in range(1, 51):
+                yield log.publish(job, "progress", {"i": i})
+                yield gatherResults([c.waitFor(i) for c in collectors])
+            stats = yield commandstats(self.admin)
+            perEvent[n] = stats["xread"] / 50
+            self.assertEqual(stats["xadd"], 50)
+            self.assertEqual({tuple(c.seqs) for c in collectors}, {tuple(range(1, 51))})
+            yield reader.stop()
+        print(f"\nXREAD calls per event: 1 watcher {perEvent[1]:.2f}, 100 watchers {perEvent[100]:.2f}")
+        self.assertLessEqual(perEvent[1], 1.1)
+        self.assertLessEqual(perEvent[100], 1.1)
+        self.assertLess(abs(perEvent[100] - perEvent[1]), 0.1)
+
+    @inlineCallbacks
+    def test_latency(self) -> Any:
+        """
+        From publish to a watcher's callback, on loopback (median of 50,
+        printed); and from watching a job to its first entry while the
+        loop is blocked on another job: with C{CLIENT UNBLOCK}, not the
+        rest of the BLOCK.
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader()
+        collector = Collector()
+        reader.watch("live", 0, collector)
+        yield waitFor(lambda: reader.reads >= 1)
+        samples = []
+        for i in range(1, 51):
+            start = time.perf_counter()
+            log.publish("live", "progress", {"i": i})
+            yield collector.waitFor(i)
+            samples.append(time.perf_counter() - start)
+        publishToCallback = statistics.median(samples)
+        newWatch = {}
+        for wakeup in (True, False):
+            reader = yield self.makeReader(wakeup=wakeup)
+            reader.watch("idle", 0, Collector())
+            times = []
+            for i in range(10 if wakeup else 5):
+                job = f"new-{wakeup}-{i}"
+                yield log.publish(job, "progress", {})
+                yield deferLater(reactor, 0.05, lambda: None)  # the loop is blocked
+                collector = Collector()
+                start = time.perf_counter()
+                reader.watch(job, 0, collector)
+                yield collector.waitFor(1, timeout=5)
+                times.append(time.perf_counter() - start)
+            newWatch[wakeup] = statistics.median(times)
+            yield reader.stop()
+        print(
+            f"\npublish -> callback median {publishToCallback * 1000:.2f} ms (max {max(samples) * 1000:.2f});"
+            f" new watch -> first entry median {newWatch[True] * 1000:.2f} ms with CLIENT UNBLOCK,"
+            f" {newWatch[False] * 1000:.1f} ms waiting for BLOCK 1000"
+        )
+        self.assertLess(publishToCallback, 0.5)
+        self.assertLess(newWatch[True], 0.5)
+
+    @inlineCallbacks
+    def test_terminalEndsTheWatch(self) -> Any:
+        """
+        A terminal event is delivered, then the job is no longer read;
+        unwatching afterwards does no harm.
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader()
+        collector = Collector()
+        unwatch = reader.watch("j", 0, collector)
+        yield log.publishMany("j", "progress", [{"i": 1}, {"i": 2}])
+        yield log.publish("j", "complete", {"output": "x"})
+        yield collector.waitFor(3)
+        self.assertEqual([e.event.event for e in collector.entries], ["progress", "progress", "complete"])
+        self.assertEqual(reader.watching(), 0)
+        unwatch()
+        self.assertEqual(reader.watching(), 0)
+
+    @inlineCallbacks
+    def test_unwatch(self) -> Any:
+        """
+        Once its last watcher has gone, a job is no longer read, and the
+        gone watcher gets nothing more.
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader()
+        gone, staying = Collector(), Collector()
+        unwatchGone = reader.watch("j", 0, gone)
+        unwatchStaying = reader.watch("j", 0, staying)
+        yield log.publish("j", "progress", {"i": 1})
+        yield gatherResults([gone.waitFor(1), staying.waitFor(1)])
+        unwatchGone()
+        yield log.publish("j", "progress", {"i": 2})
+        yield staying.waitFor(2)
+        self.assertEqual(gone.seqs, [1])
+        unwatchStaying()
+        self.assertEqual(reader.watching(), 0)
+
+    @inlineCallbacks
+    def test_joiningBehind(self) -> Any:
+        """
+        A watcher joining behind the shared position gets what it lacks
+        first, once: from the kept tail when it covers it, else read from
+        Redis by the loop; one joining ahead gets only what follows its id.
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader(tailSize=5)
+        first = Collector()
+        reader.watch("j", 0, first)
+        yield log.publishMany("j", "progress", [{"i": i} for i in range(1, 11)])
+        yield first.waitFor(10)
+        fromTail, fromRedis, ahead = Collector(), Collector(), Collector()
+        reader.watch("j", 7, fromTail)
+        self.assertEqual(fromTail.seqs, [8, 9, 10])  # at once, no Redis
+        reader.watch("j", 2, fromRedis)
+        reader.watch("j", 12, ahead)
+        yield fromRedis.waitFor(8)
+        self.assertEqual(fromRedis.seqs, list(range(3, 11)))
+        yield log.publishMany("j", "progress", [{"i": i} for i in range(11, 14)])
+        yield gatherResults([c.waitFor(n) for c, n in ((first, 13), (fromTail, 6), (fromRedis, 11), (ahead, 1))])
+        self.assertEqual(first.seqs, list(range(1, 14)))
+        self.assertEqual(fromTail.seqs, list(range(8, 14)))
+        self.assertEqual(fromRedis.seqs, list(range(3, 14)))
+        self.assertEqual(ahead.seqs, [13])
+
+    @inlineCallbacks
+    def test_stopWhileBlocked(self) -> Any:
+        """
+        L{RedisEventReader.stop} while the XREAD blocks fires well within
+        the BLOCK (the read is unblocked), and leaves nothing running
+        (trial fails a test that leaves a timer or a call behind).
+        """
+        yield self.makeLog()
+        reader = yield self.makeReader(block=1000)
+        reader.watch("j", 0, Collector())
+        yield waitFor(lambda: reader.reads >= 1)
+        yield deferLater(reactor, 0.05, lambda: None)
+        start = time.perf_counter()
+        yield reader.stop()
+        self.assertLess(time.perf_counter() - start, 0.5)
+        self.assertRaises(RuntimeError, reader.watch, "j", 0, Collector())
+
+    @inlineCallbacks
+    def test_stopIdleAndStopWhileDown(self) -> Any:
+        """
+        L{RedisEventReader.stop} ends an idle loop at once, and one waiting
+        to retry with Redis down.
+        """
+        yield self.makeLog()
+        idle = yield self.makeReader()
+        yield idle.stop()
+        reader = yield self.makeReader(retryDelay=5.0, maxRetryDelay=5.0, grace=0.2)
+        reader.watch("j", 0, Collector())
+        yield waitFor(lambda: reader.reads >= 1)
+        self.server.stop(remove=False)
+        yield waitFor(lambda: reader.errors >= 1)
+        start = time.perf_counter()
+        yield reader.stop()
+        self.assertLess(time.perf_counter() - start, 0.5)
+        self.flushLoggedErrors()
+
+
+class RestartTests(RedisTestCase):
+    appendOnly = True
+
+    @inlineCallbacks
+    def test_restartWithAOF(self) -> Any:
+        """
+        Redis killed (SIGKILL, AOF with fsync always) and restarted in the
+        middle of a job's stream: the reader backs off, resumes from its
+        position, and every event arrives exactly once, in order, those
+        published while it was away included.
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader(retryDelay=0.05, maxRetryDelay=0.2)
+        collector = Collector()
+        reader.watch("j", 0, collector)
+        for i in range(1, 31):
+            yield log.publish("j", "progress", {"i": i})
+        yield collector.waitFor(30)
+        self.server.kill()
+        yield waitFor(lambda: reader.errors >= 1)
+        self.server.start()
+        yield ready(self.admin, reactor, timeout=10)
+        yield log.publishMany("j", "progress", [{"i": i} for i in range(31, 61)])
+        for i in range(61, 71):
+            yield log.publish("j", "progress", {"i": i})
+        yield log.publish("j", "complete", {})
+        yield collector.waitFor(71, timeout=20)
+        self.assertEqual(collector.seqs, list(range(1, 72)))
+        self.assertEqual([e.event.data for e in collector.entries[:70]], [_json.dumps({"i": i}) for i in range(1, 71)])
+        self.assertEqual(reader.watching(), 0)
+        self.flushLoggedErrors()
