@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -247,12 +248,10 @@ class QueueTests(TestCase):
         yield whenTrue(reactor, lambda: ralive.calls, 5, "reclaimed")
         self.assertEqual(ralive.calls, [("start", "job0", 2)])
         # Renewed: nobody takes it again, and it is still the alive worker's.
-        from twisted.internet.task import deferLater
-
         yield deferLater(reactor, CLAIM_TIMEOUT * 3, lambda: None)
         self.assertEqual(ralive.calls, [("start", "job0", 2)])
         pending = yield self.redis("XPENDING", "twistedsse:queue", "workers", "-", "+", 10)
-        self.assertEqual([(p[1], p[3]) for p in pending], [("alive", "2")])
+        self.assertEqual([(p[1], p[3]) for p in pending], [("alive", 2)])
         self.assertTrue((yield alive.finished("job0")))
         self.assertEqual((yield self.redis("XLEN", "twistedsse:queue")), 0)
 
