@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -359,6 +360,10 @@ class RedisRestartTests(TestCase):
         yield queue.enqueue(QueuedRender("first"))
         yield queue.enqueue(QueuedRender("second"))
         yield whenTrue(reactor, lambda: renders.of("start") == ["first"], 5, "first start")
+        logged: list[str] = []
+        observer = lambda event: logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         server.stop(remove=False)
         yield self.assertFailure(queue.depth(), Exception)
         server.start()
@@ -367,6 +372,8 @@ class RedisRestartTests(TestCase):
         self.assertEqual(renders.calls, [("start", "first", 1), ("start", "second", 1)])
         yield whenTrue(reactor, lambda: not worker._unacked, 10, "first acknowledged")
         self.assertEqual((yield queue.depth()), 0)
+        self.assertEqual(len([m for m in logged if "Redis queue unavailable" in m]), 1, logged)
+        self.assertEqual(len([m for m in logged if "Redis queue available again" in m]), 1, logged)
 
 
 class KeysTests(TestCase):
