@@ -488,13 +488,8 @@ class RedisWorker:
         the subscription is active, or fails with C{TimeoutError} after
         C{timeout} (it goes on trying; the loop runs either way).
         """
-        self._listener = self._endpoint.connect()
-        # Typing note: txredisapi's lazy handler builds its protocol from
-        # the factory's class when it connects (never synchronously), so
-        # swapping the class here makes it a subscriber with the endpoint's
-        # TLS, AUTH and timeouts.
-        self._listener._factory.protocol = _subscriberProtocol(
-            self.keys.channel, self._cancelMessage, self._nowSubscribed
+        self._listener = _subscriberConnection(
+            self._endpoint, _subscriberProtocol(self.keys.channel, self._cancelMessage, self._nowSubscribed)
         )
         self._renewer = LoopingCall(self._renewTick)
         self._renewer.clock = self._clock
@@ -815,9 +810,8 @@ def _subscriberProtocol(channel: str, onMessage: Callable[[str], None], onSubscr
         def connectionMade(self) -> Deferred[Any]:
             d: Deferred[Any] = super().connectionMade()
 
-            def subscribe(_: object) -> Deferred[None] | None:
-                if not self._ready:
-                    return None
+            def subscribe(_: object) -> Deferred[None]:
+                # After a failed AUTH or SELECT this fails (connection lost).
                 subscribed: Deferred[Any] = self.subscribe(channel)
                 return subscribed.addCallback(lambda _: onSubscribed())
 
@@ -832,3 +826,28 @@ def _subscriberProtocol(channel: str, onMessage: Callable[[str], None], onSubscr
             onMessage(str(message))
 
     return CancelSubscriber
+
+
+def _subscriberConnection(endpoint: RedisEndpoint, protocol: type) -> Any:
+    """
+    A lazy, reconnecting txredisapi connection to C{endpoint} (its
+    database, credentials, TLS and connect timeout, as
+    L{RedisEndpoint.connect}) whose protocol is C{protocol}: for pub/sub,
+    which a plain connection cannot do. Close it with its C{disconnect()}.
+    """
+    import txredisapi
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+    from ._redis import CONNECT_TIMEOUT
+
+    factory = txredisapi.RedisFactory(
+        f"{endpoint.host}:{endpoint.port}", endpoint.db, 1, isLazy=True, handler=txredisapi.ConnectionHandler,
+        charset="utf-8", password=endpoint.password, replyTimeout=None, convertNumbers=False,
+        username=endpoint.username,
+    )  # fmt: skip
+    factory.protocol = protocol
+    # The global reactor, as txredisapi's own connections use.
+    tcp = HostnameEndpoint(reactor, endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT)
+    factory.startConnecting(wrapClientTLS(endpoint._tlsOptions(), tcp) if endpoint.tls else tcp)
+    return factory.handler

@@ -386,3 +386,33 @@ class KeysTests(TestCase):
             (keys.queue, keys.queued, keys.channel, keys.cancel("j")),
             ("app:queue", "app:queued", "app:cancel", "app:cancel:j"),
         )
+
+
+class PasswordTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_cancelSubscriptionAuthenticates(self) -> Any:
+        """
+        With C{requirepass}, the worker's own cancel subscription logs in
+        with the password from the file, as its other connections do.
+        """
+        server = RedisServer(password="pw")
+        self.addCleanup(server.stop)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("pw\n")
+        endpoint = RedisEndpoint.fromURL(server.url, path)
+        connections = [endpoint.connect() for _ in range(3)]
+        for c in connections:
+            self.addCleanup(c.disconnect)
+        renders = Renders()
+        worker = RedisWorker(connections[1], connections[2], endpoint, reactor, renders, name="w", maxRenders=1, block=0.2)
+        renders.worker = worker
+        self.addCleanup(worker.stop)
+        yield worker.start()
+        queue = RedisJobQueue(connections[0], reactor)
+        yield queue.enqueue(QueuedRender("j"))
+        yield whenTrue(reactor, lambda: renders.of("start") == ["j"], 5, "start")
+        self.assertEqual((yield queue.cancelRunning("j")), 1)
+        yield whenTrue(reactor, lambda: renders.of("cancel") == ["j"], 5, "cancel")
