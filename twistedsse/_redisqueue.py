@@ -214,11 +214,23 @@ return 0
 )
 
 # KEYS: queue, queued hash. ARGV: group, consumer, min idle ms, cursor,
-# count, max attempts, prefix. Returns {next cursor, {{kind, id, attempt,
-# fields}, ...}}, kind one of start, lost, cancelled; the lost and
-# cancelled ones are acknowledged here.
+# count, max attempts, prefix, then the entry ids this consumer holds.
+# Returns {next cursor, {{kind, id, attempt, fields}, ...}}, kind one of
+# start, lost, cancelled; the lost and cancelled ones are acknowledged here.
+# The consumer's own entries are renewed first: after an outage longer than
+# the claim timeout they are idle too, and XAUTOCLAIM would hand them to
+# their own holder again as new attempts.
 _RECLAIM = _Script(
     """
+local own = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for i = 8, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == ARGV[2] then table.insert(own, ARGV[i]) end
+end
+if #own > 5 then
+  table.insert(own, 'JUSTID')
+  redis.call(unpack(own))
+end
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
 local out = {}
 for _, e in ipairs(r[2]) do
@@ -664,10 +676,14 @@ class RedisWorker:
             self.group, self.name, int(self.claimTimeout * 1000), self._cursor, self._free(),
             self.maxAttempts, self.keys.prefix,
         ]  # fmt: skip
+        own = {c.entryID for c in self._held.values()} | set(self._unacked.values())
+        args += sorted(own)
         cursor, items = await _timed(_RECLAIM(self._connection, keys, args), self._clock, self.timeout)
         self._cursor = cursor
         for kind, entryID, attempt, fields in items:
             render = _render(fields)
+            if entryID in own:
+                continue  # renewed above; cannot be taken here
             if kind == "start":
                 self._claimed(entryID, render, int(attempt))
             elif kind == "lost":
