@@ -63,14 +63,10 @@ _MAX_SEQ = 2**63 - 1
 #: ARGV[2] the name, ARGV[3] 1 for a terminal event, ARGV[4] the expiry in
 #: ms (0: never).
 #:
-#: After a terminal event the stream shrinks to what L{MemoryBroker} keeps
-#: of a finished job (L{twistedsse._job.EventLog.compact}): the latest
-#: C{progress} before it (found reading backwards, a few entries at a
-#: time: it is usually the one just before) and the terminal event; the
-#: stream expires after ARGV[4] ms and the marker after twice that (a late
-#: publish of an expired job is refused for as long again, rather than
-#: start a stream with no expiry), both set here, with the terminal event.
-#: Exclusive ranges (C{(id}) and XTRIM MINID: Redis 6.2; C{0-*}: 7.0.
+#: With a terminal event: the marker, and the expiry of the stream (ARGV[4]
+#: ms) and of the marker (twice that: a late publish of an expired job is
+#: refused for as long again, rather than start a stream with no expiry),
+#: all set here, with the terminal event. C{0-*}: Redis 7.0.
 _PUBLISH = """\
 local ended = redis.call('GET', KEYS[2])
 if ended then return ended end
@@ -79,8 +75,28 @@ for i = 5, #ARGV do
   ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*',
                              'name', ARGV[2], 'data', ARGV[i])
 end
-if ARGV[3] ~= '1' then return ids end
-local last = ids[#ids]
+if ARGV[3] == '1' then
+  local ms = tonumber(ARGV[4])
+  if ms > 0 then
+    redis.call('PEXPIRE', KEYS[1], ms)
+    redis.call('SET', KEYS[2], ids[#ids], 'PX', 2 * ms)
+  else
+    redis.call('SET', KEYS[2], ids[#ids])
+  end
+end
+return ids
+"""
+
+#: Shrinks a finished job's stream (KEYS[1]; KEYS[2] its end marker: the
+#: terminal event's id) to what L{MemoryBroker} keeps of a finished job
+#: (L{twistedsse._job.EventLog.compact}): the latest C{progress} before
+#: the terminal event (found reading backwards, a few entries at a time:
+#: it is usually the one just before) and the terminal event. Returns how
+#: many entries went. Nothing for a job not ended, or a stream gone
+#: (XTRIM and XDEL create nothing). Exclusive ranges, XTRIM MINID: 6.2.
+_COMPACT = """\
+local last = redis.call('GET', KEYS[2])
+if not last then return 0 end
 local keep, doomed, before, count = nil, {}, '(' .. last, 4
 while not keep do
   local rows = redis.call('XREVRANGE', KEYS[1], before, '-', 'COUNT', count)
@@ -98,22 +114,16 @@ while not keep do
   if keep or #rows < count then break end
   before, count = '(' .. rows[#rows][1], math.min(count * 4, 1000)
 end
+local removed = 0
 if keep then
-  redis.call('XTRIM', KEYS[1], 'MINID', keep)
+  removed = redis.call('XTRIM', KEYS[1], 'MINID', keep)
   for i = 1, #doomed, 1000 do
-    redis.call('XDEL', KEYS[1], unpack(doomed, i, math.min(i + 999, #doomed)))
+    removed = removed + redis.call('XDEL', KEYS[1], unpack(doomed, i, math.min(i + 999, #doomed)))
   end
 else
-  redis.call('XTRIM', KEYS[1], 'MINID', last)
+  removed = redis.call('XTRIM', KEYS[1], 'MINID', last)
 end
-local ms = tonumber(ARGV[4])
-if ms > 0 then
-  redis.call('PEXPIRE', KEYS[1], ms)
-  redis.call('SET', KEYS[2], last, 'PX', 2 * ms)
-else
-  redis.call('SET', KEYS[2], last)
-end
-return ids
+return removed
 """
 
 
@@ -256,7 +266,16 @@ class RedisEventLog:
     connection and after a restart emptied Redis' script cache): it refuses
     events after the job's terminal one, as L{MemoryBroker} does, atomically
     (no read-then-write race between two writers); with the terminal event
-    it shrinks the stream to what a finished job keeps and sets its expiry.
+    it sets the stream's expiry.
+
+    A finished job's stream shrinks to what L{MemoryBroker} keeps of it
+    (L{compact}), but not with the terminal event: a reader a little behind
+    (backing off after a failure, busy) would find the entries between its
+    position and the terminal event gone. With a C{clock}, the log
+    compacts C{settle} seconds after each terminal event it publishes (a
+    reader behind by less loses nothing; one behind by more is told with a
+    L{Reset}); L{stop} cancels those not done (the stream stays whole until
+    it expires). Without a clock, whoever calls L{compact} decides.
 
     @param connection: a txredisapi connection (L{RedisEndpoint.connect});
         not the blocking reader's.
@@ -273,6 +292,9 @@ class RedisEventLog:
     prefix: str = "twistedsse:"
     _history: int = attrs.field(default=1000, alias="history")
     expireAfter: float = 86400.0
+    clock: IReactorTime | None = None
+    settle: float = 10.0
+    _compactions: dict[str, IDelayedCall] = attrs.field(factory=dict, init=False)
 
     def key(self, jobID: str) -> str:
         return streamKey(self.prefix, jobID)
@@ -280,7 +302,8 @@ class RedisEventLog:
     def endKey(self, jobID: str) -> str:
         """
         The key of C{jobID}'s end marker: its terminal event's id, set with
-        it (a key of its own: it outlives the stream, see L{_PUBLISH}).
+        it (a key of its own: it outlives the stream, see L{_PUBLISH}; and
+        L{compact} finds the terminal event with it).
         """
         return f"{self.prefix}events-end:{jobID}"
 
@@ -297,7 +320,43 @@ class RedisEventLog:
             sent). Fails with L{ValueError} if the job has ended already.
         """
         texts = [_json.dumps(data)]
-        return self._publish(jobID, name, texts, name in TERMINAL_EVENTS).addCallback(lambda ids: ids[0])
+        terminal = name in TERMINAL_EVENTS
+        d = self._publish(jobID, name, texts, terminal)
+        if terminal and self.clock is not None:
+            d.addCallback(self._scheduleCompaction, jobID)
+        return d.addCallback(lambda ids: ids[0])
+
+    def _scheduleCompaction(self, ids: list[str], jobID: str) -> list[str]:
+        assert self.clock is not None
+        self._compactions[jobID] = self.clock.callLater(self.settle, self._compactLater, jobID)
+        return ids
+
+    def _compactLater(self, jobID: str) -> None:
+        del self._compactions[jobID]
+
+        def failed(failure: Failure) -> None:
+            # The stream stays whole until it expires: no harm beyond memory.
+            _log.warn("{key}: could not compact: {failure.value!r}", key=self.key(jobID), failure=failure)
+
+        self.compact(jobID).addErrback(failed)
+
+    def compact(self, jobID: str) -> Deferred[int]:
+        """
+        Shrink a finished job's stream to its latest C{progress} and its
+        terminal event (one C{EVALSHA}); fires with how many entries went
+        (0 for a job not ended).
+        """
+        d: Deferred[int] = self.connection.eval(_COMPACT, [self.key(jobID), self.endKey(jobID)], [])
+        return d
+
+    def stop(self) -> None:
+        """
+        Cancel the compactions not done yet.
+        """
+        compactions, self._compactions = self._compactions, {}
+        for call in compactions.values():
+            if call.active():
+                call.cancel()
 
     def publishMany(self, jobID: str, name: str, datas: Sequence[JSON]) -> Deferred[list[str]]:
         """
@@ -467,7 +526,7 @@ class Reset:
         count). The entries that follow are the stream from its start.
       - Entries between the watcher's last one and the next were removed
         before the reader got to them (trimmed to C{history}, or a finished
-        job's stream shrunk: L{_PUBLISH}): C{missed} of them, as
+        job's stream shrunk: L{RedisEventLog.compact}): C{missed} of them, as
         L{History.missed} counts for a resume.
 
     @ivar seq: the sequence number the C{reset} event's id is made of
@@ -505,8 +564,11 @@ class _WatchedJob:
     seq: int
     tail: deque[Entry]
     #: The entry numbered C{seq}, once read: what the check after a
-    #: reconnection looks for in Redis (None: C{seq} came from a watch).
+    #: failure looks for in Redis (None: none read yet).
     last: Entry | None = None
+    #: Whether C{last} is known (read, or looked for once: a watch from a
+    #: client's id).
+    known: bool = False
     watchers: dict[int, _Watcher] = attrs.field(factory=dict)
     #: Watchers that joined behind C{seq} and beyond the tail: the loop
     #: reads their gap (one XRANGE per distinct id) before its next XREAD.
@@ -656,6 +718,7 @@ class RedisEventReader:
         if job is None:
             key = streamKey(self.prefix, jobID)
             job = _WatchedJob(jobID, key, formatEventID(after) if after else "0-0", after, deque(maxlen=self.tailSize))
+            job.known = not after
             self._jobs[jobID] = job
             self._byKey[key] = job
             self._wake()
@@ -788,6 +851,7 @@ class RedisEventReader:
                 if self._unverified:
                     await self._verify()
                     self._unverified = False
+                await self._learn()
                 await self._catchUp()
                 if self._stopping():
                     break
@@ -835,11 +899,41 @@ class RedisEventReader:
         finally:
             self._reading = False
 
+    async def _positionEntries(self, jobs: Sequence[_WatchedJob]) -> list[Any]:
+        """
+        The entry at each job's position (C{XRANGE id id}), read together.
+        """
+        reads = [
+            self.connection.execute_command(
+                "XRANGE", job.key, formatEventID(job.seq), formatEventID(job.seq)
+            ).addTimeout(self.grace, self.clock)
+            for job in jobs
+        ]
+        replies: list[Any] = await gatherResults(reads, consumeErrors=True)
+        return replies
+
+    async def _learn(self) -> None:
+        """
+        Read the entry at the position of each job watched from a client's
+        id (once, before its first C{XREAD}; one round trip for all), for
+        L{_verify} to compare: without it, a new stream with an entry there
+        would pass for the one lost.
+        """
+        jobs = [job for job in self._jobs.values() if not job.known]
+        if not jobs:
+            return
+        replies = await self._positionEntries(jobs)
+        for job, rows in zip(jobs, replies):
+            if self._jobs.get(job.jobID) is job and not job.known:
+                found = _entries(rows, job.key)
+                job.last = found[0] if found else None
+                job.known = True
+
     async def _verify(self) -> None:
         """
         Check, after a failure, that each watched job's stream still holds
-        the entry at the loop's position (or, when the loop has read none
-        of it yet, an entry at the watch's id): one C{XRANGE id id} per job,
+        the entry at the loop's position (read by the loop or by L{_learn};
+        if neither found one, any entry there): one C{XRANGE id id} per job,
         sent together (one round trip). An entry gone or another one: Redis
         lost the stream (restarted without AOF), so L{_lost}.
 
@@ -853,13 +947,7 @@ class RedisEventReader:
         if not jobs:
             return
         self.verifications += 1
-        reads = [
-            self.connection.execute_command(
-                "XRANGE", job.key, formatEventID(job.seq), formatEventID(job.seq)
-            ).addTimeout(self.grace, self.clock)
-            for job in jobs
-        ]
-        replies = await gatherResults(reads, consumeErrors=True)
+        replies = await self._positionEntries(jobs)
         for job, rows in zip(jobs, replies):
             if self._jobs.get(job.jobID) is not job or job.ended:
                 continue  # unwatched, or (a new watch) read since
@@ -876,7 +964,7 @@ class RedisEventReader:
         """
         self.losses += 1
         _log.warn("{key}: Redis lost the events up to {eventID}; reading it from its start", key=job.key, eventID=formatEventID(job.seq))
-        job.position, job.seq, job.last = "0-0", 0, None
+        job.position, job.seq, job.last, job.known = "0-0", 0, None, True
         job.tail.clear()
         watchers = list(job.watchers.values()) + job.catchingUp
         job.catchingUp = []
@@ -924,7 +1012,7 @@ class RedisEventReader:
             if not entries:
                 continue
             job.seq = entries[-1].seq
-            job.last = entries[-1]
+            job.last, job.known = entries[-1], True
             job.tail.extend(entries)
             watchers = list(job.watchers.values())
             if job.ended:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from tests._support.fixtures import Recorder, snapshot
@@ -297,23 +297,27 @@ class FinishedJobTests(RedisTestCase):
         """
         Redis commands (C{INFO commandstats}, a script's counted) per
         operation: a publish is C{EVALSHA} + C{GET} + C{XADD}; a terminal
-        publish adds one C{XREVRANGE} (the progress is near the end), one
-        C{XTRIM}, C{PEXPIRE} and C{SET} (and C{XDEL} when entries other
-        than progress come between them).
+        publish adds C{PEXPIRE} and C{SET}; the compaction that follows is
+        C{EVALSHA} + C{GET} + one C{XREVRANGE} (the progress is near the
+        end) + C{XTRIM} (and one C{XDEL} when entries other than progress
+        come between them).
         """
         log = yield self.makeLog(expireAfter=60)
-        yield log.publish("warm", "progress", {})  # EVAL once: the script is cached
+        yield log.publish("warm", "complete", {})  # EVAL once: the scripts are cached
+        yield log.compact("warm")
         measured = {}
         for label, operation in [
             ("publish", lambda: log.publish("j", "progress", {"i": 1})),
             ("publishMany(10)", lambda: log.publishMany("j", "progress", [{"i": i} for i in range(10)])),
             ("terminal publish", lambda: log.publish("j", "complete", {})),
-            ("terminal publish, a retrying after the progress", None),
+            ("compact", lambda: log.compact("j")),
+            ("compact, a retrying after the progress", None),
         ]:
             if operation is None:
                 yield log.publishMany("k", "progress", [{"i": i} for i in range(10)])
                 yield log.publish("k", "retrying", {})
-                operation = lambda: log.publish("k", "failed", {})  # noqa: E731
+                yield log.publish("k", "failed", {})
+                operation = lambda: log.compact("k")  # noqa: E731
             yield self.resetStats()
             yield operation()
             stats = yield commandstats(self.admin)
@@ -322,9 +326,10 @@ class FinishedJobTests(RedisTestCase):
         print("\nRedis commands per operation:", measured)
         self.assertEqual(measured["publish"], {"evalsha": 1, "get": 1, "xadd": 1})
         self.assertEqual(measured["publishMany(10)"], {"evalsha": 1, "get": 1, "xadd": 10})
-        terminal = {"evalsha": 1, "get": 1, "xadd": 1, "xrevrange": 1, "xtrim": 1, "pexpire": 1, "set": 1}
-        self.assertEqual(measured["terminal publish"], terminal)
-        self.assertEqual(measured["terminal publish, a retrying after the progress"], {**terminal, "xdel": 1})
+        self.assertEqual(measured["terminal publish"], {"evalsha": 1, "get": 1, "xadd": 1, "pexpire": 1, "set": 1})
+        compact = {"evalsha": 1, "get": 1, "xrevrange": 1, "xtrim": 1}
+        self.assertEqual(measured["compact"], compact)
+        self.assertEqual(measured["compact, a retrying after the progress"], {**compact, "xdel": 1})
 
     @inlineCallbacks
     def test_refusedAfterTerminal(self) -> Any:
@@ -382,10 +387,12 @@ class FinishedJobTests(RedisTestCase):
     @inlineCallbacks
     def test_finishedKeepsWhatMemoryKeeps(self) -> Any:
         """
-        After its terminal event a stream keeps what L{MemoryBroker} keeps
-        of a finished job (L{MemoryBroker.finalEvents}: the latest progress
-        and the terminal event), and answers every C{Last-Event-ID} as
-        L{MemoryBroker} does then (same events, same reset and count).
+        Compacted after its terminal event, a stream keeps what
+        L{MemoryBroker} keeps of a finished job (L{MemoryBroker.finalEvents}:
+        the latest progress and the terminal event), and answers every
+        C{Last-Event-ID} as L{MemoryBroker} does then (same events, same
+        reset and count). Compacting again, or a job not ended, removes
+        nothing.
         """
         log = yield self.makeLog(history=1000)
         cases = {
@@ -398,12 +405,20 @@ class FinishedJobTests(RedisTestCase):
             "far": ["progress"] * 20 + ["retrying"] * 300 + ["complete"],
             "onlyOthers": ["retrying"] * 200 + ["failed"],
         }
+        yield log.publishMany("running", "progress", [{}, {}])
+        self.assertEqual((yield log.compact("running")), 0)
+        self.assertEqual((yield log.compact("none")), 0)
+        self.assertEqual(len((yield self.stream(log, "running"))), 2)
+        self.assertEqual((yield self.admin.execute_command("EXISTS", log.key("none"))), 0)
         for jobID, names in cases.items():
             memory = MemoryBroker(history=1000)
             memory.create(snapshot(jobID))
             for i, name in enumerate(names, 1):
                 memory.publish(jobID, name, {"i": i})
                 yield log.publish(jobID, name, {"i": i})
+            removed = yield log.compact(jobID)
+            self.assertEqual(removed, len(names) - len(memory.finalEvents(jobID)))
+            self.assertEqual((yield log.compact(jobID)), 0)
             self.assertEqual((yield self.stream(log, jobID)), memory.finalEvents(jobID), jobID)
             ids = [None, "garbage"] + [f"0-{n}" for n in range(0, len(names) + 3)]
             for lastEventID in ids:
@@ -416,6 +431,30 @@ class FinishedJobTests(RedisTestCase):
                     data = {"state": "queued", "progress": None, "missed": history.missed}
                     got.insert(0, ("reset", history.resetID[2:], _json.dumps(data)))  # type: ignore[index]
                 self.assertEqual(got, expected, (jobID, lastEventID))
+
+    @inlineCallbacks
+    def test_compactedAfterSettling(self) -> Any:
+        """
+        With a clock, the log compacts a job's stream C{settle} seconds
+        after it published its terminal event, not before; L{stop} cancels
+        a compaction not done (the stream stays whole).
+        """
+        yield self.makeLog()
+        clock = Clock()
+        log = RedisEventLog(self.admin, clock=clock, settle=5.0)
+        for jobID in ("j", "k"):
+            yield log.publishMany(jobID, "progress", [{"i": i} for i in range(1, 6)])
+            yield log.publish(jobID, "retrying", {})
+            yield log.publish(jobID, "complete", {})
+            self.assertEqual(len((yield self.stream(log, jobID))), 7)
+        clock.advance(4.9)
+        self.assertEqual(len((yield self.stream(log, "j"))), 7)
+        clock.advance(0.1)  # (the same connection: the read follows the compaction)
+        kept = yield self.stream(log, "j")
+        self.assertEqual([(seq, name) for seq, name, _ in kept], [(5, "progress"), (7, "complete")])
+        yield log.publish("l", "failed", {})
+        log.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     @inlineCallbacks
     def test_expiry(self) -> Any:
@@ -718,12 +757,13 @@ class RestartTests(RedisTestCase):
         Redis killed (SIGKILL, AOF with fsync always) and restarted in the
         middle of a job's stream: the reader backs off, resumes from its
         position, and every event arrives exactly once, in order, those
-        published while it was away included.
+        published while it was away included; the check of its position
+        after the failure finds the stream whole: no reset.
         """
         log = yield self.makeLog()
         reader = yield self.makeReader(retryDelay=0.05, maxRetryDelay=0.2)
         collector = Collector()
-        reader.watch("j", 0, collector)
+        reader.watch("j", 0, collector, collector.reset)
         for i in range(1, 31):
             yield log.publish("j", "progress", {"i": i})
         yield collector.waitFor(30)
@@ -736,7 +776,132 @@ class RestartTests(RedisTestCase):
             yield log.publish("j", "progress", {"i": i})
         yield log.publish("j", "complete", {})
         yield collector.waitFor(71, timeout=20)
-        self.assertEqual(collector.seqs, list(range(1, 72)))
+        self.assertEqual(collector.timeline, list(range(1, 72)))
         self.assertEqual([e.event.data for e in collector.entries[:70]], [_json.dumps({"i": i}) for i in range(1, 71)])
         self.assertEqual(reader.watching(), 0)
+        self.assertGreaterEqual(reader.verifications, 1)
+        self.assertEqual(reader.losses, 0)
         self.flushLoggedErrors()
+
+
+class RestartWithoutAOFTests(RedisTestCase):
+    """
+    Redis stopped and started again without persistence (C{--save ""},
+    no AOF): its streams are gone, and start again at C{0-1}.
+    """
+
+    appendOnly = False
+
+    @inlineCallbacks
+    def restart(self, reader: RedisEventReader) -> Any:
+        self.server.stop(remove=False)
+        yield waitFor(lambda: reader.errors >= 1)
+        self.server.start()
+        yield ready(self.admin, reactor, timeout=10)
+
+    @inlineCallbacks
+    def test_lostStreamIsReset(self) -> Any:
+        """
+        The reader finds its position gone, tells the watchers with a
+        reset (seq 0, missed unknown), then gives them the new stream
+        from C{0-1}: none of it lost, none repeated; a job it watched from
+        a client's id (no entry read yet) too. A client resuming with an id
+        ahead of the new stream's end gets all of it (as L{MemoryBroker}
+        does for an id it did not issue).
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader(retryDelay=0.05, maxRetryDelay=0.2)
+        live, fromID = Collector(), Collector()
+        reader.watch("j", 0, live, live.reset)
+        for i in range(1, 31):
+            yield log.publish("j", "progress", {"epoch": 1, "i": i})
+        yield log.publish("k", "progress", {"epoch": 1})
+        reader.watch("k", 1, fromID, fromID.reset)
+        yield live.waitFor(30)
+        yield self.restart(reader)
+        ids = yield log.publishMany("j", "progress", [{"epoch": 2, "i": i} for i in range(1, 4)])
+        self.assertEqual(ids, ["0-1", "0-2", "0-3"])
+        history = yield log.history("j", "0-30")
+        self.assertEqual(([e.seq for e in history.entries], history.missed), ([1, 2, 3], 0))
+        yield log.publish("k", "progress", {"epoch": 2})
+        yield live.waitFor(33, timeout=20)
+        yield fromID.waitFor(1, timeout=20)
+        for i in range(4, 11):
+            yield log.publish("j", "progress", {"epoch": 2, "i": i})
+        yield log.publish("j", "complete", {})
+        yield live.waitFor(41, timeout=20)
+        self.assertEqual(live.timeline, [*range(1, 31), Reset(0, None), *range(1, 12)])
+        epochs = [_json.loads(e.event.data) for e in live.entries[:40]]
+        self.assertEqual(epochs, [{"epoch": 1, "i": i} for i in range(1, 31)] + [{"epoch": 2, "i": i} for i in range(1, 11)])
+        self.assertEqual(fromID.timeline, [Reset(0, None), 1])
+        self.assertEqual(reader.losses, 2)
+        self.assertEqual(reader.watching(), 1)  # k, not ended
+        self.flushLoggedErrors()
+
+    @inlineCallbacks
+    def test_newStreamPastThePosition(self) -> Any:
+        """
+        The new stream already has more entries than the reader's position
+        when it checks: the entry there is another one, so it is a reset
+        all the same, and the whole new stream follows (not just what
+        comes after the old position).
+        """
+        log = yield self.makeLog()
+        # The reader waits 2 s after the failure: the new stream is
+        # written well before it checks.
+        reader = yield self.makeReader(retryDelay=2.0, maxRetryDelay=2.0)
+        collector = Collector()
+        reader.watch("j", 0, collector, collector.reset)
+        yield log.publishMany("j", "progress", [{"epoch": 1, "i": i} for i in range(1, 31)])
+        yield collector.waitFor(30)
+        yield self.restart(reader)
+        self.assertEqual(reader.verifications, 0)
+        yield log.publishMany("j", "progress", [{"epoch": 2, "i": i} for i in range(1, 41)])
+        yield collector.waitFor(70, timeout=20)
+        self.assertEqual(collector.timeline, [*range(1, 31), Reset(0, None), *range(1, 41)])
+        self.assertEqual([_json.loads(e.event.data)["epoch"] for e in collector.entries], [1] * 30 + [2] * 40)
+        self.assertEqual((reader.verifications, reader.losses), (1, 1))
+        self.flushLoggedErrors()
+
+
+class SkippedEntriesTests(RedisTestCase):
+    @inlineCallbacks
+    def test_trimmedBeforeCatchingUp(self) -> Any:
+        """
+        A watcher joining behind entries trimmed away since its history was
+        read is told how many it missed (a reset, as L{History} counts),
+        then given what is left.
+        """
+        log = yield self.makeLog(history=10)
+        reader = yield self.makeReader(tailSize=5)
+        first = Collector()
+        reader.watch("j", 0, first, first.reset)
+        for start in range(0, 300, 50):
+            yield log.publishMany("j", "progress", [{"i": i} for i in range(start + 1, start + 51)])
+        yield first.waitFor(1)
+        yield waitFor(lambda: first.timeline[-1] == 300)
+        late = Collector()
+        reader.watch("j", 2, late, late.reset)
+        yield late.waitFor(1)
+        firstKept = late.entries[0].seq
+        self.assertGreater(firstKept, 3)
+        self.assertEqual(late.timeline, [Reset(firstKept - 1, firstKept - 3), *range(firstKept, 301)])
+
+    @inlineCallbacks
+    def test_finishedUnderThePosition(self) -> Any:
+        """
+        A job that finished (its stream shrunk to its last progress and
+        terminal event) past the position a watch starts at: a reset for
+        each run of entries gone, with its count, then the terminal event.
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader()
+        names = ["progress"] * 40 + ["retrying"] * 4 + ["complete"]
+        for i, name in enumerate(names, 1):
+            yield log.publish("j", name, {"i": i})
+        yield log.compact("j")
+        collector = Collector()
+        reader.watch("j", 38, collector, collector.reset)
+        yield collector.waitFor(2)
+        self.assertEqual(collector.timeline, [Reset(39, 1), 40, Reset(44, 4), 45])
+        self.assertEqual(reader.watching(), 0)
