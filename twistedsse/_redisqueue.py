@@ -63,7 +63,6 @@ are not Redis Cluster safe.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable, Sequence, TypeVar
 
 import attrs
@@ -95,25 +94,18 @@ _HANDED_BACK_IDLE = 365 * 86400 * 1000
 
 class _Script:
     """
-    A Lua script run by C{EVALSHA}, falling back to C{EVAL} when the
-    server does not know it (after a restart or C{SCRIPT FLUSH}): one
-    round trip either way after the first.
+    A Lua script, run with txredisapi's C{eval}: C{EVALSHA} once the
+    connection has sent it, C{EVAL} the first time and again after a
+    C{NOSCRIPT} (a restart or C{SCRIPT FLUSH} emptied Redis' cache), as
+    L{twistedsse._redisstate} and L{twistedsse._redisevents} run theirs.
     """
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
     def __call__(self, connection: Any, keys: Sequence[str], args: Sequence[object]) -> Deferred[Any]:
-        d: Deferred[Any] = connection.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-
-        def noScript(f: Failure) -> Deferred[Any]:
-            if "NOSCRIPT" not in str(f.value):
-                return f  # type: ignore[return-value]
-            again: Deferred[Any] = connection.execute_command("EVAL", self.source, len(keys), *keys, *args)
-            return again
-
-        return d.addErrback(noScript)
+        d: Deferred[Any] = connection.eval(self.source, list(keys), list(args))
+        return d
 
 
 _ENQUEUE = _Script(
