@@ -25,13 +25,8 @@ from twistedsse._broker import MemoryBroker
 from twistedsse._frames import encodeEvent
 from twistedsse._job import Entry
 from twistedsse._redis import RedisEndpoint, ready
-from twistedsse._redisevents import (
-    RedisEventLog,
-    RedisEventReader,
-    Reset,
-    SharedHistory,
-    parseEventID,
-)
+from twistedsse._redisevents import RedisEventLog, SharedHistory, parseEventID
+from twistedsse._redisreader import RedisEventReader, Reset
 
 #: Last-Event-ID values a client may send that this module never issued.
 HOSTILE = [
