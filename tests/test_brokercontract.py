@@ -43,13 +43,10 @@ class AsyncBrokerContract:
     side gets them; fails if it never does).
     """
 
-    def makeBroker(self, history: int = 100) -> Deferred[Any]:
-        raise NotImplementedError
-
-    def settle(self, predicate: Callable[[], bool]) -> Deferred[None]:
-        raise NotImplementedError
-
-    # (for mypy's sake: TestCase's)
+    # The hooks (defined by the test case, which comes after this mixin
+    # in its bases), and TestCase's methods, for readers and linters.
+    makeBroker: Callable[..., Deferred[Any]]
+    settle: Callable[[Callable[[], bool]], Deferred[None]]
     assertEqual: Any
     assertTrue: Any
     assertFalse: Any

@@ -1,0 +1,276 @@
+"""
+L{RedisBroker} against a real redis-server: the L{IAsyncJobBroker}
+contract (the suite L{AsyncMemoryBroker} passes), and what the mirror is
+for: Redis work per event that does not depend on the number of local
+subscribers, history loads shared, two instances on one Redis.
+
+Redis work is counted with C{INFO commandstats} (reset with C{CONFIG
+RESETSTAT}): commands a script runs are counted too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests._support.fixtures import Recorder, snapshot
+from tests._support.redis import RedisServer
+from tests.redis.test_events import commandstats
+from tests.test_brokercontract import AsyncBrokerContract, ended
+from twistedsse._redis import RedisEndpoint, ready
+from twistedsse._redisbroker import RedisBroker
+from twistedsse._redisevents import RedisEventLog, RedisEventReader
+from twistedsse._redisstate import RedisJobState
+
+
+class RedisBrokerTestCase(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.server = RedisServer()
+        self.addCleanup(self.server.stop)
+        self.admin: Any = None
+
+    @inlineCallbacks
+    def connect(self) -> Any:
+        connection = RedisEndpoint.fromURL(self.server.url).connect()
+        self.addCleanup(connection.disconnect)
+        yield ready(connection, reactor)
+        return connection
+
+    @inlineCallbacks
+    def makeBroker(self, history: int = 100) -> Any:
+        """
+        A started L{RedisBroker}, as a web instance has one: a connection
+        for state and writes, one for the reading loop.
+        """
+        connection = yield self.connect()
+        if self.admin is None:
+            self.admin = connection
+        reading = yield self.connect()
+        broker = RedisBroker(
+            RedisJobState(connection, reactor),
+            RedisEventLog(connection, history=history),
+            RedisEventReader(reading, connection, reactor),
+            reactor,
+            history=history,
+        )
+        broker.start()
+        self.addCleanup(broker.stop)
+        return broker
+
+    @inlineCallbacks
+    def settle(self, predicate: Callable[[], bool], timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never true within {timeout} s: {predicate}")
+            yield deferLater(reactor, 0.002, lambda: None)
+
+
+class RedisBrokerContractTests(AsyncBrokerContract, RedisBrokerTestCase):
+    """
+    The contract on L{RedisBroker}.
+    """
+
+
+def perEvent(before: dict[str, int], after: dict[str, int], events: int) -> dict[str, float]:
+    """
+    Redis commands per event between two C{commandstats}, without the
+    C{INFO} and C{CONFIG} that measure.
+    """
+    return {
+        name: (after.get(name, 0) - before.get(name, 0)) / events
+        for name in after
+        if name not in ("info", "config|resetstat", "config") and after.get(name, 0) != before.get(name, 0)
+    }
+
+
+class MirrorTests(RedisBrokerTestCase):
+    @inlineCallbacks
+    def publishAndCount(self, broker: RedisBroker, jobID: str, subscribers: int, events: int) -> Any:
+        """
+        Subscribe C{subscribers} to a new job, then publish C{events} one at
+        a time, each once every subscriber has the one before; return the
+        Redis commands per event, and the recorders.
+        """
+        yield broker.create(snapshot(jobID))
+        recorders = [Recorder() for _ in range(subscribers)]
+        reads = broker.reader.reads
+        unsubscribes = yield gatherResults([broker.subscribe(jobID, None, r) for r in recorders])
+        # The loop has come round with the new job (the XREAD it was
+        # blocked in, woken by the watch, is counted): count from now.
+        yield self.settle(lambda: broker.reader.reads > reads)
+        before = yield commandstats(self.admin)
+        for i in range(events):
+            yield broker.publish(jobID, "progress", {"i": i})
+            yield self.settle(lambda: all(len(r.got) > i for r in recorders))
+        after = yield commandstats(self.admin)
+        for unsubscribe in unsubscribes:
+            unsubscribe()
+        return perEvent(before, after, events), recorders
+
+    @inlineCallbacks
+    def test_commandsPerEventIndependentOfSubscribers(self) -> Any:
+        """
+        A job with 100 local subscribers costs Redis the same commands per
+        event as a job with 1: one C{XADD} for the write, and the one
+        C{XREAD} (of the instance's loop) that brings it back. Each
+        subscriber gets every event once, in order.
+        """
+        broker = yield self.makeBroker()
+        events = 30
+        one, _ = yield self.publishAndCount(broker, "one", 1, events)
+        hundred, recorders = yield self.publishAndCount(broker, "hundred", 100, events)
+        for recorder in recorders:
+            self.assertEqual([_id for _id in recorder.ids], [f"0-{i}" for i in range(1, events + 1)])
+        self.assertEqual(one.get("xadd"), 1.0)
+        self.assertEqual(hundred.get("xadd"), 1.0)
+        # Per command, the same counts (one command of slack over the run:
+        # an XREAD blocked when the count starts or ends falls on either
+        # side). The write is one XADD (in a script, EVALSHA, once
+        # RedisEventLog refuses events after a terminal one), the read one
+        # XREAD entry of this instance's loop.
+        for name in set(one) | set(hundred):
+            self.assertTrue(abs(one.get(name, 0) - hundred.get(name, 0)) * events <= 1, (name, one, hundred))
+        self.assertTrue(sum(hundred.values()) <= 3.1, hundred)
+        print(f"\nRedis commands per event: 1 subscriber {one}; 100 subscribers {hundred}")
+
+    @inlineCallbacks
+    def test_concurrentSubscribesShareOneLoad(self) -> Any:
+        """
+        200 subscribes to a job this instance does not mirror yet, in one
+        turn, with various ids: one load (one state read, one C{XRANGE});
+        a subscribe to a mirrored job costs no Redis command. The last
+        unsubscribe drops the mirror and the watch.
+        """
+        broker = yield self.makeBroker()
+        yield broker.create(snapshot("a"))
+        published = yield broker.publishMany("a", "progress", [{"i": i} for i in range(10)])
+        yield self.admin.execute_command("CONFIG", "RESETSTAT")
+        ids = [None, "garbage", published[3].id, published[9].id]
+        recorders = [Recorder() for _ in range(200)]
+        unsubscribes = yield gatherResults(
+            [broker.subscribe("a", ids[i % 4], r) for i, r in enumerate(recorders)]
+        )
+        stats = yield commandstats(self.admin)
+        self.assertEqual(broker.loads, 1)
+        self.assertEqual(stats.get("xrange"), 1, stats)
+        self.assertEqual(stats.get("evalsha", 0) + stats.get("eval", 0), 1, stats)
+        for i, recorder in enumerate(recorders):
+            want = {0: published, 1: published, 2: published[4:], 3: []}[i % 4]
+            self.assertEqual(recorder.ids, [e.id for e in want])
+        yield self.admin.execute_command("CONFIG", "RESETSTAT")
+        recorder = Recorder()
+        unsubscribes.append((yield broker.subscribe("a", published[5].id, recorder)))
+        self.assertEqual(recorder.ids, [e.id for e in published[6:]])
+        stats = yield commandstats(self.admin)
+        self.assertEqual(set(stats) - {"info", "config|resetstat", "xread"}, set(), stats)
+        self.assertEqual(broker.mirrored(), 1)
+        self.assertEqual(broker.reader.watching(), 1)
+        for unsubscribe in unsubscribes:
+            unsubscribe()
+        self.assertEqual(broker.subscriberCount(), 0)
+        self.assertEqual(broker.mirrored(), 0)
+        self.assertEqual(broker.reader.watching(), 0)
+
+    @inlineCallbacks
+    def test_mirrorDroppedAfterTerminal(self) -> Any:
+        """
+        Once the terminal event has reached the local subscribers, the
+        mirror and the watch are gone without anyone unsubscribing.
+        """
+        broker = yield self.makeBroker()
+        yield broker.create(snapshot("a"))
+        recorders = [Recorder() for _ in range(3)]
+        yield gatherResults([broker.subscribe("a", None, r) for r in recorders])
+        self.assertEqual(broker.mirrored(), 1)
+        yield broker.publishMany("a", "progress", [{}, {}])
+        yield broker.publish("a", "failed", {"reason": "x"})
+        yield self.settle(lambda: all(ended(r) for r in recorders))
+        self.assertEqual([r.ids for r in recorders], [["0-1", "0-2", "0-3"]] * 3)
+        self.assertEqual(broker.subscriberCount(), 0)
+        self.assertEqual(broker.mirrored(), 0)
+        self.assertEqual(broker.reader.watching(), 0)
+
+    @inlineCallbacks
+    def test_cancelWhileLoading(self) -> Any:
+        """
+        A subscribe cancelled before the load is done (its client went
+        away) delivers nothing and leaves nothing: no subscriber, no
+        mirror, no watch.
+        """
+        broker = yield self.makeBroker()
+        yield broker.create(snapshot("a"))
+        yield broker.publish("a", "progress", {})
+        recorder = Recorder()
+        d = broker.subscribe("a", None, recorder)
+        d.cancel()
+        yield self.assertFailure(d, CancelledError)
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(recorder.got, [])
+        self.assertEqual(broker.subscriberCount(), 0)
+        self.assertEqual(broker.mirrored(), 0)
+        self.assertEqual(broker.reader.watching(), 0)
+
+    @inlineCallbacks
+    def test_twoInstances(self) -> Any:
+        """
+        Two web instances on one Redis, subscribers on each, events
+        published through one of them (and through the other): every
+        subscriber gets every event once, in order, and the stream ends
+        with the terminal event on both.
+        """
+        a = yield self.makeBroker()
+        b = yield self.makeBroker()
+        yield a.create(snapshot("j"))
+        self.assertEqual((yield b.get("j")), snapshot("j"))
+        onA = [Recorder() for _ in range(5)]
+        onB = [Recorder() for _ in range(5)]
+        yield gatherResults([a.subscribe("j", None, r) for r in onA] + [b.subscribe("j", None, r) for r in onB])
+        published = []
+        for i in range(20):
+            published.append((yield a.publish("j", "progress", {"i": i})))
+        published += yield b.publishMany("j", "progress", [{"i": i} for i in range(20, 60)])
+        for i in range(60, 80):
+            published.append((yield (a if i % 2 else b).publish("j", "progress", {"i": i})))
+        published.append((yield a.publish("j", "complete", {})))
+        everyone = onA + onB
+        yield self.settle(lambda: all(ended(r) for r in everyone))
+        for recorder in everyone:
+            self.assertEqual(recorder.ids, [e.id for e in published])
+            self.assertEqual([event for event, _ in recorder.got], published)
+        for broker in (a, b):
+            self.assertEqual(broker.subscriberCount(), 0)
+            self.assertEqual(broker.mirrored(), 0)
+
+    @inlineCallbacks
+    def test_lateSubscriberMidStream(self) -> Any:
+        """
+        Subscribers that join a mirrored job while events flow each get
+        every event once, in order: the mirror's history, then live.
+        """
+        broker = yield self.makeBroker()
+        yield broker.create(snapshot("a"))
+        first = Recorder()
+        yield broker.subscribe("a", None, first)
+        joined = []
+        published = []
+        for i in range(40):
+            published.append((yield broker.publish("a", "progress", {"i": i})))
+            if i % 10 == 5:
+                recorder = Recorder()
+                resumeFrom = first.ids[-1] if first.ids and i % 20 == 5 else None
+                yield broker.subscribe("a", resumeFrom, recorder)
+                joined.append((resumeFrom, recorder))
+        published.append((yield broker.publish("a", "complete", {})))
+        yield self.settle(lambda: ended(first) and all(ended(r) for _, r in joined))
+        self.assertEqual(first.ids, [e.id for e in published])
+        for resumeFrom, recorder in joined:
+            start = 0 if resumeFrom is None else [e.id for e in published].index(resumeFrom) + 1
+            self.assertEqual(recorder.ids, [e.id for e in published[start:]])
