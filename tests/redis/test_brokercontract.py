@@ -22,10 +22,12 @@ from tests._support.fixtures import Recorder, snapshot
 from tests._support.redis import RedisServer
 from tests.redis.test_events import commandstats
 from tests.test_brokercontract import AsyncBrokerContract, ended
+from twistedsse import _json
+from twistedsse._job import JobState
 from twistedsse._redis import RedisEndpoint, ready
 from twistedsse._redisbroker import RedisBroker
 from twistedsse._redisevents import RedisEventLog, RedisEventReader
-from twistedsse._redisstate import RedisJobState
+from twistedsse._redisstate import RedisJobState, RedisUnavailable
 
 
 class RedisBrokerTestCase(TestCase):
@@ -274,3 +276,94 @@ class MirrorTests(RedisBrokerTestCase):
         for resumeFrom, recorder in joined:
             start = 0 if resumeFrom is None else [e.id for e in published].index(resumeFrom) + 1
             self.assertEqual(recorder.ids, [e.id for e in published[start:]])
+
+    @inlineCallbacks
+    def test_resetForSubscriberOfMirroredJob(self) -> Any:
+        """
+        A resume from before a mirrored job's retained history gets a
+        C{reset} with the job's state as Redis has it now (read for it),
+        not as it was when the mirror was loaded.
+        """
+        broker = yield self.makeBroker(history=10)
+        job = snapshot("a")
+        yield broker.create(job)
+        holder = Recorder()
+        yield broker.subscribe("a", None, holder)
+        published = yield broker.publishMany("a", "progress", [{"i": i} for i in range(30)])
+        yield self.settle(lambda: len(holder.got) == 30)
+        yield broker.update(job.transition(JobState.RUNNING, 1.0, progress={"i": 29}))
+        recorder = Recorder()
+        yield broker.subscribe("a", published[0].id, recorder)
+        reset = recorder.got[0][0]
+        self.assertEqual(reset.event, "reset")
+        self.assertEqual(_json.loads(reset.data), {"state": "running", "progress": {"i": 29}, "missed": 19})
+        self.assertEqual(reset.id, published[19].id)
+        self.assertEqual(recorder.ids[1:], [e.id for e in published[20:]])
+        self.assertEqual(broker.loads, 1)
+
+    @inlineCallbacks
+    def test_gapInLiveEntries(self) -> Any:
+        """
+        Entries trimmed away before the loop read them (300 published in
+        one script to a stream kept to about 10): the local subscribers get
+        a C{reset} counting what they missed, then what follows, and stay
+        subscribed: the events after that reach them once each.
+        """
+        broker = yield self.makeBroker(history=10)
+        yield broker.create(snapshot("a"))
+        recorders = [Recorder() for _ in range(3)]
+        yield gatherResults([broker.subscribe("a", None, r) for r in recorders])
+        published = yield broker.publishMany("a", "progress", [{"i": i} for i in range(300)])
+        published.append((yield broker.publish("a", "complete", {})))
+        yield self.settle(lambda: all(ended(r) for r in recorders))
+        for recorder in recorders:
+            reset = recorder.got[0][0]
+            self.assertEqual(reset.event, "reset")
+            missed = _json.loads(reset.data)["missed"]
+            rest = recorder.ids[1:]
+            self.assertEqual(rest, [e.id for e in published[-len(rest) :]])
+            self.assertEqual(missed + len(rest), 301)
+            self.assertEqual(reset.id, published[missed - 1].id)
+        self.assertEqual(broker.subscriberCount(), 0)
+        self.assertEqual(broker.mirrored(), 0)
+
+    @inlineCallbacks
+    def test_redisDown(self) -> Any:
+        """
+        With Redis down, a subscribe to a job not mirrored here fails with
+        L{RedisUnavailable} within the state's timeout, leaving nothing;
+        a subscriber of a mirrored job stays subscribed.
+        """
+        broker = yield self.makeBroker()
+        broker.state.timeout = 0.5
+        yield broker.create(snapshot("a"))
+        yield broker.create(snapshot("b"))
+        recorder = Recorder()
+        unsubscribe = yield broker.subscribe("a", None, recorder)
+        self.server.stop(remove=False)
+        started = time.monotonic()
+        yield self.assertFailure(broker.subscribe("b", None, Recorder()), RedisUnavailable)
+        self.assertTrue(time.monotonic() - started < 3)
+        self.assertEqual(broker.mirrored(), 1)
+        self.assertEqual(broker.subscriberCount(), 1)
+        unsubscribe()
+        self.assertEqual(broker.mirrored(), 0)
+        self.assertEqual(broker.subscriberCount(), 0)
+        self.server.start()
+
+    @inlineCallbacks
+    def test_stop(self) -> Any:
+        """
+        L{RedisBroker.stop} drops every mirror and its subscribers, fails
+        the subscribes still loading, and stops the loop.
+        """
+        broker = yield self.makeBroker()
+        yield broker.create(snapshot("a"))
+        yield broker.create(snapshot("b"))
+        yield broker.subscribe("a", None, Recorder())
+        loading = broker.subscribe("b", None, Recorder())
+        yield broker.stop()
+        yield self.assertFailure(loading, CancelledError)
+        self.assertEqual(broker.subscriberCount(), 0)
+        self.assertEqual(broker.mirrored(), 0)
+        self.assertEqual(broker.reader.watching(), 0)
