@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from . import _json
 from ._asyncbroker import IAsyncJobBroker
-from ._errors import UnknownJob
+from ._errors import JobExpired, UnknownJob
 from ._fanout import SLICE, Fanout
 from ._frames import TERMINAL_EVENTS, Event, encodeEvent
 from ._interfaces import ISubscriber
@@ -196,7 +196,11 @@ class RedisBroker:
         return gatherResults([progress, written], consumeErrors=True).addCallbacks(done, _firstError)
 
     def remove(self, jobID: str) -> Deferred[None]:
-        return self._forgetLocally(jobID, self._command("DEL", *self._keys(jobID)[::2]))
+        return self._forgetLocally(
+            jobID,
+            self._command("DEL", *self._keys(jobID)[::2]),
+            lambda: UnknownJob(f"no render with id {jobID!r}"),
+        )
 
     def expire(self, jobID: str) -> Deferred[None]:
         """
@@ -207,7 +211,9 @@ class RedisBroker:
         """
         ms = round(self.state.expireAfter * 1000) if self.state.expireAfter > 0 else 0
         d = self._eval(_EXPIRE, self._keys(jobID), [ms])
-        return self._forgetLocally(jobID, d)
+        return self._forgetLocally(
+            jobID, d, lambda: JobExpired(f"render {jobID} has expired: it and its output were deleted")
+        )
 
     def forget(self, jobID: str) -> Deferred[None]:
         return self._command("DEL", self._keys(jobID)[1]).addCallback(lambda _: None)
@@ -226,13 +232,16 @@ class RedisBroker:
         d: Deferred[Any] = self.events.connection.eval(script, keys, args)
         return d.addTimeout(self.timeout, self.clock)
 
-    def _forgetLocally(self, jobID: str, d: Deferred[Any]) -> Deferred[None]:
+    def _forgetLocally(self, jobID: str, d: Deferred[Any], gone: Callable[[], Exception]) -> Deferred[None]:
         def done(_: object) -> None:
             mirror = self._mirrors.get(jobID)
             if mirror is not None:
                 # As MemoryBroker.remove: what is queued is given out first.
                 mirror.fanout.flush()
+                waiting, mirror.waiting = mirror.waiting, []
                 self._drop(mirror)
+                for waiter in waiting:
+                    waiter.deferred.errback(gone())
 
         return d.addCallback(done)
 
@@ -472,8 +481,9 @@ class RedisBroker:
         snapshot = mirror.snapshot
         assert snapshot is not None
         progress = next((e for e in reversed(mirror.log.after(0)) if e.event.event == "progress"), None)
-        if progress is not None:
-            snapshot = attrs.evolve(snapshot, progress=_json.loads(progress.event.data))
+        payload = None if progress is None else _json.loads(progress.event.data)
+        if isinstance(payload, dict):
+            snapshot = attrs.evolve(snapshot, progress=payload)
         reset = _reset(snapshot, missed=missed, seq=nextSeq - 1)
         frame = encodeEvent(reset)
         for token, subscriber in list(mirror.members.items()):

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import CancelledError, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -23,6 +23,7 @@ from tests._support.redis import RedisServer
 from tests.redis.test_events import commandstats
 from tests.test_brokercontract import AsyncBrokerContract, ended
 from twistedsse import _json
+from twistedsse._errors import JobExpired, UnknownJob
 from twistedsse._job import JobState
 from twistedsse._redis import RedisEndpoint, ready
 from twistedsse._redisbroker import RedisBroker
@@ -364,6 +365,23 @@ class MirrorTests(RedisBrokerTestCase):
         loading = broker.subscribe("b", None, Recorder())
         yield broker.stop()
         yield self.assertFailure(loading, CancelledError)
+        self.assertEqual(broker.subscriberCount(), 0)
+        self.assertEqual(broker.mirrored(), 0)
+        self.assertEqual(broker.reader.watching(), 0)
+
+    @inlineCallbacks
+    def test_expiredWhileLoading(self) -> Any:
+        """
+        A subscribe still loading when its job expires (or is removed)
+        fails with L{JobExpired} (L{UnknownJob}) and leaves nothing.
+        """
+        broker = yield self.makeBroker()
+        for jobID, end, error in [("a", broker.expire, JobExpired), ("b", broker.remove, UnknownJob)]:
+            yield broker.create(snapshot(jobID))
+            loading = broker.subscribe(jobID, None, Recorder())
+            yield end(jobID)
+            yield self.assertFailure(loading, error)
+        yield deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(broker.subscriberCount(), 0)
         self.assertEqual(broker.mirrored(), 0)
         self.assertEqual(broker.reader.watching(), 0)
