@@ -40,7 +40,7 @@ from collections import deque
 from typing import Any, Callable, Sequence
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,15 +56,74 @@ _log = Logger()
 _ID = re.compile(r"0-([0-9]{1,19})\Z")
 _MAX_SEQ = 2**63 - 1
 
-#: Adds each data (ARGV[3...]) as an entry of KEYS[1], in order, in one
-#: command (atomic: all or none). ARGV[1] is MAXLEN, ARGV[2] the name.
-_PUBLISH_MANY = """\
+#: Adds each data (ARGV[5...]) as an entry of KEYS[1] (the stream), in
+#: order, in one command (atomic: all or none), unless KEYS[2] (the end
+#: marker) says the job has ended: then adds nothing and returns the
+#: marker (the terminal event's id), not a table. ARGV[1] is MAXLEN,
+#: ARGV[2] the name, ARGV[3] 1 for a terminal event, ARGV[4] the expiry in
+#: ms (0: never).
+#:
+#: With a terminal event: the marker, and the expiry of the stream (ARGV[4]
+#: ms) and of the marker (twice that: a late publish of an expired job is
+#: refused for as long again, rather than start a stream with no expiry),
+#: all set here, with the terminal event. C{0-*}: Redis 7.0.
+_PUBLISH = """\
+local ended = redis.call('GET', KEYS[2])
+if ended then return ended end
 local ids = {}
-for i = 3, #ARGV do
+for i = 5, #ARGV do
   ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*',
                              'name', ARGV[2], 'data', ARGV[i])
 end
+if ARGV[3] == '1' then
+  local ms = tonumber(ARGV[4])
+  if ms > 0 then
+    redis.call('PEXPIRE', KEYS[1], ms)
+    redis.call('SET', KEYS[2], ids[#ids], 'PX', 2 * ms)
+  else
+    redis.call('SET', KEYS[2], ids[#ids])
+  end
+end
 return ids
+"""
+
+#: Shrinks a finished job's stream (KEYS[1]; KEYS[2] its end marker: the
+#: terminal event's id) to what L{MemoryBroker} keeps of a finished job
+#: (L{twistedsse._job.EventLog.compact}): the latest C{progress} before
+#: the terminal event (found reading backwards, a few entries at a time:
+#: it is usually the one just before) and the terminal event. Returns how
+#: many entries went. Nothing for a job not ended, or a stream gone
+#: (XTRIM and XDEL create nothing). Exclusive ranges, XTRIM MINID: 6.2.
+_COMPACT = """\
+local last = redis.call('GET', KEYS[2])
+if not last then return 0 end
+local keep, doomed, before, count = nil, {}, '(' .. last, 4
+while not keep do
+  local rows = redis.call('XREVRANGE', KEYS[1], before, '-', 'COUNT', count)
+  for _, row in ipairs(rows) do
+    local fields = row[2]
+    for j = 1, #fields - 1, 2 do
+      if fields[j] == 'name' then
+        if fields[j + 1] == 'progress' then keep = row[1] end
+        break
+      end
+    end
+    if keep then break end
+    doomed[#doomed + 1] = row[1]
+  end
+  if keep or #rows < count then break end
+  before, count = '(' .. rows[#rows][1], math.min(count * 4, 1000)
+end
+local removed = 0
+if keep then
+  removed = redis.call('XTRIM', KEYS[1], 'MINID', keep)
+  for i = 1, #doomed, 1000 do
+    removed = removed + redis.call('XDEL', KEYS[1], unpack(doomed, i, math.min(i + 999, #doomed)))
+  end
+else
+  removed = redis.call('XTRIM', KEYS[1], 'MINID', last)
+end
+return removed
 """
 
 
@@ -203,45 +262,130 @@ class RedisEventLog:
     A job's events in Redis: written with L{publish} and L{publishMany},
     read back with L{history} (or L{read}, which L{SharedHistory} shares).
 
+    Each write is one script (C{EVALSHA}; C{EVAL} the first time on a
+    connection and after a restart emptied Redis' script cache): it refuses
+    events after the job's terminal one, as L{MemoryBroker} does, atomically
+    (no read-then-write race between two writers); with the terminal event
+    it sets the stream's expiry.
+
+    A finished job's stream shrinks to what L{MemoryBroker} keeps of it
+    (L{compact}), but not with the terminal event: a reader a little behind
+    (backing off after a failure, busy) would find the entries between its
+    position and the terminal event gone. With a C{clock}, the log
+    compacts C{settle} seconds after each terminal event it publishes (a
+    reader behind by less loses nothing; one behind by more is told with a
+    L{Reset}); L{stop} cancels those not done (the stream stays whole until
+    it expires). Without a clock, whoever calls L{compact} decides.
+
     @param connection: a txredisapi connection (L{RedisEndpoint.connect});
         not the blocking reader's.
     @param history: streams are trimmed to about this many entries
         (C{MAXLEN ~}: whole radix-tree nodes go, so a few more, up to a
         node's 100, may stay; never fewer).
+    @param expireAfter: seconds after its terminal event when a job's
+        stream is deleted (C{0}: never): give it
+        L{twistedsse._redisstate.RedisJobState}'s, so that a job's events
+        go with it. A job's stream has no expiry before it ends.
     """
 
     connection: Any
     prefix: str = "twistedsse:"
     _history: int = attrs.field(default=1000, alias="history")
+    expireAfter: float = 86400.0
+    clock: IReactorTime | None = None
+    settle: float = 10.0
+    _compactions: dict[str, IDelayedCall] = attrs.field(factory=dict, init=False)
 
     def key(self, jobID: str) -> str:
         return streamKey(self.prefix, jobID)
 
+    def endKey(self, jobID: str) -> str:
+        """
+        The key of C{jobID}'s end marker: its terminal event's id, set with
+        it (a key of its own: it outlives the stream, see L{_PUBLISH}; and
+        L{compact} finds the terminal event with it).
+        """
+        return f"{self.prefix}events-end:{jobID}"
+
+    def _milliseconds(self) -> int:
+        # As RedisJobState: at least 1 ms when set, 0 for never.
+        return max(1, round(self.expireAfter * 1000)) if self.expireAfter > 0 else 0
+
     def publish(self, jobID: str, name: str, data: JSON) -> Deferred[str]:
         """
-        Append one event (one C{XADD}); fires with its id.
+        Append one event (one C{EVALSHA} doing one C{XADD}); fires with its
+        id. A terminal event (L{TERMINAL_EVENTS}) ends the job's stream.
 
-        @raise ValueError: C{data} is not strict JSON (at once, nothing sent).
+        @raise ValueError: C{data} is not strict JSON (at once, nothing
+            sent). Fails with L{ValueError} if the job has ended already.
         """
-        text = _json.dumps(data)
-        d: Deferred[str] = self.connection.execute_command(
-            "XADD", self.key(jobID), "MAXLEN", "~", self._history, "0-*", "name", name, "data", text
-        )
+        texts = [_json.dumps(data)]
+        terminal = name in TERMINAL_EVENTS
+        d = self._publish(jobID, name, texts, terminal)
+        if terminal and self.clock is not None:
+            d.addCallback(self._scheduleCompaction, jobID)
+        return d.addCallback(lambda ids: ids[0])
+
+    def _scheduleCompaction(self, ids: list[str], jobID: str) -> list[str]:
+        assert self.clock is not None
+        self._compactions[jobID] = self.clock.callLater(self.settle, self._compactLater, jobID)
+        return ids
+
+    def _compactLater(self, jobID: str) -> None:
+        del self._compactions[jobID]
+
+        def failed(failure: Failure) -> None:
+            # The stream stays whole until it expires: no harm beyond memory.
+            _log.warn("{key}: could not compact: {failure.value!r}", key=self.key(jobID), failure=failure)
+
+        self.compact(jobID).addErrback(failed)
+
+    def compact(self, jobID: str) -> Deferred[int]:
+        """
+        Shrink a finished job's stream to its latest C{progress} and its
+        terminal event (one C{EVALSHA}); fires with how many entries went
+        (0 for a job not ended).
+        """
+        d: Deferred[int] = self.connection.eval(_COMPACT, [self.key(jobID), self.endKey(jobID)], [])
         return d
+
+    def stop(self) -> None:
+        """
+        Cancel the compactions not done yet.
+        """
+        compactions, self._compactions = self._compactions, {}
+        for call in compactions.values():
+            if call.active():
+                call.cancel()
 
     def publishMany(self, jobID: str, name: str, datas: Sequence[JSON]) -> Deferred[list[str]]:
         """
         Append several events of one name in one round trip and one
-        command (an C{EVAL} doing one C{XADD} each: all are added, or
+        command (an C{EVALSHA} doing one C{XADD} each: all are added, or
         none); fires with their ids, in order.
+
+        @raise ValueError: C{name} is a terminal event's (as
+            L{MemoryBroker.publishMany}), or some data is not strict JSON.
+            Fails with L{ValueError} if the job has ended already.
         """
+        if name in TERMINAL_EVENTS:
+            raise ValueError(f"job {jobID}: publishMany is for non-terminal events, not {name!r}")
         texts = [_json.dumps(data) for data in datas]
         if not texts:
             return succeed([])
-        d: Deferred[list[str]] = self.connection.execute_command(
-            "EVAL", _PUBLISH_MANY, 1, self.key(jobID), self._history, name, *texts
-        )
-        return d
+        return self._publish(jobID, name, texts, False)
+
+    def _publish(self, jobID: str, name: str, texts: list[str], terminal: bool) -> Deferred[list[str]]:
+        keys = [self.key(jobID), self.endKey(jobID)]
+        args = [self._history, name, 1 if terminal else 0, self._milliseconds() if terminal else 0, *texts]
+        d: Deferred[Any] = self.connection.eval(_PUBLISH, keys, args)
+
+        def added(reply: Any) -> list[str]:
+            if not isinstance(reply, list):
+                raise ValueError(f"job {jobID}: event {name!r} after its terminal event ({reply})")
+            return reply
+
+        return d.addCallback(added)
 
     def read(self, jobID: str, after: int) -> Deferred[StreamRead]:
         """
@@ -365,10 +509,46 @@ class SharedHistory:
 OnEntries = Callable[[Sequence[Entry]], None]
 
 
+@attrs.frozen
+class Reset:
+    """
+    A watcher's position no longer leads on to the entries that follow:
+    what its client must be told with the SSE C{reset} event (the job's
+    state and progress as Redis has them now, read by whoever turns this
+    into the event: L{RedisJobState}), before the entries that follow.
+
+    Two causes:
+
+      - Redis lost the job's stream (restarted without persistence, or
+        the stream was deleted): its numbering starts again at C{0-1}.
+        C{seq} is 0, C{missed} C{None} (unknown: the events published
+        between the watcher's last one and the loss are gone without a
+        count). The entries that follow are the stream from its start.
+      - Entries between the watcher's last one and the next were removed
+        before the reader got to them (trimmed to C{history}, or a finished
+        job's stream shrunk: L{RedisEventLog.compact}): C{missed} of them, as
+        L{History.missed} counts for a resume.
+
+    @ivar seq: the sequence number the C{reset} event's id is made of
+        (L{formatEventID}): the entry before the next one given, so that a
+        client reconnecting with it resumes right after the reset (C{0-0}
+        is read as "none": the whole stream, which is right after a loss).
+    @ivar missed: how many events were skipped, or C{None}: unknown.
+    """
+
+    seq: int
+    missed: int | None
+
+
+#: Told of a L{Reset} before the entries that follow it.
+OnReset = Callable[[Reset], None]
+
+
 @attrs.define(eq=False)
 class _Watcher:
     token: int
     onEntries: OnEntries
+    onReset: OnReset | None
     delivered: int
     active: bool = True
 
@@ -383,6 +563,12 @@ class _WatchedJob:
     #: The sequence number of the last of our entries read.
     seq: int
     tail: deque[Entry]
+    #: The entry numbered C{seq}, once read: what the check after a
+    #: failure looks for in Redis (None: none read yet).
+    last: Entry | None = None
+    #: Whether C{last} is known (read, or looked for once: a watch from a
+    #: client's id).
+    known: bool = False
     watchers: dict[int, _Watcher] = attrs.field(factory=dict)
     #: Watchers that joined behind C{seq} and beyond the tail: the loop
     #: reads their gap (one XRANGE per distinct id) before its next XREAD.
@@ -409,6 +595,17 @@ class RedisEventReader:
     from the same positions, so when Redis (with AOF) is back, every entry
     arrives once, in order. L{stop} ends the loop (unblocking the read) and
     fires when it has.
+
+    Redis back without its data (no AOF): its streams start again at
+    C{0-1}, below the positions the loop holds, which an C{XREAD} would
+    wait at for ever. So after a failure, before reading on, the loop
+    checks each watched job (L{_verify}: one C{XRANGE} of the one entry at
+    its position, all jobs in one round trip): if that entry is gone or is
+    another one, Redis lost the stream; its watchers are told with a
+    L{Reset} (C{missed} unknown) and given the stream from its start.
+    Entries removed under the loop's position (trimmed, or a finished
+    job's stream shrunk) are a L{Reset} with their count too (no command:
+    the ids count).
 
     @param connection: a txredisapi connection for this reader alone (a
         blocking read holds its connection).
@@ -455,6 +652,11 @@ class RedisEventReader:
     reads: int = attrs.field(default=0, init=False)
     unblocks: int = attrs.field(default=0, init=False)
     errors: int = attrs.field(default=0, init=False)
+    #: Jobs found lost by L{_verify}, and its runs.
+    losses: int = attrs.field(default=0, init=False)
+    verifications: int = attrs.field(default=0, init=False)
+    #: Set by a failure: check the positions before reading on.
+    _unverified: bool = attrs.field(default=False, init=False)
 
     def start(self) -> None:
         """
@@ -494,11 +696,15 @@ class RedisEventReader:
         """
         return len(self._jobs)
 
-    def watch(self, jobID: str, after: int, onEntries: OnEntries) -> Callable[[], None]:
+    def watch(
+        self, jobID: str, after: int, onEntries: OnEntries, onReset: OnReset | None = None
+    ) -> Callable[[], None]:
         """
         Give C{onEntries} every entry of C{jobID} after sequence number
         C{after} (from L{History.lastSeq}), as it comes; returns the
-        function that stops it.
+        function that stops it. C{onReset} is told when the entries that
+        follow do not follow on from the last one given (L{Reset}); without
+        it, the watcher is given them all the same.
 
         The watchers of one job share its stream position: a watcher
         joining at an older C{after} is first given the entries it lacks
@@ -512,19 +718,19 @@ class RedisEventReader:
         if job is None:
             key = streamKey(self.prefix, jobID)
             job = _WatchedJob(jobID, key, formatEventID(after) if after else "0-0", after, deque(maxlen=self.tailSize))
+            job.known = not after
             self._jobs[jobID] = job
             self._byKey[key] = job
             self._wake()
-        watcher = _Watcher(self._nextToken, onEntries, after)
+        watcher = _Watcher(self._nextToken, onEntries, onReset, after)
         self._nextToken += 1
         if after >= job.seq and not job.ended:
             job.watchers[watcher.token] = watcher
         elif job.tail and job.tail[0].seq <= after + 1:
             entries = [entry for entry in job.tail if entry.seq > after]
-            watcher.delivered = job.seq
             if not job.ended:
                 job.watchers[watcher.token] = watcher
-            self._give(watcher, entries)
+            self._give(watcher, entries, job.seq)
         else:
             job.catchingUp.append(watcher)
             self._wake()
@@ -543,13 +749,41 @@ class RedisEventReader:
             del self._jobs[job.jobID]
             del self._byKey[job.key]
 
-    def _give(self, watcher: _Watcher, entries: Sequence[Entry]) -> None:
+    def _give(self, watcher: _Watcher, entries: Sequence[Entry], upTo: int = 0) -> None:
+        """
+        Give C{watcher} those of C{entries} after the last it was given,
+        a L{Reset} before each gap in their numbers; it is then at
+        C{upTo} (or the last given, if later).
+        """
+        since = watcher.delivered
+        given = [entry for entry in entries if entry.seq > since]
+        watcher.delivered = max(since, upTo, given[-1].seq if given else 0)
+        if not given or not watcher.active:
+            return
+        start, previous = 0, since
+        for index, entry in enumerate(given):
+            if entry.seq > previous + 1:
+                self._call(watcher, given[start:index])
+                self._reset(watcher, Reset(entry.seq - 1, entry.seq - previous - 1))
+                start = index
+            previous = entry.seq
+        self._call(watcher, given[start:])
+
+    def _call(self, watcher: _Watcher, entries: Sequence[Entry]) -> None:
         if not entries or not watcher.active:
             return
         try:
             watcher.onEntries(entries)
         except Exception:
             _log.failure("a watcher failed with the events up to {eventID}", eventID=entries[-1].event.id)
+
+    def _reset(self, watcher: _Watcher, reset: Reset) -> None:
+        if watcher.onReset is None or not watcher.active:
+            return
+        try:
+            watcher.onReset(reset)
+        except Exception:
+            _log.failure("a watcher failed with {reset!r}", reset=reset)
 
     def _wake(self) -> None:
         """
@@ -614,6 +848,10 @@ class RedisEventReader:
                 if self._clientID is None and self.wakeup:
                     d = self.connection.execute_command("CLIENT", "ID")
                     self._clientID = int(await d.addTimeout(self.grace, self.clock))
+                if self._unverified:
+                    await self._verify()
+                    self._unverified = False
+                await self._learn()
                 await self._catchUp()
                 if self._stopping():
                     break
@@ -623,6 +861,7 @@ class RedisEventReader:
                     break
                 self.errors += 1
                 self._clientID = None
+                self._unverified = True
                 delay = min(self.retryDelay * 2**self._failures, self.maxRetryDelay)
                 self._failures += 1
                 _log.warn("reading job events from Redis: {e!r}; again in {delay:.2f} s", e=e, delay=delay)
@@ -660,6 +899,82 @@ class RedisEventReader:
         finally:
             self._reading = False
 
+    async def _positionEntries(self, jobs: Sequence[_WatchedJob]) -> list[Any]:
+        """
+        The entry at each job's position (C{XRANGE id id}), read together.
+        """
+        reads = [
+            self.connection.execute_command(
+                "XRANGE", job.key, formatEventID(job.seq), formatEventID(job.seq)
+            ).addTimeout(self.grace, self.clock)
+            for job in jobs
+        ]
+        replies: list[Any] = await gatherResults(reads, consumeErrors=True)
+        return replies
+
+    async def _learn(self) -> None:
+        """
+        Read the entry at the position of each job watched from a client's
+        id (once, before its first C{XREAD}; one round trip for all), for
+        L{_verify} to compare: without it, a new stream with an entry there
+        would pass for the one lost.
+        """
+        jobs = [job for job in self._jobs.values() if not job.known]
+        if not jobs:
+            return
+        replies = await self._positionEntries(jobs)
+        for job, rows in zip(jobs, replies):
+            if self._jobs.get(job.jobID) is job and not job.known:
+                found = _entries(rows, job.key)
+                job.last = found[0] if found else None
+                job.known = True
+
+    async def _verify(self) -> None:
+        """
+        Check, after a failure, that each watched job's stream still holds
+        the entry at the loop's position (read by the loop or by L{_learn};
+        if neither found one, any entry there): one C{XRANGE id id} per job,
+        sent together (one round trip). An entry gone or another one: Redis
+        lost the stream (restarted without AOF), so L{_lost}.
+
+        An entry trimmed away while the loop was away is taken for a loss
+        too: its watchers missed entries either way, and the stream from
+        its start is then exactly what follows their position. A new
+        stream whose entry at the position is equal to the old one (same
+        name and data) is not told apart: ids carry no epoch.
+        """
+        jobs = [job for job in self._jobs.values() if job.seq and not job.ended]
+        if not jobs:
+            return
+        self.verifications += 1
+        replies = await self._positionEntries(jobs)
+        for job, rows in zip(jobs, replies):
+            if self._jobs.get(job.jobID) is not job or job.ended:
+                continue  # unwatched, or (a new watch) read since
+            found = _entries(rows, job.key)
+            if found and (job.last is None or found[0].event == job.last.event):
+                continue
+            self._lost(job)
+
+    def _lost(self, job: _WatchedJob) -> None:
+        """
+        C{job}'s stream is not the one the loop was reading: read it again
+        from its start, and tell its watchers (those catching up too: what
+        they lack is gone).
+        """
+        self.losses += 1
+        _log.warn("{key}: Redis lost the events up to {eventID}; reading it from its start", key=job.key, eventID=formatEventID(job.seq))
+        job.position, job.seq, job.last, job.known = "0-0", 0, None, True
+        job.tail.clear()
+        watchers = list(job.watchers.values()) + job.catchingUp
+        job.catchingUp = []
+        for watcher in watchers:
+            watcher.delivered = 0
+            if watcher.active:
+                job.watchers[watcher.token] = watcher
+        for watcher in watchers:
+            self._reset(watcher, Reset(0, None))
+
     async def _catchUp(self) -> None:
         """
         Read, for the watchers that joined behind their job's position and
@@ -676,10 +991,9 @@ class RedisEventReader:
                 entries = _entries(rows, job.key)
                 for watcher in [w for w in job.catchingUp if w.delivered == after]:
                     job.catchingUp.remove(watcher)
-                    watcher.delivered = upTo
                     if watcher.active and not job.ended:
                         job.watchers[watcher.token] = watcher
-                    self._give(watcher, entries)
+                    self._give(watcher, entries, upTo)
             if job.ended and not job.catchingUp:
                 self._drop(job)
 
@@ -698,6 +1012,7 @@ class RedisEventReader:
             if not entries:
                 continue
             job.seq = entries[-1].seq
+            job.last, job.known = entries[-1], True
             job.tail.extend(entries)
             watchers = list(job.watchers.values())
             if job.ended:
@@ -707,7 +1022,4 @@ class RedisEventReader:
                 if not job.catchingUp:
                     self._drop(job)
             for watcher in watchers:
-                given = [entry for entry in entries if entry.seq > watcher.delivered]
-                if given:
-                    watcher.delivered = given[-1].seq
-                    self._give(watcher, given)
+                self._give(watcher, entries)

@@ -14,8 +14,8 @@ import time
 from typing import Any, Sequence
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from tests._support.fixtures import Recorder, snapshot
@@ -28,6 +28,7 @@ from twistedsse._redis import RedisEndpoint, ready
 from twistedsse._redisevents import (
     RedisEventLog,
     RedisEventReader,
+    Reset,
     SharedHistory,
     parseEventID,
 )
@@ -69,17 +70,28 @@ def waitFor(predicate: Any, timeout: float = 10.0) -> Any:
 class Collector:
     """
     A watcher callback that records what it is given, and fires
-    L{Collector.waiting} when it has C{n} entries.
+    L{Collector.waiting} when it has C{n} entries. L{Collector.reset} is
+    an C{onReset}: L{Collector.timeline} has the sequence numbers given and
+    the resets, in order.
     """
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
+        self.timeline: list[int | Reset] = []
         self.calls = 0
         self._want: tuple[int, Deferred[None]] | None = None
+
+    def reset(self, reset: Reset) -> None:
+        self.timeline.append(reset)
+
+    @property
+    def resets(self) -> list[Reset]:
+        return [item for item in self.timeline if isinstance(item, Reset)]
 
     def __call__(self, entries: Sequence[Entry]) -> None:
         self.calls += 1
         self.entries.extend(entries)
+        self.timeline.extend(entry.seq for entry in entries)
         if self._want is not None and len(self.entries) >= self._want[0]:
             d = self._want[1]
             self._want = None
@@ -116,11 +128,23 @@ class RedisTestCase(TestCase):
         return connection
 
     @inlineCallbacks
-    def makeLog(self, history: int = 1000) -> Any:
+    def makeLog(self, history: int = 1000, expireAfter: float = 86400.0) -> Any:
         connection = self.connect()
         yield ready(connection, reactor)
         self.admin = connection
-        return RedisEventLog(connection, history=history)
+        return RedisEventLog(connection, history=history, expireAfter=expireAfter)
+
+    @inlineCallbacks
+    def stream(self, log: RedisEventLog, jobID: str) -> Any:
+        """
+        C{(seq, name, data)} of each entry of C{jobID}'s stream.
+        """
+        rows = yield self.admin.execute_command("XRANGE", log.key(jobID), "-", "+")
+        result = []
+        for entryID, fields in rows or ():
+            values = dict(zip(fields[::2], fields[1::2]))
+            result.append((parseEventID(entryID), values["name"], values["data"]))
+        return result
 
     @inlineCallbacks
     def makeReader(self, **kwargs: Any) -> Any:
@@ -173,8 +197,8 @@ class EventLogTests(RedisTestCase):
     def test_publishManyIsOneCommand(self) -> Any:
         """
         L{RedisEventLog.publishMany} is one command from the client (one
-        C{EVAL}, one round trip) doing one C{XADD} per event; the ids
-        follow on.
+        C{EVALSHA}, one round trip) doing one C{GET} of the end marker and
+        one C{XADD} per event; the ids follow on.
         """
         log = yield self.makeLog()
         yield log.publish("j", "progress", {"i": 0})
@@ -182,9 +206,10 @@ class EventLogTests(RedisTestCase):
         ids = yield log.publishMany("j", "progress", [{"i": i} for i in range(1, 6)])
         stats = yield commandstats(self.admin)
         self.assertEqual(ids, [f"0-{i}" for i in range(2, 7)])
-        self.assertEqual(stats.get("eval"), 1)
+        self.assertEqual(stats.get("evalsha"), 1)
         self.assertEqual(stats.get("xadd"), 5)
-        self.assertEqual(sum(stats.values()) - stats["xadd"], 2)  # EVAL, and the INFO asking
+        self.assertEqual(stats.get("get"), 1)
+        self.assertEqual(sum(stats.values()) - stats["xadd"], 3)  # EVALSHA, GET, and the INFO asking
         history = yield log.history("j", "0-1")
         self.assertEqual([e.event.data for e in history.entries], [_json.dumps({"i": i}) for i in range(1, 6)])
         self.assertEqual((yield log.publishMany("j", "progress", [])), [])
@@ -264,6 +289,206 @@ class EventLogTests(RedisTestCase):
         for lastEventID in (None, "0-5", "junk"):
             history = yield log.history("none", lastEventID)
             self.assertEqual((history.entries, history.missed, history.lastSeq), ((), 0, 0))
+
+
+class FinishedJobTests(RedisTestCase):
+    @inlineCallbacks
+    def test_commandsPerOperation(self) -> Any:
+        """
+        Redis commands (C{INFO commandstats}, a script's counted) per
+        operation: a publish is C{EVALSHA} + C{GET} + C{XADD}; a terminal
+        publish adds C{PEXPIRE} and C{SET}; the compaction that follows is
+        C{EVALSHA} + C{GET} + one C{XREVRANGE} (the progress is near the
+        end) + C{XTRIM} (and one C{XDEL} when entries other than progress
+        come between them).
+        """
+        log = yield self.makeLog(expireAfter=60)
+        yield log.publish("warm", "complete", {})  # EVAL once: the scripts are cached
+        yield log.compact("warm")
+        measured = {}
+        for label, operation in [
+            ("publish", lambda: log.publish("j", "progress", {"i": 1})),
+            ("publishMany(10)", lambda: log.publishMany("j", "progress", [{"i": i} for i in range(10)])),
+            ("terminal publish", lambda: log.publish("j", "complete", {})),
+            ("compact", lambda: log.compact("j")),
+            ("compact, a retrying after the progress", None),
+        ]:
+            if operation is None:
+                yield log.publishMany("k", "progress", [{"i": i} for i in range(10)])
+                yield log.publish("k", "retrying", {})
+                yield log.publish("k", "failed", {})
+                operation = lambda: log.compact("k")  # noqa: E731
+            yield self.resetStats()
+            yield operation()
+            stats = yield commandstats(self.admin)
+            # (INFO counts itself once it has answered: not in its own reply)
+            measured[label] = {name: n for name, n in sorted(stats.items()) if n and not name.startswith("config")}
+        print("\nRedis commands per operation:", measured)
+        self.assertEqual(measured["publish"], {"evalsha": 1, "get": 1, "xadd": 1})
+        self.assertEqual(measured["publishMany(10)"], {"evalsha": 1, "get": 1, "xadd": 10})
+        self.assertEqual(measured["terminal publish"], {"evalsha": 1, "get": 1, "xadd": 1, "pexpire": 1, "set": 1})
+        compact = {"evalsha": 1, "get": 1, "xrevrange": 1, "xtrim": 1}
+        self.assertEqual(measured["compact"], compact)
+        self.assertEqual(measured["compact, a retrying after the progress"], {**compact, "xdel": 1})
+
+    @inlineCallbacks
+    def test_refusedAfterTerminal(self) -> Any:
+        """
+        After a terminal event, a job's stream takes nothing more (as
+        L{MemoryBroker}): publish and publishMany fail with L{ValueError},
+        another terminal event too, and the stream is left as it was.
+        publishMany refuses a terminal event's name at once.
+        """
+        log = yield self.makeLog()
+        for terminal in ("complete", "failed", "cancelled"):
+            job = f"job-{terminal}"
+            yield log.publishMany(job, "progress", [{"i": 1}, {"i": 2}])
+            self.assertEqual((yield log.publish(job, terminal, {"why": 1})), "0-3")
+            before = yield self.stream(log, job)
+            for name in ("progress", "retrying", "complete", "failed", "cancelled"):
+                failure = yield self.assertFailure(log.publish(job, name, {}), ValueError)
+                self.assertIn("after its terminal event (0-3)", str(failure))
+            yield self.assertFailure(log.publishMany(job, "progress", [{}, {}]), ValueError)
+            self.assertEqual((yield self.stream(log, job)), before)
+            self.assertRaises(ValueError, log.publishMany, job, terminal, [{}])
+        self.assertRaises(ValueError, log.publishMany, "fresh", "complete", [{}])
+        self.assertEqual((yield self.admin.execute_command("EXISTS", log.key("fresh"))), 0)
+
+    @inlineCallbacks
+    def test_terminalRace(self) -> Any:
+        """
+        Two writers on two connections, one publishing 200 progress events
+        (all sent at once) and one the terminal event among them: every
+        progress event is either in the stream before the terminal event or
+        refused, never after it.
+        """
+        log = yield self.makeLog()
+        other = self.connect()
+        yield ready(other, reactor)
+        racer = RedisEventLog(other)
+        yield log.publish("j", "progress", {"i": 0})
+        progress = [racer.publish("j", "progress", {"i": i}) for i in range(1, 201)]
+        terminal = log.publish("j", "complete", {})
+        progress += [racer.publish("j", "progress", {"i": i}) for i in range(201, 401)]
+        results = yield DeferredList(progress, consumeErrors=True)
+        terminalID = yield terminal
+        accepted = [parseEventID(value) for ok, value in results if ok]
+        refused = [value for ok, value in results if not ok]
+        for failure in refused:
+            failure.trap(ValueError)
+        self.assertEqual(len(accepted) + len(refused), 400)
+        self.assertTrue(refused)
+        self.assertTrue(all(seq < parseEventID(terminalID) for seq in accepted))
+        self.assertEqual(parseEventID(terminalID), len(accepted) + 2)
+        kept = yield self.stream(log, "j")
+        self.assertEqual([name for _, name, _ in kept], ["progress", "complete"])
+        self.assertEqual(kept[-1][0], parseEventID(terminalID))
+
+    @inlineCallbacks
+    def test_finishedKeepsWhatMemoryKeeps(self) -> Any:
+        """
+        Compacted after its terminal event, a stream keeps what
+        L{MemoryBroker} keeps of a finished job (L{MemoryBroker.finalEvents}:
+        the latest progress and the terminal event), and answers every
+        C{Last-Event-ID} as L{MemoryBroker} does then (same events, same
+        reset and count). Compacting again, or a job not ended, removes
+        nothing.
+        """
+        log = yield self.makeLog(history=1000)
+        cases = {
+            "plain": ["progress"] * 5 + ["complete"],
+            "retried": ["progress"] * 5 + ["retrying"] + ["progress"] * 3 + ["retrying", "retrying", "failed"],
+            "alone": ["cancelled"],
+            "noProgress": ["retrying", "retrying", "cancelled"],
+            # 300 entries to read back before the progress: the scan
+            # grows (4, 16, 64, 256...).
+            "far": ["progress"] * 20 + ["retrying"] * 300 + ["complete"],
+            "onlyOthers": ["retrying"] * 200 + ["failed"],
+        }
+        yield log.publishMany("running", "progress", [{}, {}])
+        self.assertEqual((yield log.compact("running")), 0)
+        self.assertEqual((yield log.compact("none")), 0)
+        self.assertEqual(len((yield self.stream(log, "running"))), 2)
+        self.assertEqual((yield self.admin.execute_command("EXISTS", log.key("none"))), 0)
+        for jobID, names in cases.items():
+            memory = MemoryBroker(history=1000)
+            memory.create(snapshot(jobID))
+            for i, name in enumerate(names, 1):
+                memory.publish(jobID, name, {"i": i})
+                yield log.publish(jobID, name, {"i": i})
+            removed = yield log.compact(jobID)
+            self.assertEqual(removed, len(names) - len(memory.finalEvents(jobID)))
+            self.assertEqual((yield log.compact(jobID)), 0)
+            self.assertEqual((yield self.stream(log, jobID)), memory.finalEvents(jobID), jobID)
+            ids = [None, "garbage"] + [f"0-{n}" for n in range(0, len(names) + 3)]
+            for lastEventID in ids:
+                history = yield log.history(jobID, lastEventID)
+                recorder = Recorder()
+                memory.subscribe(jobID, lastEventID[2:] if lastEventID and lastEventID.startswith("0-") else lastEventID, recorder)()
+                expected = [(e.event, e.id, e.data) for e, _ in recorder.got]
+                got = [(e.event.event, e.event.id[2:], e.event.data) for e in history.entries]  # type: ignore[index]
+                if history.missed:
+                    data = {"state": "queued", "progress": None, "missed": history.missed}
+                    got.insert(0, ("reset", history.resetID[2:], _json.dumps(data)))  # type: ignore[index]
+                self.assertEqual(got, expected, (jobID, lastEventID))
+
+    @inlineCallbacks
+    def test_compactedAfterSettling(self) -> Any:
+        """
+        With a clock, the log compacts a job's stream C{settle} seconds
+        after it published its terminal event, not before; L{stop} cancels
+        a compaction not done (the stream stays whole).
+        """
+        yield self.makeLog()
+        clock = Clock()
+        log = RedisEventLog(self.admin, clock=clock, settle=5.0)
+        for jobID in ("j", "k"):
+            yield log.publishMany(jobID, "progress", [{"i": i} for i in range(1, 6)])
+            yield log.publish(jobID, "retrying", {})
+            yield log.publish(jobID, "complete", {})
+            self.assertEqual(len((yield self.stream(log, jobID))), 7)
+        clock.advance(4.9)
+        self.assertEqual(len((yield self.stream(log, "j"))), 7)
+        clock.advance(0.1)  # (the same connection: the read follows the compaction)
+        kept = yield self.stream(log, "j")
+        self.assertEqual([(seq, name) for seq, name, _ in kept], [(5, "progress"), (7, "complete")])
+        yield log.publish("l", "failed", {})
+        log.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_expiry(self) -> Any:
+        """
+        A stream has no expiry until its terminal event; that event's
+        script sets C{expireAfter} on the stream and twice that on its end
+        marker, which goes on refusing events once the stream has gone.
+        C{expireAfter} 0: neither expires.
+        """
+        log = yield self.makeLog(expireAfter=0.3)
+        yield log.publish("j", "progress", {})
+        self.assertEqual((yield self.admin.execute_command("PTTL", log.key("j"))), -1)
+        yield log.publish("j", "complete", {})
+        streamTTL = yield self.admin.execute_command("PTTL", log.key("j"))
+        markerTTL = yield self.admin.execute_command("PTTL", log.endKey("j"))
+        self.assertTrue(0 < streamTTL <= 300, streamTTL)
+        self.assertTrue(300 < markerTTL <= 600, markerTTL)
+        exists: list[int] = [1]
+
+        @inlineCallbacks
+        def gone() -> Any:
+            while exists[0]:
+                yield deferLater(reactor, 0.02, lambda: None)
+                exists[0] = yield self.admin.execute_command("EXISTS", log.key("j"))
+
+        yield gone().addTimeout(5, reactor)
+        yield self.assertFailure(log.publish("j", "progress", {}), ValueError)
+        self.assertEqual((yield self.admin.execute_command("EXISTS", log.key("j"))), 0)
+        never = RedisEventLog(self.admin, expireAfter=0)
+        yield never.publish("k", "progress", {})
+        yield never.publish("k", "failed", {})
+        self.assertEqual((yield self.admin.execute_command("PTTL", never.key("k"))), -1)
+        self.assertEqual((yield self.admin.execute_command("PTTL", never.endKey("k"))), -1)
+        self.assertEqual((yield self.admin.execute_command("GET", never.endKey("k"))), "0-2")
 
 
 class SharedHistoryTests(RedisTestCase):
@@ -532,12 +757,13 @@ class RestartTests(RedisTestCase):
         Redis killed (SIGKILL, AOF with fsync always) and restarted in the
         middle of a job's stream: the reader backs off, resumes from its
         position, and every event arrives exactly once, in order, those
-        published while it was away included.
+        published while it was away included; the check of its position
+        after the failure finds the stream whole: no reset.
         """
         log = yield self.makeLog()
         reader = yield self.makeReader(retryDelay=0.05, maxRetryDelay=0.2)
         collector = Collector()
-        reader.watch("j", 0, collector)
+        reader.watch("j", 0, collector, collector.reset)
         for i in range(1, 31):
             yield log.publish("j", "progress", {"i": i})
         yield collector.waitFor(30)
@@ -550,7 +776,132 @@ class RestartTests(RedisTestCase):
             yield log.publish("j", "progress", {"i": i})
         yield log.publish("j", "complete", {})
         yield collector.waitFor(71, timeout=20)
-        self.assertEqual(collector.seqs, list(range(1, 72)))
+        self.assertEqual(collector.timeline, list(range(1, 72)))
         self.assertEqual([e.event.data for e in collector.entries[:70]], [_json.dumps({"i": i}) for i in range(1, 71)])
         self.assertEqual(reader.watching(), 0)
+        self.assertGreaterEqual(reader.verifications, 1)
+        self.assertEqual(reader.losses, 0)
         self.flushLoggedErrors()
+
+
+class RestartWithoutAOFTests(RedisTestCase):
+    """
+    Redis stopped and started again without persistence (C{--save ""},
+    no AOF): its streams are gone, and start again at C{0-1}.
+    """
+
+    appendOnly = False
+
+    @inlineCallbacks
+    def restart(self, reader: RedisEventReader) -> Any:
+        self.server.stop(remove=False)
+        yield waitFor(lambda: reader.errors >= 1)
+        self.server.start()
+        yield ready(self.admin, reactor, timeout=10)
+
+    @inlineCallbacks
+    def test_lostStreamIsReset(self) -> Any:
+        """
+        The reader finds its position gone, tells the watchers with a
+        reset (seq 0, missed unknown), then gives them the new stream
+        from C{0-1}: none of it lost, none repeated; a job it watched from
+        a client's id (no entry read yet) too. A client resuming with an id
+        ahead of the new stream's end gets all of it (as L{MemoryBroker}
+        does for an id it did not issue).
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader(retryDelay=0.05, maxRetryDelay=0.2)
+        live, fromID = Collector(), Collector()
+        reader.watch("j", 0, live, live.reset)
+        for i in range(1, 31):
+            yield log.publish("j", "progress", {"epoch": 1, "i": i})
+        yield log.publish("k", "progress", {"epoch": 1})
+        reader.watch("k", 1, fromID, fromID.reset)
+        yield live.waitFor(30)
+        yield self.restart(reader)
+        ids = yield log.publishMany("j", "progress", [{"epoch": 2, "i": i} for i in range(1, 4)])
+        self.assertEqual(ids, ["0-1", "0-2", "0-3"])
+        history = yield log.history("j", "0-30")
+        self.assertEqual(([e.seq for e in history.entries], history.missed), ([1, 2, 3], 0))
+        yield log.publish("k", "progress", {"epoch": 2})
+        yield live.waitFor(33, timeout=20)
+        yield fromID.waitFor(1, timeout=20)
+        for i in range(4, 11):
+            yield log.publish("j", "progress", {"epoch": 2, "i": i})
+        yield log.publish("j", "complete", {})
+        yield live.waitFor(41, timeout=20)
+        self.assertEqual(live.timeline, [*range(1, 31), Reset(0, None), *range(1, 12)])
+        epochs = [_json.loads(e.event.data) for e in live.entries[:40]]
+        self.assertEqual(epochs, [{"epoch": 1, "i": i} for i in range(1, 31)] + [{"epoch": 2, "i": i} for i in range(1, 11)])
+        self.assertEqual(fromID.timeline, [Reset(0, None), 1])
+        self.assertEqual(reader.losses, 2)
+        self.assertEqual(reader.watching(), 1)  # k, not ended
+        self.flushLoggedErrors()
+
+    @inlineCallbacks
+    def test_newStreamPastThePosition(self) -> Any:
+        """
+        The new stream already has more entries than the reader's position
+        when it checks: the entry there is another one, so it is a reset
+        all the same, and the whole new stream follows (not just what
+        comes after the old position).
+        """
+        log = yield self.makeLog()
+        # The reader waits 2 s after the failure: the new stream is
+        # written well before it checks.
+        reader = yield self.makeReader(retryDelay=2.0, maxRetryDelay=2.0)
+        collector = Collector()
+        reader.watch("j", 0, collector, collector.reset)
+        yield log.publishMany("j", "progress", [{"epoch": 1, "i": i} for i in range(1, 31)])
+        yield collector.waitFor(30)
+        yield self.restart(reader)
+        self.assertEqual(reader.verifications, 0)
+        yield log.publishMany("j", "progress", [{"epoch": 2, "i": i} for i in range(1, 41)])
+        yield collector.waitFor(70, timeout=20)
+        self.assertEqual(collector.timeline, [*range(1, 31), Reset(0, None), *range(1, 41)])
+        self.assertEqual([_json.loads(e.event.data)["epoch"] for e in collector.entries], [1] * 30 + [2] * 40)
+        self.assertEqual((reader.verifications, reader.losses), (1, 1))
+        self.flushLoggedErrors()
+
+
+class SkippedEntriesTests(RedisTestCase):
+    @inlineCallbacks
+    def test_trimmedBeforeCatchingUp(self) -> Any:
+        """
+        A watcher joining behind entries trimmed away since its history was
+        read is told how many it missed (a reset, as L{History} counts),
+        then given what is left.
+        """
+        log = yield self.makeLog(history=10)
+        reader = yield self.makeReader(tailSize=5)
+        first = Collector()
+        reader.watch("j", 0, first, first.reset)
+        for start in range(0, 300, 50):
+            yield log.publishMany("j", "progress", [{"i": i} for i in range(start + 1, start + 51)])
+        yield first.waitFor(1)
+        yield waitFor(lambda: first.timeline[-1] == 300)
+        late = Collector()
+        reader.watch("j", 2, late, late.reset)
+        yield late.waitFor(1)
+        firstKept = late.entries[0].seq
+        self.assertGreater(firstKept, 3)
+        self.assertEqual(late.timeline, [Reset(firstKept - 1, firstKept - 3), *range(firstKept, 301)])
+
+    @inlineCallbacks
+    def test_finishedUnderThePosition(self) -> Any:
+        """
+        A job that finished (its stream shrunk to its last progress and
+        terminal event) past the position a watch starts at: a reset for
+        each run of entries gone, with its count, then the terminal event.
+        """
+        log = yield self.makeLog()
+        reader = yield self.makeReader()
+        names = ["progress"] * 40 + ["retrying"] * 4 + ["complete"]
+        for i, name in enumerate(names, 1):
+            yield log.publish("j", name, {"i": i})
+        yield log.compact("j")
+        collector = Collector()
+        reader.watch("j", 38, collector, collector.reset)
+        yield collector.waitFor(2)
+        self.assertEqual(collector.timeline, [Reset(39, 1), 40, Reset(44, 4), 45])
+        self.assertEqual(reader.watching(), 0)
