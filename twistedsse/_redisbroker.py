@@ -44,6 +44,7 @@ from ._json import JSON
 from ._redisevents import (
     History,
     RedisEventLog,
+    Reset,
     RedisEventReader,
     SharedHistory,
     entryFrom,
@@ -159,6 +160,12 @@ class RedisBroker:
                 waiter.deferred.cancel()
             self._drop(mirror)
         return self.reader.stop()
+
+    def historyReads(self) -> int:
+        """
+        How many history reads (C{XRANGE}) the mirrors' loads made.
+        """
+        return self._shared.reads
 
     def mirrored(self) -> int:
         """
@@ -360,7 +367,10 @@ class RedisBroker:
             mirror.log.compact()
         else:
             mirror.unwatch = self.reader.watch(
-                mirror.jobID, mirror.log.lastSeq, lambda entries: self._entries(mirror, entries)
+                mirror.jobID,
+                mirror.log.lastSeq,
+                lambda entries: self._entries(mirror, entries),
+                lambda reset: self._lost(mirror, reset),
             )
         waiting, mirror.waiting = mirror.waiting, []
         for waiter in waiting:
@@ -471,24 +481,58 @@ class RedisBroker:
         """
         Entries before C{nextSeq} were trimmed away before the loop read
         them (it fell more than the stream's length behind): each local
-        subscriber is given what came before, then a C{reset} (the state
-        as last read, the latest progress this mirror has) with how many
+        subscriber is given what came before, then a C{reset} with how many
         it missed; the fan-out's cursors move past the gap.
         """
         fanout = mirror.fanout
         fanout.flush()
-        missed = nextSeq - mirror.log.lastSeq - 1
+        reset = self._resetEvent(mirror, missed=nextSeq - mirror.log.lastSeq - 1, seq=nextSeq - 1)
+        for token, subscriber in list(mirror.members.items()):
+            fanout.remove(token)
+            fanout.add(token, subscriber, nextSeq - 1)
+        self._tell(mirror, reset)
+
+    def _lost(self, mirror: _Mirror, reset: Reset) -> None:
+        """
+        The reader's L{Reset}. Entries skipped (C{missed} counted) are a
+        gap, which L{_entries} sees in the ids as well and handles there
+        (so that it is handled the same with or without this). A lost
+        stream (Redis restarted without its data: numbering starts again
+        at C{0-1}): each subscriber is given what came before, then a
+        C{reset} (C{missed} unknown: C{null}; id C{0-0}, from which a
+        resume gets the new stream whole), and the mirror starts again
+        empty, its subscribers at the new stream's start.
+        """
+        if reset.missed is not None or self._mirrors.get(mirror.jobID) is not mirror or mirror.terminalSeq:
+            return
+        mirror.fanout.flush()
+        event = self._resetEvent(mirror, missed=None, seq=reset.seq)
+        members = dict(mirror.members)
+        for token in members:
+            mirror.fanout.remove(token)
+        mirror.log = EventLog(self.history)
+        mirror.fanout = Fanout(self.clock, self.fanoutSlice, lambda count: self._dropped(mirror, count))
+        for token, subscriber in members.items():
+            mirror.fanout.add(token, subscriber, reset.seq)
+        self._tell(mirror, event)
+
+    def _resetEvent(self, mirror: _Mirror, missed: int | None, seq: int) -> Event:
+        """
+        A C{reset} for the mirror's subscribers: the state as last read
+        here (Redis may have lost it: it is what this instance knows), the
+        latest progress this mirror has.
+        """
         snapshot = mirror.snapshot
         assert snapshot is not None
         progress = next((e for e in reversed(mirror.log.after(0)) if e.event.event == "progress"), None)
         payload = None if progress is None else _json.loads(progress.event.data)
         if isinstance(payload, dict):
             snapshot = attrs.evolve(snapshot, progress=payload)
-        reset = _reset(snapshot, missed=missed, seq=nextSeq - 1)
+        return _reset(snapshot, missed, seq)
+
+    def _tell(self, mirror: _Mirror, reset: Event) -> None:
         frame = encodeEvent(reset)
-        for token, subscriber in list(mirror.members.items()):
-            fanout.remove(token)
-            fanout.add(token, subscriber, nextSeq - 1)
+        for subscriber in list(mirror.members.values()):
             try:
                 subscriber.deliver(reset, frame)
             except Exception:
@@ -519,9 +563,10 @@ class RedisBroker:
         mirror.fanout.flush()
 
 
-def _reset(snapshot: JobSnapshot, missed: int, seq: int) -> Event:
+def _reset(snapshot: JobSnapshot, missed: int | None, seq: int) -> Event:
     """
-    The C{reset} event, as L{MemoryBroker._reset} makes it.
+    The C{reset} event, as L{MemoryBroker._reset} makes it (C{missed}
+    C{None}: unknown, after Redis lost the stream).
     """
     data = {
         "state": snapshot.state.value,
