@@ -198,8 +198,8 @@ class AsyncBrokerContract:
         """
         The terminal event is each subscriber's last: afterwards the job
         has none (C{subscriberCount} 0 without unsubscribing), unsubscribe
-        is idempotent, and a later subscribe gets the history with the
-        terminal event and is not counted.
+        is idempotent, a later subscribe gets the history with the
+        terminal event and is not counted, and no event can follow it.
         """
         broker = yield self.makeBroker()
         yield broker.create(snapshot("a"))
@@ -223,6 +223,12 @@ class AsyncBrokerContract:
         resumed, _ = yield self.subscribe(broker, "a", progress.id)
         self.assertEqual(resumed.ids, [done.id])
         self.assertEqual(broker.subscriberCount(), 0)
+        # Nothing after the terminal event.
+        yield self.assertFailure(broker.publish("a", "progress", {}), ValueError)
+        yield self.assertFailure(broker.publishMany("a", "progress", [{}]), ValueError)
+        yield self.assertFailure(broker.publishMany("a", "complete", [{}]), ValueError)
+        again, _ = yield self.subscribe(broker, "a", None)
+        self.assertEqual(again.ids[-1], done.id)
 
     @inlineCallbacks
     def test_caughtUp(self) -> Any:
