@@ -205,7 +205,8 @@ class RedisBroker:
     def remove(self, jobID: str) -> Deferred[None]:
         return self._forgetLocally(
             jobID,
-            self._command("DEL", *self._keys(jobID)[::2]),
+            # The hash, the stream and its end marker: as if never.
+            self._command("DEL", *self._keys(jobID)[::2], self.events.endKey(jobID)),
             lambda: UnknownJob(f"no render with id {jobID!r}"),
         )
 
