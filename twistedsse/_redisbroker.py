@@ -41,16 +41,8 @@ from ._frames import TERMINAL_EVENTS, Event, encodeEvent
 from ._interfaces import ISubscriber
 from ._job import Entry, EventLog, JobSnapshot, JobState
 from ._json import JSON
-from ._redisevents import (
-    History,
-    RedisEventLog,
-    Reset,
-    RedisEventReader,
-    SharedHistory,
-    entryFrom,
-    formatEventID,
-    parseEventID,
-)
+from ._redisevents import History, RedisEventLog, SharedHistory, entryFrom, formatEventID, parseEventID
+from ._redisreader import RedisEventReader, Reset
 from ._redisstate import RedisJobState
 
 _log = Logger()

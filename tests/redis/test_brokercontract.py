@@ -27,7 +27,8 @@ from twistedsse._errors import JobExpired, UnknownJob
 from twistedsse._job import JobState
 from twistedsse._redis import RedisEndpoint, ready
 from twistedsse._redisbroker import RedisBroker
-from twistedsse._redisevents import RedisEventLog, RedisEventReader
+from twistedsse._redisevents import RedisEventLog
+from twistedsse._redisreader import RedisEventReader
 from twistedsse._redisstate import RedisJobState, RedisUnavailable
 
 
