@@ -389,8 +389,13 @@ class RedisRestartTests(TestCase):
         self.assertEqual(renders.calls, [("start", "first", 1), ("start", "second", 1)])
         yield whenTrue(reactor, lambda: not worker._unacked, 10, "first acknowledged")
         self.assertEqual((yield queue.depth()), 0)
-        self.assertEqual(len([m for m in logged if "Redis queue unavailable" in m]), 1, logged)
-        self.assertEqual(len([m for m in logged if "Redis queue available again" in m]), 1, logged)
+        # The outage is logged once (not once per retry), and its end once.
+        # (It may not be seen at all: a command queued on a reconnecting
+        # connection can simply wait for Redis to return.)
+        down = len([m for m in logged if "Redis queue unavailable" in m])
+        up = len([m for m in logged if "Redis queue available again" in m])
+        self.assertIn(down, (0, 1), logged)
+        self.assertEqual(up, down, logged)
 
 
 class KeysTests(TestCase):
