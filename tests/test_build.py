@@ -11,6 +11,8 @@ import resource
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from twistedsse import ConnectionLimits, buildResource, buildService, buildSite, tap
 from twistedsse._connections import MAX_CONNECTIONS_PER_ADDRESS, defaultLimits, fileReserve
@@ -129,3 +131,40 @@ class OptionsTests(SynchronousTestCase):
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
         self.assertEqual(set(ResourceOptions.__annotations__), keywords - {"connectionCounter"})
+
+
+class _Recorder(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> object:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class FormsTests(SynchronousTestCase):
+    def test_formsNotParsed(self) -> None:
+        """
+        A site from L{buildSite} leaves POST bodies to the app: Twisted
+        does not parse a form (its fields would join C{request.args}) nor
+        answer a bare 400 to a multipart body it cannot parse (before the
+        app's JSON 415).
+        """
+        clock = MemoryReactorClock()
+        site = buildSite(ticksService(clock, FakeSpawner(), self.mktemp()), clock)
+        recorder = site.resource = _Recorder()
+        for contentType, body in [
+            ("application/x-www-form-urlencoded", b"a=1&b=2"),
+            ("multipart/form-data; boundary=x", b"not multipart at all"),
+        ]:
+            conn = Connection(site)
+            conn.request("POST", "/p", {"Content-Type": contentType}, body)
+            request = recorder.requests.pop()
+            self.assertEqual((request.args, request.content.read()), ({}, body))
+            self.assertEqual(request.getHeader(b"content-type"), contentType.encode())
+            request.finish()
+            self.assertEqual(splitResponse(conn.take())[0], 200)
+            conn.disconnect()

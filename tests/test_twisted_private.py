@@ -41,7 +41,7 @@ from twisted.web.resource import EncodingResourceWrapper, Resource
 from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Site
 
 import twistedsse
-from twistedsse._site import _FORMS_SWITCH, BoundedRequest, _refuseStream
+from twistedsse._site import BoundedRequest, _refuseStream
 from twistedsse._transport import EagerPort, EagerSendReactor, EagerServer
 
 #: (module of twistedsse, name): the test here that checks what it means.
@@ -60,8 +60,6 @@ PRIVATE: dict[tuple[str, str], str] = {
     ("_transport.py", "_fromListeningDescriptor"): "PortTests.test_adoptedDescriptor",
     ("_site.py", "_disconnected"): "RequestTests.test_disconnected",
     ("_site.py", "_encoder"): "RequestTests.test_encoder",
-    ("_build.py", "_parsePOSTFormSubmission"): "RequestTests.test_formsNotParsed",
-    ("_site.py", "_parsePOSTFormSubmission"): "RequestTests.test_formsNotParsed",
     ("_site.py", "_channel"): "ChannelTests.test_genericProtocolChannel",
     ("_site.py", "_negotiatedProtocol"): "ChannelTests.test_genericProtocolChannel",
     ("_site.py", "_conn"): "HTTP2Tests.test_streamAndConnection",
@@ -538,42 +536,6 @@ class RequestTests(SynchronousTestCase):
             chunks.append(rest[: int(size, 16)])
             rest = rest[int(size, 16) + 2 :]
         self.assertEqual(gzip.decompress(b"".join(chunks)), b"data: secret frame\n\n" * 20)
-
-    def test_formsNotParsed(self) -> None:
-        """
-        C{Site._parsePOSTFormSubmission}: L{twistedsse.buildSite} sets it
-        to C{False} so that Twisted leaves POST bodies to the app (a
-        multipart body it cannot parse would get a bare 400 before the
-        app's JSON 415; a form's fields would join C{request.args}). Where
-        Twisted's requests do not read it (24.10), L{BoundedRequest} keeps
-        the body unparsed itself (C{_FORMS_SWITCH}).
-        """
-        from tests._support.fixtures import ticksService
-        from twistedsse import buildSite
-        from twistedsse.testing import FakeSpawner
-
-        clock = MemoryReactorClock()
-        site = buildSite(ticksService(clock, FakeSpawner(), self.mktemp()), clock)
-        self.assertIs(site._parsePOSTFormSubmission, False)
-        recorder = _Recorder()
-        site.resource = recorder
-        protocol, transport = _channel(site)
-        for contentType, body in [
-            (b"application/x-www-form-urlencoded", b"a=1&b=2"),
-            (b"multipart/form-data; boundary=x", b"not multipart at all"),
-        ]:
-            protocol.dataReceived(
-                b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
-                % (contentType, len(body), body)
-            )
-            request = recorder.requests.pop()
-            self.assertEqual(request.args, {})
-            self.assertEqual(request.content.read(), body)
-            self.assertEqual(request.getHeader(b"content-type"), contentType)
-            request.finish()
-        self.assertNotIn(b" 400 ", transport.value())
-        if _FORMS_SWITCH:
-            self.assertIs(request._parsePOSTFormSubmission, False)
 
 
 class ChannelTests(SynchronousTestCase):

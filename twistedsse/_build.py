@@ -271,14 +271,13 @@ def buildSite(
         reactor=reactor,
         connections=counter,
         logFormatter=redactedLogFormatter,
+        # Bodies are JSON that the app reads: Twisted must not parse form
+        # submissions (a multipart body it cannot parse gets a bare 400
+        # before the app's JSON 415, and a form's fields would join the
+        # query's in request.args).
+        parsePOSTFormSubmission=False,
     )
     site.displayTracebacks = False
-    # Bodies are JSON that the app reads: Twisted must not parse form
-    # submissions (a multipart body it cannot parse gets a bare 400 before
-    # the app's JSON 415, and a form's fields would join the query's in
-    # request.args). Site(parsePOSTFormSubmission=False) where Twisted has
-    # the parameter; the attribute is what its requests read.
-    site._parsePOSTFormSubmission = False
     return site
 
 

@@ -5,8 +5,7 @@ send and can close its connections gracefully at shutdown.
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Protocol as _Protocol, Sequence, cast
+from typing import Any, Callable, Protocol as _Protocol, cast
 
 from zope.interface import implementer
 from twisted.internet.defer import Deferred, DeferredList
@@ -147,13 +146,6 @@ class _LastChunk:
 
 _lastChunk = _LastChunk()
 
-#: Whether this Twisted's requests read C{Site._parsePOSTFormSubmission}
-#: (set by L{twistedsse._build.buildSite}): 26.10 does, 24.10 does not and
-#: parses every form POST body into C{request.args}, answering a bare 400
-#: to one it cannot parse. (Checked by tests/test_twisted_private.py.)
-_FORMS_SWITCH = "parsePOSTFormSubmission" in inspect.signature(Request.__init__).parameters
-
-
 class BoundedRequest(Request):
     """
     A request that keeps at most C{maxBody} bytes of body. Twisted would
@@ -169,7 +161,6 @@ class BoundedRequest(Request):
     maxBody = MAX_BODY
     tooLarge = False
     _answered = False
-    _hiddenContentType: Sequence[bytes] | None = None
 
     # Typing note: Request's methods are unannotated, and mypy's
     # untyped_calls_exclude misses calls through super() (python/mypy#16653).
@@ -236,12 +227,6 @@ class BoundedRequest(Request):
         clock = getattr(self.channel, "_twistedsseClock", None)
         if clock is not None:
             clock.requestReceived()
-        if not _FORMS_SWITCH and command == b"POST":
-            # A Twisted without the switch parses a form body before the app
-            # sees it: hide the Content-Type from that parse (process(), which
-            # it calls next, puts it back), so the app answers its own JSON.
-            self._hiddenContentType = self.requestHeaders.getRawHeaders(b"content-type")
-            self.requestHeaders.removeHeader(b"content-type")
         super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
 
     def finish(self) -> None:
@@ -251,9 +236,6 @@ class BoundedRequest(Request):
         super().finish()  # type: ignore[no-untyped-call]
 
     def process(self) -> None:
-        if self._hiddenContentType is not None:
-            self.requestHeaders.setRawHeaders(b"content-type", self._hiddenContentType)
-            self._hiddenContentType = None
         if self._answered:
             return  # the 413 went out already; the connection is closing
         super().process()  # type: ignore[no-untyped-call]
