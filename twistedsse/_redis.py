@@ -104,7 +104,19 @@ class RedisEndpoint:
         """
         import txredisapi
 
-        return txredisapi.lazyConnection(
+        return txredisapi.lazyConnection(**self.clientOptions(reconnect, CONNECT_TIMEOUT))
+
+    def clientOptions(self, reconnect: bool, connectTimeout: float) -> dict[str, Any]:
+        """
+        The keywords of txredisapi's connection constructors for this
+        endpoint: numbers left as strings, TLS for C{rediss://}.
+        """
+        tls: Any = False
+        if self.tls:
+            from twisted.internet import ssl
+
+            tls = ssl.optionsForClientTLS(self.host)
+        return dict(
             host=self.host,
             port=self.port,
             dbid=self.db,
@@ -112,14 +124,9 @@ class RedisEndpoint:
             password=self.password,
             username=self.username,
             convertNumbers=False,
-            connectTimeout=CONNECT_TIMEOUT,
-            ssl_context_factory=self._tlsOptions() if self.tls else False,
+            connectTimeout=connectTimeout,
+            ssl_context_factory=tls,
         )
-
-    def _tlsOptions(self) -> Any:
-        from twisted.internet import ssl
-
-        return ssl.optionsForClientTLS(self.host)
 
 
 def readPassword(path: str | Path) -> str:
@@ -166,17 +173,7 @@ def check(endpoint: RedisEndpoint, clock: IReactorTime, timeout: float = CONNECT
     import txredisapi
 
     where = endpoint.describe()
-    connected: Deferred[Any] = txredisapi.Connection(
-        host=endpoint.host,
-        port=endpoint.port,
-        dbid=endpoint.db,
-        reconnect=False,
-        password=endpoint.password,
-        username=endpoint.username,
-        convertNumbers=False,
-        connectTimeout=timeout,
-        ssl_context_factory=endpoint._tlsOptions() if endpoint.tls else False,
-    )
+    connected: Deferred[Any] = txredisapi.Connection(**endpoint.clientOptions(False, timeout))
     connected.addTimeout(timeout, clock)
 
     def ping(connection: Any) -> Deferred[None]:

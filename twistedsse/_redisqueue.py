@@ -857,5 +857,6 @@ def _subscriberConnection(endpoint: RedisEndpoint, protocol: type) -> Any:
     factory.protocol = protocol
     # The global reactor, as txredisapi's own connections use.
     tcp = HostnameEndpoint(reactor, endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT)
-    factory.startConnecting(wrapClientTLS(endpoint._tlsOptions(), tcp) if endpoint.tls else tcp)
+    tls = endpoint.clientOptions(True, CONNECT_TIMEOUT)["ssl_context_factory"]
+    factory.startConnecting(wrapClientTLS(tls, tcp) if endpoint.tls else tcp)
     return factory.handler
