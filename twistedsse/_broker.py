@@ -231,13 +231,7 @@ class MemoryBroker:
 
     @staticmethod
     def _reset(job: _MemoryJob, missed: int, seq: int) -> Event:
-        snapshot = job.snapshot
-        data = {
-            "state": snapshot.state.value,
-            "progress": None if snapshot.progress is None else dict(snapshot.progress),
-            "missed": missed,
-        }
-        return Event(data=_json.dumps(data), event="reset", id=str(seq))
+        return resetEvent(job.snapshot, missed, str(seq))
 
     def caughtUp(self, jobID: str, lastEventID: str | None) -> bool:
         job = self._job(jobID)
@@ -249,3 +243,18 @@ class MemoryBroker:
 
 def _noop() -> None:
     pass
+
+
+def resetEvent(snapshot: JobSnapshot, missed: int | None, eventID: str) -> Event:
+    """
+    The C{reset} event a resuming client gets when events after its last
+    one were dropped: the job's state and latest progress, and how many it
+    missed (C{None}: unknown, after Redis lost a stream). Its id is that of
+    the last dropped event, so a reconnect resumes after it.
+    """
+    data = {
+        "state": snapshot.state.value,
+        "progress": None if snapshot.progress is None else dict(snapshot.progress),
+        "missed": missed,
+    }
+    return Event(data=_json.dumps(data), event="reset", id=eventID)

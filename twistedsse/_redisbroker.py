@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from . import _json
 from ._asyncbroker import IAsyncJobBroker
+from ._broker import resetEvent
 from ._errors import JobExpired, UnknownJob
 from ._fanout import SLICE, Fanout
 from ._frames import TERMINAL_EVENTS, Event, encodeEvent
@@ -419,7 +420,7 @@ class RedisBroker:
         if after and entries and entries[0].seq > after + 1:
             if snapshot is None:
                 return None
-            reset = _reset(snapshot, missed=entries[0].seq - after - 1, seq=entries[0].seq - 1)
+            reset = resetEvent(snapshot, entries[0].seq - after - 1, formatEventID(entries[0].seq - 1))
             subscriber.deliver(reset, encodeEvent(reset))
         for entry in entries:
             subscriber.deliver(entry.event, entry.frame)
@@ -521,7 +522,7 @@ class RedisBroker:
         payload = None if progress is None else _json.loads(progress.event.data)
         if isinstance(payload, dict):
             snapshot = attrs.evolve(snapshot, progress=payload)
-        return _reset(snapshot, missed, seq)
+        return resetEvent(snapshot, missed, formatEventID(seq))
 
     def _tell(self, mirror: _Mirror, reset: Event) -> None:
         frame = encodeEvent(reset)
@@ -554,19 +555,6 @@ class RedisBroker:
             mirror.members.clear()
         # Ends a pass in progress (nothing left to give), and its timer.
         mirror.fanout.flush()
-
-
-def _reset(snapshot: JobSnapshot, missed: int | None, seq: int) -> Event:
-    """
-    The C{reset} event, as L{MemoryBroker._reset} makes it (C{missed}
-    C{None}: unknown, after Redis lost the stream).
-    """
-    data = {
-        "state": snapshot.state.value,
-        "progress": None if snapshot.progress is None else dict(snapshot.progress),
-        "missed": missed,
-    }
-    return Event(data=_json.dumps(data), event="reset", id=formatEventID(seq))
 
 
 def _unwrap(failure: Failure) -> Failure:
