@@ -659,7 +659,7 @@ class OptionTests(SynchronousTestCase):
         ])  # fmt: skip
         service = list(tap.makeService(options, MemoryReactorClock()))[0]
         self.assertEqual((service.expireAfter, service.maxOutputBytes, service.minFreeBytes), (3600.0, 1000000, 0))
-        self.assertIsNotNone(service.store)
+        self.assertIsInstance(service.store, SQLiteJobStore)  # --state-dir: the jobs persist
         service.store.close()
         self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--expire-after", "-1"])
 
