@@ -44,7 +44,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from . import _json
-from ._errors import JobExpired, RetryLater, UnknownJob
+from ._errors import JobExpired, RedisUnavailable, UnknownJob
+
+__all__ = ["RedisJobState", "RedisUnavailable", "Transition", "snapshotFromJSON"]
 from ._job import JobSnapshot, JobState
 from ._json import JSONObject
 
@@ -53,16 +55,6 @@ TIMEOUT = 3.0
 
 #: Seconds a client is told to wait (C{Retry-After}) while Redis is down.
 RETRY_AFTER = 2
-
-
-class RedisUnavailable(RetryLater):
-    """
-    Redis cannot answer now (down, restarting, loading its data, a
-    replica that cannot write): the same request may succeed later.
-    """
-
-    code = "redis_unavailable"
-    status = 503
 
 
 #: Redis error replies that mean "not now" rather than "wrong request".
