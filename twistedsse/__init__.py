@@ -54,6 +54,8 @@ from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent
 from ._interfaces import IJobBroker, IJobStore, IProgressParser, IRenderer, ISubscriber, RenderPlan
 from ._job import JobSnapshot, JobState
 from ._security import mintToken, redactedLogFormatter
+from ._redis import RedisConfigError, RedisEndpoint
+from ._redisservice import RedisRenderService
 from ._server import ServerService
 from ._service import RenderService
 from ._site import DrainingSite
@@ -73,6 +75,9 @@ __all__ = [
     "buildSite",
     "ResourceOptions",
     "RenderService",
+    "RedisRenderService",
+    "RedisEndpoint",
+    "RedisConfigError",
     "DrainingSite",
     "ServerService",
     "ConnectionLimits",

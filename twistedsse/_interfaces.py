@@ -341,6 +341,13 @@ class IQueueConsumer(Interface):
         Whether every slot is taken (a new render would wait).
         """
 
+    def abandon(jobID: str) -> None:
+        """
+        The render is no longer this consumer's (Redis: handed back at a
+        warm shutdown, or taken over by another worker): stop it and record
+        nothing.
+        """
+
     def refusal() -> str | None:
         """
         Why no render could start now (the output filesystem is nearly

@@ -23,13 +23,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._errors import RedisUnavailable, UnknownJob
+from ._errors import UnknownJob
 from ._interfaces import IRenderLedger, QueuedRender
 from ._job import JobSnapshot, JobState
 from ._json import JSONObject
 from ._outcome import Outcome, retrying
 from ._redisevents import RedisEventLog
-from ._redisstate import RedisJobState, _isUnavailable
+from ._redisstate import RedisJobState, isOutage
 
 _log = Logger()
 
@@ -41,11 +41,46 @@ MAX_BACKOFF = 5.0
 _NOT_ENDED = frozenset(state for state in JobState if not state.terminal)
 
 
-def isOutage(error: BaseException) -> bool:
+def endJob(
+    state: RedisJobState, events: RedisEventLog, clock: IReactorTime, jobID: str, outcome: Outcome
+) -> Deferred[bool]:
     """
-    Whether C{error} means Redis cannot answer now (rather than "no").
+    Record a job's end: its final state (compare-and-set: of two writers
+    ending one job, one wins), then, if this one won, its terminal event.
+    Fires with whether it won. Safe to repeat after a lost reply: a job
+    already in C{outcome}'s state gets its event if it lacks it (the
+    stream refuses a second terminal event).
     """
-    return isinstance(error, RedisUnavailable) or _isUnavailable(Failure(error))
+    return Deferred.fromCoroutine(_endJob(state, events, clock, jobID, outcome))
+
+
+async def _endJob(
+    state: RedisJobState, events: RedisEventLog, clock: IReactorTime, jobID: str, outcome: Outcome
+) -> bool:
+    try:
+        snapshot = await state.get(jobID)
+    except UnknownJob:
+        return False
+    if snapshot.state.terminal:
+        if snapshot.state is not outcome.state:
+            return False
+    else:
+        changes: dict[str, JSONObject] = {}
+        if outcome.state is JobState.SUCCEEDED:
+            changes["result"] = outcome.payload
+        elif outcome.state is JobState.FAILED:
+            changes["error"] = outcome.payload
+        final = snapshot.transition(outcome.state, clock.seconds(), **changes)
+        moved = await state.transition(jobID, _NOT_ENDED, final)
+        if not moved.applied:
+            # Another writer ended it first (a cancel): its event stands.
+            return False
+    try:
+        await events.publish(jobID, outcome.event, outcome.payload)
+    except ValueError:
+        # The stream has its terminal event already.
+        pass
+    return True
 
 
 @attrs.define(eq=False)
@@ -178,32 +213,8 @@ class RedisLedger:
         await self._written(jobID)
         await self._persist(jobID, lambda: self._end(jobID, outcome))
 
-    async def _end(self, jobID: str, outcome: Outcome) -> None:
-        try:
-            snapshot = await self.state.get(jobID)
-        except UnknownJob:
-            return
-        if snapshot.state.terminal:
-            if snapshot.state is not outcome.state:
-                return
-            # Recorded by an earlier try whose reply was lost: the event
-            # may be missing (refused if not).
-        else:
-            changes: dict[str, JSONObject] = {}
-            if outcome.state is JobState.SUCCEEDED:
-                changes["result"] = outcome.payload
-            elif outcome.state is JobState.FAILED:
-                changes["error"] = outcome.payload
-            final = snapshot.transition(outcome.state, self.clock.seconds(), **changes)
-            moved = await self.state.transition(jobID, _NOT_ENDED, final)
-            if not moved.applied:
-                # Another writer ended it first (a cancel): its event stands.
-                return
-        try:
-            await self.events.publish(jobID, outcome.event, outcome.payload)
-        except ValueError:
-            # The stream has its terminal event already.
-            pass
+    def _end(self, jobID: str, outcome: Outcome) -> Deferred[bool]:
+        return endJob(self.state, self.events, self.clock, jobID, outcome)
 
     # -- while Redis is down -----------------------------------------
 

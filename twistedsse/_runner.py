@@ -21,7 +21,7 @@ from zope.interface import implementer
 from ._disk import OutputDisk, unlink
 from ._interfaces import IQueueConsumer, IRenderer, IRenderLedger, IRenderSource, QueuedRender, RenderPlan
 from ._job import JobSnapshot, JobState
-from ._outcome import Outcome, OverShare, completed, ofExit, outputUnusable, spawnFailed, storageFailed
+from ._outcome import CANCELLED_RUNNING, Outcome, OverShare, completed, ofExit, outputUnusable, spawnFailed, storageFailed
 from ._render import ExitStatus, RunningRender, launch
 
 _log = Logger()
@@ -62,6 +62,7 @@ class RenderRunner:
     _active: dict[str, _Active] = attrs.field(factory=dict, init=False)
     _beginning: set[str] = attrs.field(factory=set, init=False)
     _abandoned: set[str] = attrs.field(factory=set, init=False)
+    _cancelled: set[str] = attrs.field(factory=set, init=False)
     _running: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -73,6 +74,9 @@ class RenderRunner:
         self._pump()
 
     def cancel(self, jobID: str) -> None:
+        if jobID in self._beginning:
+            # Its start is being recorded: it ends cancelled instead.
+            self._cancelled.add(jobID)
         active = self._active.get(jobID)
         if active is not None:
             active.render.stop("cancel")
@@ -141,8 +145,15 @@ class RenderRunner:
             self._beginning.discard(jobID)
             if jobID in self._abandoned:
                 self._abandoned.discard(jobID)
+                self._cancelled.discard(jobID)
                 return
-            if snapshot is None:
+            if jobID in self._cancelled:
+                self._cancelled.discard(jobID)
+                if snapshot is not None:
+                    self._record(jobID, CANCELLED_RUNNING)
+                else:
+                    self.queue.finished(jobID)
+            elif snapshot is None:
                 # Ended meanwhile (cancelled), or its start not recorded.
                 self.queue.finished(jobID)
             elif self._roomFor(queued) and self._launch(queued, snapshot):
@@ -154,6 +165,7 @@ class RenderRunner:
             # down): the render is handed back, not run.
             self._beginning.discard(jobID)
             self._abandoned.discard(jobID)
+            self._cancelled.discard(jobID)
             _log.info("render {jobID} not started: {why}", jobID=jobID, why=failure.getErrorMessage())
 
         self.ledger.began(queued).addCallbacks(begun, failed).addErrback(
