@@ -249,9 +249,11 @@ class NginxUpstreamTests(Deployment):
         self.assertEqual(ids, [f"0-{n}" for n in range(1, len(ids) + 1)])
         self.assertEqual([e.event for e in received[0]], ["progress"] * 20 + ["complete"])
 
+        # Each instance logs the stream it served (when it ends).
         path = re.escape(created["events_url"])
+        line = re.compile(rf'"GET {path} HTTP/1\.1" 200'.encode())
         for instance in (self.webA, self.webB):
-            self.assertRegex(instance.output.decode(errors="replace"), rf'"GET {path} HTTP/1\.1" 200')
+            instance.waitFor(line.search, 10, "the stream in the access log")
 
         # Asked directly, each instance has this request's connection and
         # the one nginx keeps.
