@@ -152,3 +152,17 @@ class RedisModeUnitTests(SynchronousTestCase):
             self.assertEqual(setting(unit, "Unit.RequiresMountsFor"), "/srv/twistedsse/outputs")
             self.assertEqual(setting(unit, "Service.User"), "twistedsse")
             self.assertNotIn("Service.DynamicUser", settings(unit))
+
+    def test_restartsBelowTheStartLimit(self) -> None:
+        """
+        A Redis-mode unit that fails to start (Redis down or loading) is
+        started again every C{RestartSec} without reaching systemd's
+        default start limit (5 starts in 10 s), whatever its start takes:
+        it keeps trying until Redis answers.
+        """
+        for unit in (WORKER, WEB):
+            self.assertEqual(setting(unit, "Service.Restart"), "on-failure")
+            self.assertNotIn("Unit.StartLimitBurst", settings(unit))
+            self.assertNotIn("Unit.StartLimitIntervalSec", settings(unit))
+            # Starts at 0, R, 2R, ...: fewer than 5 within any 10 s.
+            self.assertGreaterEqual(seconds(setting(unit, "Service.RestartSec")) * 4, 10)
