@@ -181,6 +181,9 @@ def checkNow(endpoint: RedisEndpoint, timeout: float = CONNECT_TIMEOUT) -> None:
     each, so a plain socket does (the service's own connections are
     txredisapi's).
 
+    A server still loading its data (C{LOADING}) passes: it is there and
+    took the credentials, and the service waits for it as for a restart.
+
     @raise RedisConfigError: what is wrong (the credentials, the database,
         or no answer within C{timeout}), never with the password.
     """
@@ -212,6 +215,11 @@ def checkNow(endpoint: RedisEndpoint, timeout: float = CONNECT_TIMEOUT) -> None:
                 raise RedisConfigError(f"Redis at {where} closed the connection at {command[0]}")
             if line.startswith(b"-"):
                 text = line[1:].decode("utf-8", "replace").strip()
+                if text.startswith("LOADING") and command[0] != "AUTH":
+                    # Up and the credentials taken, still loading its data
+                    # (a large append-only file): the service starts and
+                    # answers 503 until Redis is ready, as after a restart.
+                    return
                 if command[0] == "AUTH" or text.startswith(("NOAUTH", "WRONGPASS")):
                     raise RedisConfigError(
                         f"Redis at {where} refused the credentials (check --redis-password-file): {text.split(' ')[0]}"
