@@ -8,6 +8,9 @@ and counts keepalive comments; and a job's render processes as C{/proc}
 shows them (L{renderProcesses}, L{RunSampler}: never two runs of one job
 at once).
 
+L{BlockingInstance} is one such instance for synchronous tests (the
+browser tests).
+
 Everything started here is stopped at the test's cleanup, by PID: each
 instance gets SIGTERM (SIGKILL after L{STOP_TIMEOUT}), and a render process
 left behind under the cluster's output directory is killed and fails the
@@ -18,7 +21,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any, Generator
 
 import attrs
@@ -31,9 +38,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
 from .frames import FrameReader
-from .launcher import ServiceProcess, startTwistd
+from .launcher import START_TIMEOUT, Launched, ServiceProcess, startTwistd, twistdArgv
 from .procfs import allPIDs, procStat
-from .waiting import TimedOut, whenTrue
+from .waiting import TimedOut, poll, whenTrue
 
 ROLES = ("web", "worker", "all")
 
@@ -42,6 +49,17 @@ STOP_TIMEOUT = 10.0
 
 
 # ------------------------------------------------------------ processes
+
+
+def redisOptions(redisURL: str, role: str, outputDir: str, passwordFile: str | None = None) -> list[str]:
+    """
+    The Redis-mode options of one instance of a cluster.
+    """
+    assert role in ROLES, role
+    argv = ["--redis", redisURL, "--role", role, "--output-dir", outputDir]
+    if passwordFile is not None:
+        argv += ["--redis-password-file", passwordFile]
+    return argv
 
 
 def _stat(pid: int) -> list[bytes] | None:
@@ -308,20 +326,13 @@ class Cluster:
         testCase.addCleanup(self.stop)
 
     def argv(self, role: str) -> list[str]:
-        """
-        The Redis-mode options every instance of this cluster gets.
-        """
-        argv = ["--redis", self.redisURL, "--role", role, "--output-dir", self.outputDir]
-        if self.passwordFile is not None:
-            argv += ["--redis-password-file", self.passwordFile]
-        return argv
+        return redisOptions(self.redisURL, role, self.outputDir, self.passwordFile)
 
     def spawn(self, role: str, *options: str) -> tuple[Any, ServiceProcess]:
         """
         Start an instance without waiting for it (for start-up failures):
         its process and L{ServiceProcess}.
         """
-        assert role in ROLES, role
         process, protocol = startTwistd(*self.argv(role), *options)
         self._spawned.append((process, protocol, process.pid))
         return process, protocol
@@ -453,3 +464,54 @@ def logsOf(*instances: Instance) -> str:
     The end of each instance's log, for a failure message.
     """
     return "\n".join(f"--- {i.role} :{i.port} pid {i.pid}\n{i.log()[-3000:]}" for i in instances)
+
+
+class BlockingInstance:
+    """
+    One twistd instance of a cluster for synchronous tests (the browser
+    tests, whose drivers block): L{Launched} with a deadline, its log in a
+    file (a pipe nobody reads would fill and stall it), stopped by PID.
+
+    @ivar port: where it listens (its site's log line says).
+    """
+
+    def __init__(self, redisURL: str, role: str, outputDir: str, *options: str, timeout: float = START_TIMEOUT) -> None:
+        self.role = role
+        handle, name = tempfile.mkstemp(prefix=f"twistedsse-{role}-", suffix=".log")
+        os.close(handle)
+        self.logPath = Path(name)
+        argv = twistdArgv(*redisOptions(redisURL, role, outputDir), *options, logfile=name)
+        self.launched = Launched(argv, stderr=subprocess.STDOUT)
+        found = poll(lambda: self.launched.process.poll() is not None or _SITE.search(self.logBytes()), timeout, 0.02)
+        started = _SITE.search(self.logBytes())
+        if not started:
+            self.stop()
+            why = "ended" if found else f"did not listen within {timeout:g} s"
+            raise AssertionError(f"twistd ({role}) {why}:\n{self.log()}")
+        self.port = int(started.group(1))
+        self.pid = self.launched.pid
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logBytes(self) -> bytes:
+        try:
+            return self.logPath.read_bytes() + self.launched.output
+        except OSError:
+            return self.launched.output
+
+    def log(self) -> str:
+        return self.logBytes().decode(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        """
+        SIGTERM (SIGKILL if it hangs, which fails); remove its log.
+        """
+        try:
+            return self.launched.stop(signal.SIGTERM, STOP_TIMEOUT)
+        finally:
+            self.logPath.unlink(missing_ok=True)
+
+
+_SITE = re.compile(rb"Site starting on (\d+)")
