@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Generator
 
@@ -58,6 +59,10 @@ def describe(stream: EventStream) -> str:
     a failure message.
     """
     return " ".join(f"{e.id}:{e.event}:{e.data.get('i', '') if isinstance(e.data, dict) else ''}" for e in stream.events)
+
+
+def report(line: str) -> None:
+    sys.stderr.write(f"\n[cluster] {line}\n")
 
 
 def sleep(seconds: float) -> Deferred[None]:
@@ -209,6 +214,7 @@ class ClusterTests(TestCase):
         data = self.assertRestarted(stream, "worker_lost", 60)
         self.assertEqual((data["attempt"], data["max_attempts"]), (2, 2), data)
         waited = retrying.at - killedAt
+        report(f"SIGKILL of the worker: retrying {waited:.2f} s later (--claim-timeout 2), {len(stream.events)} events")
         self.assertTrue(1.0 <= waited <= 10.0, f"retrying {waited:.2f} s after the kill, with --claim-timeout 2")
         self.assertEqual(sampler.most, 1, f"two runs at once: runs {sampler.runs}")
         self.assertEqual(len(sampler.runs), 2, sampler.runs)
@@ -253,6 +259,10 @@ class ClusterTests(TestCase):
             )
         yield self.whenDone(stream, 30, a, survivor)
         sampler.stop()
+        report(
+            f"SIGTERM, --drain-timeout 1: exited {exitedAt - termAt:.2f} s later, "
+            f"retrying (handed_back) {retrying.at - exitedAt:.2f} s after the exit"
+        )
         self.assertRestarted(stream, "handed_back", 60)
         # The drain waited its second: the render ran on meanwhile.
         self.assertGreaterEqual(retrying.at - termAt, 0.8)
@@ -287,6 +297,7 @@ class ClusterTests(TestCase):
         exitedAfter = reactor.seconds() - termAt
         reason = yield worker.ended
         self.assertTrue(exitedCleanly(reason), f"{reason!r}\n{logsOf(worker)}")
+        report(f"SIGTERM, --drain-timeout 30, 2 s render: finished there, worker exited {exitedAfter:.2f} s after SIGTERM")
         self.assertLess(exitedAfter, 15)
         yield self.assertOutput(job, a)
         code, status = yield cluster.getJSON(a, later["status_url"])
@@ -395,6 +406,11 @@ class ClusterTests(TestCase):
         during = [t for t in stream.keepalives if downAt < t < upAt]
         self.assertGreaterEqual(len(during), OUTAGE / 0.2 / 2, f"keepalives {stream.keepalives}, Redis down {downAt}-{upAt}")
         yield self.whenDone(stream, 30, a, worker)
+        resumed = next(e.at for e in stream.events if e.at > upAt)
+        report(
+            f"Redis down {upAt - downAt:.1f} s: 503 in {answeredIn:.2f} s, {len(during)} keepalives meanwhile, "
+            f"first event {resumed - upAt:.2f} s after Redis was back"
+        )
         self.maxDiff = None
         self.assertEqual(describe(stream).split(), [f"0-{n}:progress:{n}" for n in range(1, 141)] + ["0-141:complete:"])
         yield self.assertOutput(job, a)
