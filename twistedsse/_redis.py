@@ -160,41 +160,6 @@ def ready(connection: Any, clock: IReactorTime, timeout: float = CONNECT_TIMEOUT
     return d.addCallback(lambda _: None)
 
 
-def check(endpoint: RedisEndpoint, clock: IReactorTime, timeout: float = CONNECT_TIMEOUT) -> Deferred[None]:
-    """
-    Connect once, without reconnecting, and C{PING}: at start-up, so that a
-    wrong password or an unreachable server is a clear error instead of a
-    reconnecting connection that retries it forever.
-
-    @return: fires with C{None}, or fails with L{RedisConfigError} saying
-        what is wrong (the credentials, or no answer within C{timeout}),
-        without the password.
-    """
-    import txredisapi
-
-    where = endpoint.describe()
-    connected: Deferred[Any] = txredisapi.Connection(**endpoint.clientOptions(False, timeout))
-    connected.addTimeout(timeout, clock)
-
-    def ping(connection: Any) -> Deferred[None]:
-        d: Deferred[Any] = connection.execute_command("PING")
-        d.addTimeout(timeout, clock)
-
-        def close(result: object) -> Deferred[object]:
-            closing: Deferred[object] = connection.disconnect()
-            return closing.addBoth(lambda _: result)
-
-        return d.addBoth(close).addCallback(lambda _: None)
-
-    def explain(failure: Any) -> None:
-        text = str(failure.value)
-        if "WRONGPASS" in text or "NOAUTH" in text or "could not auth" in text:
-            raise RedisConfigError(f"Redis at {where} refused the credentials (check --redis-password-file)")
-        raise RedisConfigError(f"Redis at {where} cannot be reached within {timeout:g} s: {text or type(failure.value).__name__}")
-
-    return connected.addCallback(ping).addErrback(explain)
-
-
 def _encode(*parts: str | int) -> bytes:
     """
     One command in RESP, the Redis protocol.
