@@ -29,6 +29,9 @@ from twisted.internet.interfaces import IReactorTime
 #: Seconds to wait for a connection (and its AUTH and SELECT).
 CONNECT_TIMEOUT = 5.0
 
+#: The longest wait between two tries to reconnect, in seconds.
+MAX_RECONNECT_DELAY = 2.0
+
 
 class RedisConfigError(ValueError):
     """
@@ -94,39 +97,45 @@ class RedisEndpoint:
         user = f"{self.username}@" if self.username else ""
         return f"{'rediss' if self.tls else 'redis'}://{user}{self.host}:{self.port}/{self.db}"
 
-    def connect(self, *, reconnect: bool = True) -> Any:
+    def connect(self, *, reconnect: bool = True, protocol: type | None = None) -> Any:
         """
         A lazy txredisapi connection handler: returned at once, it sends
         each command once connected and, with C{reconnect}, reconnects
-        after a loss (txredisapi's backoff). Call its C{disconnect()} to
-        stop it: that also stops the reconnecting. L{ready} waits for it.
-        A blocking read loop gets a connection of its own.
+        after a loss, waiting at most L{MAX_RECONNECT_DELAY} between tries
+        (txredisapi's own connections wait up to 10 s: after Redis comes
+        back, requests would get 503 that long). Call its C{disconnect()}
+        to stop it: that also stops the reconnecting. L{ready} waits for
+        it. A blocking read loop gets a connection of its own.
+
+        @param protocol: the connection's protocol class, if not
+            txredisapi's (a C{SubscriberProtocol} for pub/sub).
         """
         import txredisapi
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
-        return txredisapi.lazyConnection(**self.clientOptions(reconnect, CONNECT_TIMEOUT))
-
-    def clientOptions(self, reconnect: bool, connectTimeout: float) -> dict[str, Any]:
-        """
-        The keywords of txredisapi's connection constructors for this
-        endpoint: numbers left as strings, TLS for C{rediss://}.
-        """
-        tls: Any = False
-        if self.tls:
-            from twisted.internet import ssl
-
-            tls = ssl.optionsForClientTLS(self.host)
-        return dict(
-            host=self.host,
-            port=self.port,
-            dbid=self.db,
-            reconnect=reconnect,
-            password=self.password,
+        factory = txredisapi.RedisFactory(
+            f"{self.host}:{self.port}", self.db, 1, isLazy=True, handler=txredisapi.ConnectionHandler,
+            charset="utf-8", password=self.password, replyTimeout=None, convertNumbers=False,
             username=self.username,
-            convertNumbers=False,
-            connectTimeout=connectTimeout,
-            ssl_context_factory=tls,
-        )
+        )  # fmt: skip
+        factory.reconnect = reconnect
+        factory.maxDelay = MAX_RECONNECT_DELAY
+        if protocol is not None:
+            factory.protocol = protocol
+        # The global reactor, as txredisapi's own connections use.
+        tcp = HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
+        factory.startConnecting(wrapClientTLS(self.tlsOptions(), tcp) if self.tls else tcp)
+        return factory.handler
+
+    def tlsOptions(self) -> Any:
+        """
+        The TLS client options for C{rediss://}: the server's certificate
+        checked against the system's trust roots and C{host}.
+        """
+        from twisted.internet import ssl
+
+        return ssl.optionsForClientTLS(self.host)
 
 
 def readPassword(path: str | Path) -> str:

@@ -890,20 +890,4 @@ def _subscriberConnection(endpoint: RedisEndpoint, protocol: type) -> Any:
     L{RedisEndpoint.connect}) whose protocol is C{protocol}: for pub/sub,
     which a plain connection cannot do. Close it with its C{disconnect()}.
     """
-    import txredisapi
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-
-    from ._redis import CONNECT_TIMEOUT
-
-    factory = txredisapi.RedisFactory(
-        f"{endpoint.host}:{endpoint.port}", endpoint.db, 1, isLazy=True, handler=txredisapi.ConnectionHandler,
-        charset="utf-8", password=endpoint.password, replyTimeout=None, convertNumbers=False,
-        username=endpoint.username,
-    )  # fmt: skip
-    factory.protocol = protocol
-    # The global reactor, as txredisapi's own connections use.
-    tcp = HostnameEndpoint(reactor, endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT)
-    tls = endpoint.clientOptions(True, CONNECT_TIMEOUT)["ssl_context_factory"]
-    factory.startConnecting(wrapClientTLS(tls, tcp) if endpoint.tls else tcp)
-    return factory.handler
+    return endpoint.connect(protocol=protocol)
