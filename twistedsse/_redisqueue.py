@@ -67,7 +67,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -488,6 +488,7 @@ class RedisWorker:
     _stopping: bool = attrs.field(default=False, init=False)
     _stopped: Deferred[None] | None = attrs.field(default=None, init=False)
     _down: bool = attrs.field(default=False, init=False)
+    _leaseTimer: IDelayedCall | None = attrs.field(default=None, init=False)
 
     @property
     def reclaimInterval(self) -> float:
@@ -552,6 +553,7 @@ class RedisWorker:
 
     async def _stop(self) -> None:
         self._stopping = True
+        self._armLease()
         self._poke()
         if self._loop is not None:
             await self._loop
@@ -710,6 +712,7 @@ class RedisWorker:
             self._call(self._consumer.cancelledBeforeStart, render)
             return
         claim.started = True
+        self._armLease()
         self._call(self._consumer.start, render, attempt)
 
     async def _handBack(self, claims: list[_Claim]) -> list[str]:
@@ -748,11 +751,11 @@ class RedisWorker:
             lost, cancelled = await _timed(_RENEW(self._connection, [self.keys.queue], args), self._clock, self.timeout)
         except Exception as e:
             self._outage(e)
-            self._expireLeases()
             return
         self._recovered()
         for held in self._held.values():
             held.renewedAt = max(held.renewedAt, sentAt)
+        self._armLease()
         for jobID in lost:
             self._unacked.pop(jobID, None)
             claim = self._held.pop(jobID, None)
@@ -765,15 +768,31 @@ class RedisWorker:
         for jobID in cancelled:
             self._cancelMessage(jobID)
 
+    def _armLease(self) -> None:
+        """
+        Set the lease timer for the claim renewed longest ago (see
+        L{_expireLeases}).
+        """
+        if self._leaseTimer is not None and self._leaseTimer.active():
+            self._leaseTimer.cancel()
+        self._leaseTimer = None
+        started = [claim.renewedAt for claim in self._held.values() if claim.started]
+        if not started or self._stopping:
+            return
+        due = min(started) + LEASE * self.claimTimeout
+        self._leaseTimer = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._expireLeases)
+
     def _expireLeases(self) -> None:
         """
-        Renewals fail (Redis is away): a render whose claim has not been
-        renewed for L{LEASE} of C{claimTimeout} is given up (stopped,
-        nothing recorded), before Redis could let another worker take it
-        over, so that no render ever runs twice at once. It stays pending
-        in Redis: once Redis is back, a worker takes it over and runs it
-        again from the start.
+        Renewals have not succeeded (Redis is away, or a renewal waits on a
+        reconnecting connection): a render whose claim has not been renewed
+        for L{LEASE} of C{claimTimeout} is given up (stopped, nothing
+        recorded), before Redis could let another worker take it over, so
+        that no render runs twice at once. It stays pending in Redis: once
+        Redis is back, a worker takes it over and runs it again from the
+        start.
         """
+        self._leaseTimer = None
         now = self._clock.seconds()
         for jobID, claim in list(self._held.items()):
             if claim.started and now - claim.renewedAt >= LEASE * self.claimTimeout:
@@ -784,6 +803,9 @@ class RedisWorker:
                     jobID=jobID, seconds=now - claim.renewedAt,
                 )  # fmt: skip
                 self._call(self._consumer.abandon, jobID)
+                # (A free slot: the claim loop may wait for one.)
+                self._poke()
+        self._armLease()
 
     def _cancelMessage(self, jobID: str) -> None:
         if jobID == HANDED_BACK:
