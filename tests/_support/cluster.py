@@ -39,7 +39,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from .frames import FrameReader
 from .launcher import START_TIMEOUT, Launched, ServiceProcess, startTwistd, twistdArgv
-from .procfs import allPIDs, procStat
+from .procfs import allPIDs, procStat, statFields
 from .waiting import TimedOut, poll, whenTrue
 
 ROLES = ("web", "worker", "all")
@@ -62,25 +62,11 @@ def redisOptions(redisURL: str, role: str, outputDir: str, passwordFile: str | N
     return argv
 
 
-def _stat(pid: int) -> list[bytes] | None:
-    """
-    The fields of C{/proc/PID/stat} after the command name (state first),
-    or C{None} for a process that is gone or a zombie.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return None if fields[0] in (b"Z", b"X") else fields
-
-
 def processGroup(pid: int) -> int | None:
     """
     The process group of live process C{pid}, or C{None}.
     """
-    fields = _stat(pid)
+    fields = statFields(pid)
     return None if fields is None else int(fields[2])
 
 
@@ -111,7 +97,7 @@ def _scan(needle: str, exclude: frozenset[int]) -> dict[int, tuple[int, int]]:
         except OSError:
             continue
         if raw in text:
-            fields = _stat(pid)
+            fields = statFields(pid)
             if fields is not None:
                 found[pid] = (int(fields[1]), int(fields[2]))
     return found
