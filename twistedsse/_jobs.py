@@ -28,6 +28,7 @@ from ._errors import (
 from ._expiry import Deadlines
 from ._interfaces import IJobBroker, IJobStore, IRenderer, IRenderQueue, QueuedRender
 from ._job import JobSnapshot, JobState
+from ._json import JSONObject
 from ._ledger import JobLedger
 from ._outcome import CANCELLED_QUEUED, interrupted
 from ._store import STORE_ERRORS
@@ -42,6 +43,22 @@ MAX_QUEUED = 100
 _Due = tuple[Literal["expire", "forget"], str]
 
 _P = ParamSpec("_P")
+
+
+def validated(renderers: Mapping[str, IRenderer], renderer: object, params: object) -> tuple[str, JSONObject]:
+    """
+    The renderer's name and C{params} as the renderer named C{renderer}
+    normalizes them.
+
+    @param renderer: its name (any other value, as a client may send, is
+        no renderer's).
+    @raise UnknownRenderer: no renderer by that name.
+    @raise twistedsse._errors.InvalidParams: C{params} do not suit it.
+    """
+    if not isinstance(renderer, str) or (impl := renderers.get(renderer)) is None:
+        known = ", ".join(sorted(renderers)) or "none"
+        raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
+    return renderer, impl.validate(params)
 
 
 @attrs.define
@@ -94,10 +111,7 @@ class JobTracker:
         @raise InsufficientStorage: the output filesystem is nearly full,
             or the job store cannot be written.
         """
-        if not isinstance(renderer, str) or (impl := self.renderers.get(renderer)) is None:
-            known = ", ".join(sorted(self.renderers)) or "none"
-            raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
-        normalized = impl.validate(params)
+        renderer, normalized = validated(self.renderers, renderer, params)
         if self.maxQueued and len(self.queue) >= self.maxQueued and self.queue.busy():
             raise QueueFull(f"{len(self.queue)} renders are waiting already, the limit", retryAfter=10)
         lacking = self.queue.refusal()

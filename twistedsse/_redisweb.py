@@ -18,9 +18,10 @@ from zope.interface import implementer
 from ._api import IRenderAPI
 from ._asyncbroker import IAsyncJobBroker
 from ._disk import OutputDisk
-from ._errors import InsufficientStorage, JobFinished, OutputExpired, OutputNotReady, QueueFull, UnknownRenderer
+from ._errors import InsufficientStorage, JobFinished, OutputExpired, OutputNotReady, QueueFull
 from ._interfaces import IRenderer, QueuedRender
 from ._job import JobSnapshot, JobState
+from ._jobs import validated
 from ._json import JSON, JSONObject
 from ._outcome import CANCELLED_QUEUED
 from ._redisbroker import RedisBroker
@@ -68,10 +69,7 @@ class RedisJobs:
         return Deferred.fromCoroutine(self._submit(renderer, params, outputURL, jobID))
 
     async def _submit(self, renderer: object, params: object, outputURL: str | None, jobID: str) -> JobSnapshot:
-        if not isinstance(renderer, str) or (impl := self.renderers.get(renderer)) is None:
-            known = ", ".join(sorted(self.renderers)) or "none"
-            raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
-        normalized = impl.validate(params)
+        renderer, normalized = validated(self.renderers, renderer, params)
         if self.maxQueued:
             waiting = await self.queue.depth().addErrback(unavailable)
             if waiting >= self.maxQueued:
