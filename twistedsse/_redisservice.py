@@ -79,6 +79,8 @@ class RedisRenderService(Service):
         before handing them back.
     @param consumerName: the worker's name in the queue's consumer group
         (L{workerName}: host and pid).
+    @param sweepInterval: seconds between two passes deleting the outputs
+        of the jobs Redis has expired (a web instance's).
     The other parameters are L{twistedsse._service.RenderService}'s.
     """
 
@@ -107,6 +109,7 @@ class RedisRenderService(Service):
         newID: Callable[[], str] = newJobID,
         consumerName: str | None = None,
         prefix: str = "twistedsse:",
+        sweepInterval: float = OUTPUT_SWEEP,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -130,6 +133,7 @@ class RedisRenderService(Service):
         self.newID = newID
         self.consumerName = consumerName or workerName()
         self.prefix = prefix
+        self.sweepInterval = sweepInterval
         self.disk = OutputDisk(Path(outputDir), maxRenders, maxOutputBytes or None, minFreeBytes, statvfs)
         self._connections: list[Any] = []
         self._web: RedisJobs | None = None
@@ -189,7 +193,7 @@ class RedisRenderService(Service):
             if self.expireAfter > 0:
                 self._sweeper = LoopingCall(self._sweep, state)
                 self._sweeper.clock = self.clock
-                self._sweeper.start(OUTPUT_SWEEP, now=False).addErrback(
+                self._sweeper.start(self.sweepInterval, now=False).addErrback(
                     lambda f: _log.failure("deleting expired outputs", f)
                 )
         if self.worker:

@@ -183,6 +183,30 @@ class RedisServiceTests(TestCase):
         self.assertIs(again.state, JobState.QUEUED)
 
     @inlineCallbacks
+    def test_expiry(self) -> Any:
+        """
+        C{expireAfter} after a render ends, Redis expires the job (its id
+        then answers L{JobExpired}) and a web instance deletes its output
+        file from the shared directory.
+        """
+        from twistedsse._errors import JobExpired
+
+        service = buildService(
+            reactor, renderers=[ticks()], outputDir=self.output, redis=RedisEndpoint.fromURL(self.server.url),
+            minFreeBytes=0, expireAfter=1.0,
+        )  # fmt: skip
+        assert isinstance(service, RedisRenderService)
+        service.sweepInterval = 0.1
+        service.startService()
+        self.addCleanup(service.stopService)
+        snapshot = yield service.submit("ticks", {"count": 2, "interval": 0.01, "output": "bytes"}, "/o", "expiring")
+        yield self.watch(service, snapshot.id)
+        path = yield service.outputPath(snapshot.id)
+        self.assertEqual(path.read_bytes(), b"bytes")
+        yield whenTrue(reactor, lambda: not path.exists(), 10, "the output deleted")
+        yield self.assertFailure(service.get(snapshot.id), JobExpired)
+
+    @inlineCallbacks
     def test_workerServesHealthOnly(self) -> Any:
         """
         A worker's HTTP face: C{/healthz} (its renders and Redis), a JSON
