@@ -33,7 +33,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import server as webserver
 from twisted.web._http2 import H2Connection, H2Stream
 from twisted.web.http import HTTPChannel
@@ -42,7 +42,7 @@ from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Site
 
 import twistedsse
 from twistedsse._site import BoundedRequest, _refuseStream
-from twistedsse._transport import EagerPort, EagerSendReactor, EagerServer
+from twistedsse._transport import EagerClient, EagerPort, EagerSendReactor, EagerServer
 
 #: (module of twistedsse, name): the test here that checks what it means.
 #: Underscored names are found by L{PrivateNamesTests}; the others
@@ -56,6 +56,7 @@ PRIVATE: dict[tuple[str, str], str] = {
     ("_transport.py", "_writeDisconnected"): "EagerServerTests.test_writeAfterWriteSideClosed",
     ("_transport.py", "TLS"): "TLSTests.test_startTLSTurnsTheEagerPathOff",
     ("_transport.py", "transport"): "PortTests.test_portBuildsItsTransportClass",
+    ("_transport.py", "bindAddress"): "ClientTests.test_connectorBuildsEagerClients",
     ("_transport.py", "_type"): "PortTests.test_typeNamesThePortInTheLog",
     ("_transport.py", "_fromListeningDescriptor"): "PortTests.test_adoptedDescriptor",
     ("_site.py", "_disconnected"): "RequestTests.test_disconnected",
@@ -92,6 +93,25 @@ class _Held(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.lost = reason
+
+
+class _ClientFactory(Factory):
+    """
+    A client factory for L{ClientTests}: it builds C{protocol} and ignores
+    the connection's end.
+    """
+
+    def __init__(self, protocol: type) -> None:
+        self.protocol = protocol
+
+    def startedConnecting(self, connector: Any) -> None:
+        pass
+
+    def clientConnectionLost(self, connector: Any, reason: Any) -> None:
+        pass
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        pass
 
 
 class _Connected:
@@ -267,6 +287,47 @@ class EagerServerTests(SynchronousTestCase):
             c.transport.write(b"data: x\n\n")
         self.assertGreater(c.transport._tempDataLen, 0)
         self.assertIsInstance(c.transport.doWrite(), error.ConnectionLost)
+
+
+class ClientTests(TestCase):
+    timeout = 10
+
+    def test_connectorBuildsEagerClients(self) -> Any:
+        """
+        C{tcp.Connector._makeTransport} (with its C{host}, C{port},
+        C{bindAddress}): what a connector builds its connection with;
+        L{EagerSendReactor.connectTCP}'s connector builds an
+        L{EagerClient}, whose write on an empty queue is sent in the call
+        (on a real connection to 127.0.0.1: nothing left queued).
+        """
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+
+        received: Deferred[bytes] = Deferred()
+
+        class Server(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.callback(data)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        queued: list[int] = []
+
+        class Client(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"now")
+                queued.append(self.transport._tempDataLen + len(self.transport.dataBuffer))
+                self.transport.loseConnection()
+
+        connector = EagerSendReactor(reactor).connectTCP("127.0.0.1", port.getHost().port, _ClientFactory(Client))
+        self.assertIsInstance(connector.transport, EagerClient)
+        self.assertEqual(connector.getDestination().port, port.getHost().port)
+
+        def check(data: bytes) -> None:
+            self.assertEqual(data, b"now")
+            self.assertEqual(queued, [0])
+
+        return received.addCallback(check)
 
 
 class PortTests(SynchronousTestCase):

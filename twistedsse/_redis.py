@@ -114,6 +114,8 @@ class RedisEndpoint:
         from twisted.internet import reactor
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
+        from ._transport import EagerSendReactor
+
         factory = txredisapi.RedisFactory(
             f"{self.host}:{self.port}", self.db, 1, isLazy=True, handler=txredisapi.ConnectionHandler,
             charset="utf-8", password=self.password, replyTimeout=None, convertNumbers=False,
@@ -123,8 +125,9 @@ class RedisEndpoint:
         factory.maxDelay = MAX_RECONNECT_DELAY
         if protocol is not None:
             factory.protocol = protocol
-        # The global reactor, as txredisapi's own connections use.
-        tcp = HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
+        # The global reactor, as txredisapi's own connections use; commands
+        # leave in the write, not at the reactor's next turn.
+        tcp = HostnameEndpoint(EagerSendReactor(reactor), self.host, self.port, timeout=CONNECT_TIMEOUT)
         factory.startConnecting(wrapClientTLS(self.tlsOptions(), tcp) if self.tls else tcp)
         return factory.handler
 

@@ -567,6 +567,11 @@ class RedisWorker:
         for jobID in list(self._unacked):
             await self._ack(jobID)
         self._poke()
+        # Whoever waits for the subscription (start()'s Deferred) waits no
+        # more: it never will be active now.
+        waiting, self._subscribed = self._subscribed, []
+        for d in waiting:
+            d.cancel()
         if self._listener is not None:
             listener, self._listener = self._listener, None
             await listener.disconnect()

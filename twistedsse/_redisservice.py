@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, cast
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -224,15 +225,18 @@ class RedisRenderService(Service):
                 keys=QueueKeys(self.prefix),
             )
             self._runner.start()
-            self._worker.start().addErrback(
-                lambda f: _log.warn("the cancel subscription is not active yet ({why}); trying on", why=f.getErrorMessage())
-            )
+            self._worker.start().addErrback(self._notSubscribed)
         _log.info(
             "Redis mode, role {role}, at {redis}{worker}",
             role=self.role,
             redis=self.endpoint.describe(),
             worker=f" (worker {self.consumerName}, {self.maxRenders} renders at once)" if self.worker else "",
         )
+
+    def _notSubscribed(self, failure: Failure) -> None:
+        if failure.check(CancelledError) is None:
+            # (Stopped before it was: nothing to say.)
+            _log.warn("the cancel subscription is not active yet ({why}); trying on", why=failure.getErrorMessage())
 
     def stopService(self) -> Deferred[None]:
         """

@@ -48,15 +48,22 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, ContextManager, Iterable, Iterator
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IReactorCore, IReactorSSL, IReactorSocket, IReactorTCP
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorPluggableNameResolver,
+    IReactorSSL,
+    IReactorSocket,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 
-class EagerServer(tcp.Server):
+class _EagerWrites(tcp.Connection):
     """
-    A server-side TCP connection whose C{write} sends at once when nothing
-    is queued before it.
+    A TCP connection's C{write} that sends at once when nothing is queued
+    before it (mixed into Twisted's C{tcp.Server} and C{tcp.Client}).
     """
 
     _holding: list[bytes] | None = None
@@ -116,6 +123,31 @@ class EagerServer(tcp.Server):
         self.write(b"".join(iovec))
 
 
+class EagerServer(_EagerWrites, tcp.Server):
+    """
+    A server-side TCP connection whose C{write} sends at once when nothing
+    is queued before it.
+    """
+
+
+class EagerClient(_EagerWrites, tcp.Client):
+    """
+    A client-side TCP connection whose C{write} sends at once when nothing
+    is queued before it: Redis commands (a worker's progress) leave in the
+    call, not at the reactor's next turn.
+    """
+
+
+class EagerConnector(tcp.Connector):
+    """
+    A TCP connector whose connections are L{EagerClient}s.
+    """
+
+    def _makeTransport(self) -> tcp.Client:
+        # (tcp.Client is unannotated.)
+        return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)  # type: ignore[no-untyped-call]
+
+
 def sendTogether(transport: object) -> ContextManager[None]:
     """
     The writes made within go out in one C{send} if C{transport} is an
@@ -134,12 +166,13 @@ class EagerPort(tcp.Port):
     transport = EagerServer
 
 
-@implementer(IReactorTCP, IReactorSSL, IReactorSocket, IReactorCore)
+@implementer(IReactorTCP, IReactorSSL, IReactorSocket, IReactorCore, IReactorTime, IReactorPluggableNameResolver)
 class EagerSendReactor:
     """
     A reactor, as an endpoint sees it, whose TCP (and TLS over TCP) ports
-    make L{EagerServer} connections; everything else is C{reactor}'s
-    (its C{IReactorCore} included, which endpoints also use).
+    make L{EagerServer} connections and whose TCP connectors
+    L{EagerClient}s; everything else is C{reactor}'s (its C{IReactorCore}
+    included, which endpoints also use).
 
     Pass it where a listening endpoint takes its reactor::
 
@@ -148,6 +181,14 @@ class EagerSendReactor:
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
+
+    def connectTCP(
+        self, host: str, port: int, factory: Any, timeout: float = 30.0, bindAddress: Any = None
+    ) -> EagerConnector:
+        # As the reactor's own connectTCP, with eager connections.
+        connector = EagerConnector(host, port, factory, timeout, bindAddress, self._reactor)
+        connector.connect()
+        return connector
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> EagerPort:
         listening = EagerPort(port, factory, backlog, interface, self._reactor)
