@@ -25,7 +25,7 @@ PUBLIC = {
     "IJobBroker", "IJobStore", "IProgressParser", "IRenderer", "ISubscriber", "InsufficientStorage",
     "InvalidBody", "InvalidParams", "JobExpired", "JobFinished", "JobSnapshot", "JobState", "MalformedJSON",
     "MemoryBroker", "MethodNotAllowed", "MisdirectedRequest", "NotFound", "NullJobStore", "OutputExpired",
-    "OutputNotReady", "PayloadTooLarge", "QueueFull", "RangeNotSatisfiable", "RenderPlan", "RenderProtocolError",
+    "OutputNotReady", "PayloadTooLarge", "QueueFull", "RedisConfigError", "RedisEndpoint", "RedisRenderService", "RedisUnavailable", "RangeNotSatisfiable", "RenderPlan", "RenderProtocolError",
     "RenderService", "ResourceOptions", "RetryLater", "SQLiteJobStore", "ServerService", "TERMINAL_EVENTS", "TooManyStreams",
     "TwistedSSEError", "URITooLong", "Unauthorized", "UnknownJob", "UnknownRenderer", "Unprocessable",
     "UnsupportedMediaType", "buildResource", "buildService", "buildSite", "encodeComment", "encodeEvent",

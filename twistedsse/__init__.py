@@ -37,6 +37,7 @@ from ._errors import (
     OutputNotReady,
     PayloadTooLarge,
     QueueFull,
+    RedisUnavailable,
     RangeNotSatisfiable,
     RenderProtocolError,
     RetryLater,
@@ -53,6 +54,8 @@ from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent
 from ._interfaces import IJobBroker, IJobStore, IProgressParser, IRenderer, ISubscriber, RenderPlan
 from ._job import JobSnapshot, JobState
 from ._security import mintToken, redactedLogFormatter
+from ._redis import RedisConfigError, RedisEndpoint
+from ._redisservice import RedisRenderService
 from ._server import ServerService
 from ._service import RenderService
 from ._site import DrainingSite
@@ -72,6 +75,9 @@ __all__ = [
     "buildSite",
     "ResourceOptions",
     "RenderService",
+    "RedisRenderService",
+    "RedisEndpoint",
+    "RedisConfigError",
     "DrainingSite",
     "ServerService",
     "ConnectionLimits",
@@ -124,6 +130,7 @@ __all__ = [
     "RetryLater",
     "TooManyStreams",
     "QueueFull",
+    "RedisUnavailable",
     "RangeNotSatisfiable",
     "Conflict",
     "JobFinished",

@@ -1,5 +1,6 @@
 """
-The HTTP API, as Klein routes over a L{RenderService}. The only module
+The HTTP API, as Klein routes over the jobs (an L{IRenderAPI}: in this
+process, or in Redis). The only module
 that imports Klein; every error a client can cause leaves here as JSON
 C{{"error": CODE, "detail": TEXT}} with its 4xx status, unknown routes and
 wrong methods included.
@@ -14,12 +15,13 @@ from typing import Any, Callable, Mapping, cast
 import attrs
 from klein import Klein
 from klein.interfaces import IKleinRequest
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.routing import RequestRedirect
@@ -43,11 +45,11 @@ from ._frames import Event
 from ._json import JSON
 from ._responses import respondError as _error
 from ._responses import respondJSON as _respond
+from ._api import IRenderAPI, renderAPI
 from ._job import JobSnapshot
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
 from ._output import OutputResource
-from ._service import RenderService
 from ._stream import EventStreamResource, StreamLimits, StreamSettings, lastEventID, startStreamHeaders
 
 _log = Logger()
@@ -163,17 +165,42 @@ class _EventsFirst(Resource):
                 jobID = post[1].decode("utf-8")
             except UnicodeDecodeError:
                 return _render(self._klein, request)
-            try:
-                resource = app.events(request, jobID)
-            except TwistedSSEError as error:
-                # Written as Klein writes a handler's answer (chunked).
-                request.write(app._ourError(request, Failure(error)))
-                request.finish()
-                return NOT_DONE_YET
-            request.prepath.extend(post)
-            request.postpath = []
-            return _render(resource, request)
+            box: list[EventStreamResource | Failure] = []
+            found = app.events(request, jobID)
+            found.addBoth(box.append)
+            if box:
+                return self._serve(request, box[0])
+            # Not known yet (Redis): answered when it is.
+            gone: list[object] = []
+            cast(Request, request).notifyFinish().addBoth(gone.append)
+
+            def later(_: object) -> None:
+                if gone:
+                    return
+                body = self._serve(request, box[0])
+                if body is not NOT_DONE_YET:
+                    assert isinstance(body, bytes)
+                    request.write(body)
+                    request.finish()
+
+            found.addCallback(later).addErrback(
+                lambda f: _log.failure("answering {path}", f, path=request.path)
+            )
+            return NOT_DONE_YET
         return _render(self._klein, request)
+
+    def _serve(self, request: IRequest, found: EventStreamResource | Failure) -> bytes | int:
+        if isinstance(found, Failure):
+            if found.check(TwistedSSEError) is None:
+                bug: bytes = self._app._bug(request, found)
+                return bug
+            # Written as Klein writes a handler's answer (chunked).
+            request.write(self._app._ourError(request, found))
+            request.finish()
+            return NOT_DONE_YET
+        request.prepath.extend(request.postpath)
+        request.postpath = []
+        return _render(found, request)
 
 
 @attrs.define(slots=False)
@@ -190,7 +217,7 @@ class TwistedSSEApp:
         if it counts them: their number and cap in C{/healthz}.
     """
 
-    service: RenderService
+    service: object
     clock: IReactorTime
     settings: StreamSettings = StreamSettings()
     limits: StreamLimits = attrs.field(factory=StreamLimits)
@@ -202,6 +229,10 @@ class TwistedSSEApp:
     _keepalives: Keepalives = attrs.field(
         default=attrs.Factory(lambda self: Keepalives(self.clock, self.settings.keepalive), takes_self=True),
         init=False,
+    )
+
+    api: IRenderAPI = attrs.field(
+        default=attrs.Factory(lambda self: renderAPI(self.service), takes_self=True), init=False
     )
 
     router = Klein()
@@ -266,25 +297,25 @@ class TwistedSSEApp:
             "output_url": kr.url_for("output", {"jobID": jobID}),
         }
 
-    def _describe(self, request: IRequest, jobID: str) -> dict[str, JSON]:
-        body = self.service.broker.get(jobID).toJSON()
-        body.update(self._links(request, jobID))
+    def _describe(self, request: IRequest, snapshot: JobSnapshot) -> dict[str, JSON]:
+        body = snapshot.toJSON()
+        body.update(self._links(request, snapshot.id))
         return body
 
-    def _submit(self, request: IRequest, renderer: object, params: object) -> JobSnapshot:
+    def _submit(self, request: IRequest, renderer: object, params: object) -> Deferred[JobSnapshot]:
         """
         Submit a render, giving the service the URL its output will have
         (for the C{complete} event), which names its id: so the id is made
         first.
         """
-        jobID = self.service.newJobID()
+        jobID = self.api.newJobID()
         outputURL = IKleinRequest(request).url_for("output", {"jobID": jobID})
-        return self.service.submit(renderer, params, outputURL, jobID=jobID)
+        return self.api.submit(renderer, params, outputURL, jobID)
 
     def _stream(self, jobID: str, **kw: Any) -> EventStreamResource:
         self.limits.check(jobID)
         return EventStreamResource(
-            self.service.broker, jobID, self.clock, self.settings, limits=self.limits,
+            self.api.streams, jobID, self.clock, self.settings, limits=self.limits,
             keepalives=self._keepalives, **kw,
         )
 
@@ -310,18 +341,14 @@ class TwistedSSEApp:
     # -- the API ---------------------------------------------------------
 
     @router.route("/healthz", methods=["GET"])
-    def healthz(self, request: IRequest) -> bytes:
+    async def healthz(self, request: IRequest) -> bytes:
+        health = await self.api.health()
         return _respond(
             request,
             200,
             {
                 "status": "ok",
-                "renders": {
-                    "running": self.service.activeCount(),
-                    "queued": self.service.queuedCount(),
-                    "max": self.service.maxRenders,
-                },
-                "subscribers": self.service.broker.subscriberCount(),
+                **health,
                 "streams": self.limits.open,
                 **({"connections": self.connections.toJSON()} if self.connections is not None else {}),
             },
@@ -330,11 +357,11 @@ class TwistedSSEApp:
     @router.route("/renderers", methods=["GET"])
     def renderers(self, request: IRequest) -> bytes:
         return _respond(
-            request, 200, {"renderers": [{"name": name} for name in sorted(self.service.renderers)]}
+            request, 200, {"renderers": [{"name": name} for name in sorted(self.api.renderers)]}
         )
 
     @router.route("/renders", methods=["POST"])
-    def create(self, request: IRequest) -> bytes:
+    async def create(self, request: IRequest) -> bytes:
         # 401 before the body is read; 403 once it names the renderer.
         grant = self.auth.require(request, self.clock.seconds())
         body = _readJSON(request)
@@ -344,39 +371,39 @@ class TwistedSSEApp:
         if unknown:
             raise InvalidBody(f"unknown field {unknown[0]!r}; a render request has only renderer and params")
         grant.need("create", str(body.get("renderer")))
-        snapshot = self._submit(request, body.get("renderer"), body.get("params", {}))
-        description = self._describe(request, snapshot.id)
+        snapshot = await self._submit(request, body.get("renderer"), body.get("params", {}))
+        description = self._describe(request, snapshot)
         request.setHeader(b"location", str(description["status_url"]).encode("ascii"))
         return _respond(request, 202, description)
 
     @router.route("/renders/<string:jobID>", methods=["GET"])
-    def status(self, request: IRequest, jobID: str) -> bytes:
-        return _respond(request, 200, self._describe(request, jobID))
+    async def status(self, request: IRequest, jobID: str) -> bytes:
+        return _respond(request, 200, self._describe(request, await self.api.get(jobID)))
 
     @router.route("/renders/<string:jobID>", methods=["DELETE"])
-    def cancel(self, request: IRequest, jobID: str) -> bytes:
+    async def cancel(self, request: IRequest, jobID: str) -> bytes:
         self.auth.check(request, self.clock.seconds(), "cancel", jobID)
-        self.service.cancel(jobID)
-        return _respond(request, 202, self._describe(request, jobID))
+        return _respond(request, 202, self._describe(request, await self.api.cancel(jobID)))
 
     @router.route("/renders/<string:jobID>/events", methods=["GET"])
-    def events(self, request: IRequest, jobID: str) -> EventStreamResource:
-        self.service.broker.get(jobID)
-        return self._stream(jobID)
+    def events(self, request: IRequest, jobID: str) -> Deferred[EventStreamResource]:
+        # (Not a coroutine: _EventsFirst takes the answer in this call when
+        # the jobs are in memory.)
+        return self.api.get(jobID).addCallback(lambda _: self._stream(jobID))
 
     @router.route("/renders/<string:jobID>/output", methods=["GET"])
-    def output(self, request: IRequest, jobID: str) -> OutputResource:
-        path = self.service.outputPath(jobID)
+    async def output(self, request: IRequest, jobID: str) -> OutputResource:
+        path = await self.api.outputPath(jobID)
         # Served from the output directory's own entry, never through a
         # symlink (see twistedsse._output).
-        if path.parent != self.service.outputDir:
+        if path.parent != self.api.outputDir:
             raise OutputNotReady(f"render {jobID}'s output is not in the output directory")
         return OutputResource(
-            self.service.outputDir, path.name, f"{jobID}.mp4", self.clock, self.settings.writeTimeout
+            self.api.outputDir, path.name, f"{jobID}.mp4", self.clock, self.settings.writeTimeout
         )
 
     @router.route("/render-stream", methods=["GET"])
-    def renderStream(self, request: IRequest) -> EventStreamResource | bytes:
+    async def renderStream(self, request: IRequest) -> EventStreamResource | bytes:
         """
         Opening this stream starts a render; a browser's automatic
         reconnect (it sends C{Last-Event-ID}, whose ids here carry the job
@@ -394,7 +421,7 @@ class TwistedSSEApp:
             jobID, sep, seq = last.rpartition(":")
             if not sep or not jobID:
                 raise UnknownJob("Last-Event-ID does not name a render of this stream")
-            self.service.broker.get(jobID)
+            await self.api.get(jobID)
             return self._stream(jobID, after=seq, rewriteID=_streamIDs(jobID))
         # Starting a render needs a token, if auth is configured;
         # re-attaching (above) only reads, which the job id allows.
@@ -412,11 +439,11 @@ class TwistedSSEApp:
         # The stream limits first: a 503 must not leave a render nobody
         # watches (a new job has no streams: only the global limit applies).
         self.limits.check(None)
-        snapshot = self._submit(request, renderer, params)
+        snapshot = await self._submit(request, renderer, params)
         # The first frame names the render (a C{render} event, id
         # C{JOBID:0}): a client that drops before the render's first event
         # re-attaches to it rather than starting another.
         opening = Event(
-            data=_json.dumps(self._describe(request, snapshot.id)), event="render", id=snapshot.id + ":0"
+            data=_json.dumps(self._describe(request, snapshot)), event="render", id=snapshot.id + ":0"
         )
         return self._stream(snapshot.id, rewriteID=_streamIDs(snapshot.id), opening=opening)

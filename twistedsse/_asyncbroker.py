@@ -22,11 +22,10 @@ import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import Interface, implementer
 
-from ._broker import MemoryBroker
 
 if TYPE_CHECKING:
     from ._frames import Event
-    from ._interfaces import ISubscriber
+    from ._interfaces import IJobBroker, ISubscriber
     from ._job import JobSnapshot
     from ._json import JSON
 
@@ -44,7 +43,7 @@ class IAsyncJobBroker(Interface):
     A failure is the Deferred's: L{twistedsse._errors.UnknownJob} (or
     L{twistedsse._errors.JobExpired}) for a job that does not exist, and,
     for a broker with a server behind it, an error of that server's (for
-    Redis L{twistedsse._redisstate.RedisUnavailable}, a 503).
+    Redis L{twistedsse._errors.RedisUnavailable}, a 503).
     """
 
     def create(snapshot: JobSnapshot) -> Deferred[None]:
@@ -148,7 +147,7 @@ class AsyncMemoryBroker:
     delivered in the call.
     """
 
-    broker: MemoryBroker
+    broker: IJobBroker
 
     def create(self, snapshot: JobSnapshot) -> Deferred[None]:
         return maybeDeferred(self.broker.create, snapshot)

@@ -20,6 +20,8 @@ from ._broker import MemoryBroker
 from ._card import CardRenderer
 from ._command import renderEnvironment
 from ._interfaces import IJobBroker, IRenderer
+from ._redis import RedisEndpoint
+from ._redisservice import RedisRenderService, WorkerResource
 from ._service import RenderService, defaultOutputDir
 from ._security import BearerTokens, CORSPolicy, HostPolicy, redactedLogFormatter
 from ._connections import (
@@ -126,11 +128,16 @@ def buildService(
     minFreeBytes: int = 100 * 1024 * 1024,
     renderThreads: int | None = None,
     renderEnv: Iterable[str] = (),
-) -> RenderService:
+    redis: RedisEndpoint | str | None = None,
+    role: str = "all",
+    claimTimeout: float = 60.0,
+    maxAttempts: int = 2,
+    drainTimeout: float = 60.0,
+) -> RenderService | RedisRenderService:
     """
     A L{RenderService} with the built-in C{card} renderer (ffmpeg from
     C{ffmpeg}, by default the one in the C{imageio-ffmpeg} wheel) plus
-    C{renderers}.
+    C{renderers}; with C{redis}, a L{RedisRenderService} in C{role}.
 
     @param outputDir: where outputs go; by default C{stateDir/outputs}, or
         without a C{stateDir} a temporary directory that is removed when
@@ -153,7 +160,20 @@ def buildService(
     @param renderEnv: C{NAME} (the service's own variable, passed on if
         set) or C{NAME=VALUE}: added to every render's environment, which
         otherwise holds only an allow-list.
-    @raise ValueError: a bad C{renderEnv} entry, or C{renderThreads} < 1.
+    @param redis: Redis (a L{RedisEndpoint}, or a C{redis://} URL without
+        a password) that jobs, the queue and events live in, shared by
+        every instance and worker; then C{outputDir} is required (storage
+        they all share) and C{stateDir} refused.
+    @param role: with C{redis}: C{web} (the HTTP API; runs no render),
+        C{worker} (runs renders), or C{all}.
+    @param claimTimeout: with C{redis}: seconds after which a dead
+        worker's render is taken over by another.
+    @param maxAttempts: with C{redis}: runs of a render whose workers die,
+        before it fails C{worker_lost}.
+    @param drainTimeout: with C{redis}: seconds a stopping worker lets its
+        renders finish before handing them back to the queue.
+    @raise ValueError: a bad C{renderEnv} entry, or C{renderThreads} < 1,
+        or options that do not go together.
     """
     reactor = _reactor(reactor)
     threads = defaultRenderThreads() if renderThreads is None else renderThreads
@@ -165,6 +185,33 @@ def buildService(
         if renderer.name in table:
             raise ValueError(f"renderer {renderer.name!r} is defined twice")
         table[renderer.name] = renderer
+    if redis is not None:
+        if stateDir is not None:
+            raise ValueError("a state directory is for jobs kept in this process; with Redis, Redis keeps them")
+        if outputDir is None:
+            raise ValueError("with Redis, an output directory is required: one every instance and worker shares")
+        return RedisRenderService(
+            clock=reactor,
+            spawner=_spawner(reactor),
+            endpoint=redis if isinstance(redis, RedisEndpoint) else RedisEndpoint.fromURL(redis),
+            role=role,
+            renderers=table,
+            outputDir=Path(outputDir),
+            maxRenders=maxRenders if maxRenders is not None else (os.cpu_count() or 1),
+            renderTimeout=renderTimeout,
+            killGrace=killGrace,
+            maxQueued=maxQueued,
+            expireAfter=expireAfter,
+            maxOutputBytes=maxOutputBytes,
+            minFreeBytes=minFreeBytes,
+            renderEnv=extraEnv,
+            history=history,
+            claimTimeout=claimTimeout,
+            maxAttempts=maxAttempts,
+            drainTimeout=drainTimeout,
+        )
+    if role != "all":
+        raise ValueError(f"role {role!r} needs Redis: without it one process does everything")
     kind = RenderService
     store = None
     if stateDir is not None:
@@ -193,7 +240,7 @@ def buildService(
 
 
 def buildResource(
-    service: RenderService,
+    service: RenderService | RedisRenderService,
     reactor: IReactorTime | None = None,
     *,
     keepalive: float = 15.0,
@@ -232,6 +279,9 @@ def buildResource(
     @param connectionCounter: the serving site's connection counts, for
         C{/healthz}.
     """
+    if isinstance(service, RedisRenderService) and service.role == "worker":
+        # A worker serves its health only.
+        return WorkerResource(service)
     if maxStreams is None:
         maxStreams = min(MAX_STREAMS, fileRoom(1, service.maxRenders))
     return TwistedSSEApp(
@@ -247,7 +297,7 @@ def buildResource(
 
 
 def buildSite(
-    service: RenderService,
+    service: RenderService | RedisRenderService,
     reactor: IReactorTime | None = None,
     *,
     connections: ConnectionLimits | None = None,

@@ -231,6 +231,16 @@ class QueueFull(RetryLater):
     status = 429
 
 
+class RedisUnavailable(RetryLater):
+    """
+    Redis cannot answer now (down, restarting, loading its data, a
+    replica that cannot write): the same request may succeed later.
+    """
+
+    code = "redis_unavailable"
+    status = 503
+
+
 class RangeNotSatisfiable(TwistedSSEError):
     """
     No range of a download's C{Range} header overlaps the file.

@@ -1,7 +1,8 @@
 """
-The two seams that have more than one implementation: renderers (the
-built-in ffmpeg C{card} and operator-registered commands) and job brokers
-(in memory now, Redis later).
+The seams that have more than one implementation: renderers (the built-in
+ffmpeg C{card} and operator-registered commands), job brokers and stores,
+and the queue and ledger a worker runs renders through (in one process, or
+across processes joined by Redis).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from ._frames import Event
     from ._job import JobSnapshot
+    from twisted.internet.defer import Deferred
+
     from ._json import JSON, JSONObject
+    from ._outcome import Outcome
     from ._store import StoredEvent
 
 
@@ -305,10 +309,13 @@ class QueuedRender:
 
     @ivar outputURL: the URL clients fetch the output from, opaque to the
         service: the C{complete} event's C{output_url} if a file is made.
+    @ivar attempt: 1; more when a worker runs it again after the one that
+        held it died (Redis mode: the claim's delivery count).
     """
 
     jobID: str
     outputURL: str | None = None
+    attempt: int = 1
 
 
 class IQueueConsumer(Interface):
@@ -334,10 +341,69 @@ class IQueueConsumer(Interface):
         Whether every slot is taken (a new render would wait).
         """
 
+    def abandon(jobID: str) -> None:
+        """
+        The render is no longer this consumer's (Redis: handed back at a
+        warm shutdown, or taken over by another worker): stop it and record
+        nothing.
+        """
+
     def refusal() -> str | None:
         """
         Why no render could start now (the output filesystem is nearly
         full), or C{None}.
+        """
+
+
+class IRenderSource(Interface):
+    """
+    Where a worker (L{twistedsse._runner.RenderRunner}) takes its renders
+    from: the in-process L{twistedsse._queue.MemoryQueue}, or the renders a
+    Redis worker has claimed (L{twistedsse._redisrunner.ClaimedRenders}).
+    """
+
+    def attach(consumer: IQueueConsumer) -> None:
+        """
+        Give the source the consumer that takes its renders.
+        """
+
+    def take() -> QueuedRender | None:
+        """
+        The first waiting render, removed; C{None} if none waits.
+        """
+
+    def finished(jobID: str) -> None:
+        """
+        A render taken from here has ended, and its end is recorded (its
+        terminal event published): a queue shared across processes may
+        now forget it.
+        """
+
+
+class IRenderLedger(Interface):
+    """
+    Where a worker records a render's life: L{twistedsse._ledger.JobLedger}
+    in one process, L{twistedsse._redisledger.RedisLedger} in Redis.
+    """
+
+    def began(render: QueuedRender) -> Deferred[JobSnapshot | None]:
+        """
+        Mark the job C{running} (again, when a worker runs it anew:
+        C{retrying} first); fires with its snapshot, or C{None} if it must
+        not run (it ended meanwhile: cancelled, or its start could not be
+        recorded).
+        """
+
+    def progress(jobID: str, payloads: Sequence[JSONObject]) -> None:
+        """
+        Publish progress reports, in order, several at once when the
+        render printed faster than they could be sent.
+        """
+
+    def finish(jobID: str, outcome: Outcome) -> Deferred[None]:
+        """
+        Record the render's end (its final state and terminal event, after
+        every progress report before it); fires once recorded.
         """
 
 

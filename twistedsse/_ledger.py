@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from ._interfaces import IJobBroker, IJobStore
+from ._interfaces import IJobBroker, IJobStore, IRenderLedger, QueuedRender
 from ._job import JobSnapshot, JobState
 from ._json import JSONObject
 from ._outcome import Outcome, storageFailed
@@ -26,6 +28,7 @@ def _nothing(snapshot: JobSnapshot) -> None:
     pass
 
 
+@implementer(IRenderLedger)
 @attrs.define
 class JobLedger:
     """
@@ -54,6 +57,20 @@ class JobLedger:
             self.end(jobID, storageFailed(f"the job store cannot be written ({e})"))
             return None
         return snapshot
+
+    def began(self, render: QueuedRender) -> Deferred[JobSnapshot | None]:
+        """
+        L{IRenderLedger.began}: L{started}, already fired (in one process
+        a render never runs twice).
+        """
+        return succeed(self.started(render.jobID))
+
+    def finish(self, jobID: str, outcome: Outcome) -> Deferred[None]:
+        """
+        L{IRenderLedger.finish}: L{end}, already fired.
+        """
+        self.end(jobID, outcome)
+        return succeed(None)
 
     def progress(self, jobID: str, payloads: Sequence[JSONObject]) -> None:
         """

@@ -116,6 +116,32 @@ CANCELLED_QUEUED = Outcome(JobState.CANCELLED, "cancelled", {"message": "cancell
 CANCELLED_RUNNING = Outcome(JobState.CANCELLED, "cancelled", {"message": "cancelled by request"})
 
 
+def workerLost(attempts: int) -> Outcome:
+    """
+    Redis mode: the workers that ran the render died (or vanished)
+    C{attempts} times, the most it may take (C{--max-attempts}).
+    """
+    return failed(f"the worker running it was lost {attempts} times", reason="worker_lost")
+
+
+def retrying(attempt: int, maxAttempts: int, reason: str) -> dict[str, JSON]:
+    """
+    The data of the non-terminal C{retrying} event (Redis mode): the render
+    runs again from the start, on another worker.
+
+    @param reason: C{worker_lost} (the worker holding it died) or
+        C{handed_back} (it stopped at a warm shutdown before the render
+        ended).
+    """
+    why = "the worker running it was lost" if reason == "worker_lost" else "its worker shut down"
+    return {
+        "attempt": attempt,
+        "max_attempts": maxAttempts,
+        "reason": reason,
+        "message": f"{why}; starting again (attempt {attempt} of at most {maxAttempts})",
+    }
+
+
 def spawnFailed(error: Exception) -> Outcome:
     """
     The renderer could not be started; the client gets the kind of error

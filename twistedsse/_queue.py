@@ -18,10 +18,10 @@ from collections import deque
 import attrs
 from zope.interface import implementer
 
-from ._interfaces import IQueueConsumer, IRenderQueue, QueuedRender
+from ._interfaces import IQueueConsumer, IRenderQueue, IRenderSource, QueuedRender
 
 
-@implementer(IRenderQueue)
+@implementer(IRenderQueue, IRenderSource)
 @attrs.define
 class MemoryQueue:
     """
@@ -48,6 +48,10 @@ class MemoryQueue:
 
     def take(self) -> QueuedRender | None:
         return self._waiting.popleft() if self._waiting else None
+
+    def finished(self, jobID: str) -> None:
+        # Nothing to acknowledge in one process.
+        pass
 
     def __len__(self) -> int:
         return len(self._waiting)

@@ -193,3 +193,66 @@ def check(endpoint: RedisEndpoint, clock: IReactorTime, timeout: float = CONNECT
         raise RedisConfigError(f"Redis at {where} cannot be reached within {timeout:g} s: {text or type(failure.value).__name__}")
 
     return connected.addCallback(ping).addErrback(explain)
+
+
+def _encode(*parts: str | int) -> bytes:
+    """
+    One command in RESP, the Redis protocol.
+    """
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = str(part).encode("utf-8")
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def checkNow(endpoint: RedisEndpoint, timeout: float = CONNECT_TIMEOUT) -> None:
+    """
+    Connect, authenticate, select the database and C{PING}, blocking, once:
+    at start-up, before the reactor runs, so that a wrong password or an
+    unreachable server stops the service from starting (twistd exits
+    non-zero with the message) instead of a reconnecting connection
+    retrying it forever. Three short commands whose replies are one line
+    each, so a plain socket does (the service's own connections are
+    txredisapi's).
+
+    @raise RedisConfigError: what is wrong (the credentials, the database,
+        or no answer within C{timeout}), never with the password.
+    """
+    import socket
+    import ssl
+
+    where = endpoint.describe()
+    commands: list[tuple[str | int, ...]] = []
+    if endpoint.password is not None:
+        if endpoint.username is not None:
+            commands.append(("AUTH", endpoint.username, endpoint.password))
+        else:
+            commands.append(("AUTH", endpoint.password))
+    commands.append(("SELECT", endpoint.db))
+    commands.append(("PING",))
+    try:
+        raw = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+    except OSError as e:
+        raise RedisConfigError(f"Redis at {where} cannot be reached: {e.strerror or e}") from None
+    try:
+        conn: socket.socket = raw
+        if endpoint.tls:
+            conn = ssl.create_default_context().wrap_socket(raw, server_hostname=endpoint.host)
+        conn.sendall(b"".join(_encode(*command) for command in commands))
+        replies = conn.makefile("rb")
+        for command in commands:
+            line = replies.readline(4096)
+            if not line:
+                raise RedisConfigError(f"Redis at {where} closed the connection at {command[0]}")
+            if line.startswith(b"-"):
+                text = line[1:].decode("utf-8", "replace").strip()
+                if command[0] == "AUTH" or text.startswith(("NOAUTH", "WRONGPASS")):
+                    raise RedisConfigError(
+                        f"Redis at {where} refused the credentials (check --redis-password-file): {text.split(' ')[0]}"
+                    )
+                raise RedisConfigError(f"Redis at {where} refused {command[0]}: {text}")
+    except (OSError, ssl.SSLError) as e:
+        raise RedisConfigError(f"Redis at {where} did not answer within {timeout:g} s: {e}") from None
+    finally:
+        raw.close()

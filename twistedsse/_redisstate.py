@@ -44,7 +44,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from . import _json
-from ._errors import JobExpired, RetryLater, UnknownJob
+from ._errors import JobExpired, RedisUnavailable, UnknownJob
+
+__all__ = ["RedisJobState", "RedisUnavailable", "Transition", "isOutage", "snapshotFromJSON", "unavailable"]
 from ._job import JobSnapshot, JobState
 from ._json import JSONObject
 
@@ -53,16 +55,6 @@ TIMEOUT = 3.0
 
 #: Seconds a client is told to wait (C{Retry-After}) while Redis is down.
 RETRY_AFTER = 2
-
-
-class RedisUnavailable(RetryLater):
-    """
-    Redis cannot answer now (down, restarting, loading its data, a
-    replica that cannot write): the same request may succeed later.
-    """
-
-    code = "redis_unavailable"
-    status = 503
 
 
 #: Redis error replies that mean "not now" rather than "wrong request".
@@ -81,6 +73,26 @@ def _isUnavailable(failure: Failure) -> bool:
     if failure.check(txredisapi.ResponseError) is not None:
         return str(failure.value).startswith(_TRANSIENT)
     return False
+
+
+def isOutage(error: BaseException) -> bool:
+    """
+    Whether C{error} means Redis cannot answer now (rather than "no").
+    """
+    return isinstance(error, RedisUnavailable) or _isUnavailable(Failure(error))
+
+
+def unavailable(failure: Failure) -> Failure:
+    """
+    An errback: a failure that means Redis cannot answer now becomes
+    L{RedisUnavailable} (a 503 with C{Retry-After}); others pass.
+    """
+    if failure.check(RedisUnavailable) is None and _isUnavailable(failure):
+        raise RedisUnavailable(
+            f"Redis cannot answer now ({failure.getErrorMessage() or failure.value!r})",
+            retryAfter=RETRY_AFTER,
+        ) from None
+    return failure
 
 
 # -- snapshots as stored ---------------------------------------------------
@@ -287,14 +299,6 @@ class RedisJobState:
         """
         d: defer.Deferred[Any] = defer.maybeDeferred(self._connection.eval, script, list(keys), list(args))
         d.addTimeout(self.timeout, self._clock)
-
-        def unavailable(failure: Failure) -> Failure:
-            if _isUnavailable(failure):
-                raise RedisUnavailable(
-                    f"Redis cannot answer now ({failure.getErrorMessage() or failure.value!r})",
-                    retryAfter=RETRY_AFTER,
-                ) from None
-            return failure
 
         return d.addErrback(unavailable)
 

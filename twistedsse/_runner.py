@@ -1,8 +1,8 @@
 """
 L{RenderRunner}: the worker side. It takes queued renders while it has
 free slots (C{maxRenders}), launches each one's process, stops it at its
-timeout or when asked, reports its progress and outcome through the
-L{JobLedger}, and cleans up after it (scratch files, a failed render's
+timeout or when asked, reports its progress and outcome through its
+L{IRenderLedger}, and cleans up after it (scratch files, a failed render's
 output), keeping the outputs within their disk budget.
 """
 
@@ -15,13 +15,13 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._disk import OutputDisk, unlink
-from ._interfaces import IQueueConsumer, IRenderer, IRenderQueue, QueuedRender, RenderPlan
-from ._job import JobState
-from ._ledger import JobLedger
-from ._outcome import OverShare, completed, ofExit, outputUnusable, spawnFailed, storageFailed
+from ._interfaces import IQueueConsumer, IRenderer, IRenderLedger, IRenderSource, QueuedRender, RenderPlan
+from ._job import JobSnapshot, JobState
+from ._outcome import CANCELLED_RUNNING, Outcome, OverShare, completed, ofExit, outputUnusable, spawnFailed, storageFailed
 from ._render import ExitStatus, RunningRender, launch
 
 _log = Logger()
@@ -30,9 +30,13 @@ _log = Logger()
 @attrs.define
 class _Active:
     queued: QueuedRender
+    snapshot: JobSnapshot
     plan: RenderPlan
     render: RunningRender
     timeout: IDelayedCall | None
+    #: No longer this worker's (Redis: handed back, or taken over):
+    #: stopped, and nothing recorded.
+    abandoned: bool = False
 
 
 @implementer(IQueueConsumer)
@@ -48,14 +52,17 @@ class RenderRunner:
     clock: IReactorTime
     spawner: IReactorProcess
     renderers: Mapping[str, IRenderer]
-    queue: IRenderQueue
-    ledger: JobLedger
+    queue: IRenderSource
+    ledger: IRenderLedger
     disk: OutputDisk
     maxRenders: int
     renderTimeout: float = 3600.0
     killGrace: float = 5.0
     renderEnv: Mapping[str, str] = attrs.field(factory=dict)
     _active: dict[str, _Active] = attrs.field(factory=dict, init=False)
+    _beginning: set[str] = attrs.field(factory=set, init=False)
+    _abandoned: set[str] = attrs.field(factory=set, init=False)
+    _cancelled: set[str] = attrs.field(factory=set, init=False)
     _running: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -67,12 +74,28 @@ class RenderRunner:
         self._pump()
 
     def cancel(self, jobID: str) -> None:
+        if jobID in self._beginning:
+            # Its start is being recorded: it ends cancelled instead.
+            self._cancelled.add(jobID)
         active = self._active.get(jobID)
         if active is not None:
             active.render.stop("cancel")
 
     def busy(self) -> bool:
-        return len(self._active) >= self.maxRenders
+        return self._slotsTaken() >= self.maxRenders
+
+    def abandon(self, jobID: str) -> None:
+        """
+        The render is no longer this worker's (Redis: handed back at a warm
+        shutdown, or taken over by another worker): stop its process and
+        record nothing.
+        """
+        if jobID in self._beginning:
+            self._abandoned.add(jobID)
+        active = self._active.get(jobID)
+        if active is not None:
+            active.abandoned = True
+            active.render.stop("shutdown")
 
     def refusal(self) -> str | None:
         # Before it starts (and after it stops), renders only wait.
@@ -81,7 +104,7 @@ class RenderRunner:
     # -- life ----------------------------------------------------------
 
     def activeCount(self) -> int:
-        return len(self._active)
+        return self._slotsTaken()
 
     def start(self) -> None:
         """
@@ -101,17 +124,59 @@ class RenderRunner:
     # -- running -------------------------------------------------------
 
     def _pump(self) -> None:
-        while self._running and len(self._active) < self.maxRenders:
+        while self._running and self._slotsTaken() < self.maxRenders:
             queued = self.queue.take()
             if queued is None:
                 return
             self._start(queued)
 
+    def _slotsTaken(self) -> int:
+        return len(self._active) + len(self._beginning)
+
     def _start(self, queued: QueuedRender) -> None:
+        """
+        Record the start (in one process at once; in Redis a round trip,
+        while the slot stays taken), then launch.
+        """
         jobID = queued.jobID
-        snapshot = self.ledger.started(jobID)
-        if snapshot is None or not self._roomFor(jobID):
-            return
+        self._beginning.add(jobID)
+
+        def begun(snapshot: JobSnapshot | None) -> None:
+            self._beginning.discard(jobID)
+            if jobID in self._abandoned:
+                self._abandoned.discard(jobID)
+                self._cancelled.discard(jobID)
+                return
+            if jobID in self._cancelled:
+                self._cancelled.discard(jobID)
+                if snapshot is not None:
+                    self._record(jobID, CANCELLED_RUNNING)
+                else:
+                    self.queue.finished(jobID)
+            elif snapshot is None:
+                # Ended meanwhile (cancelled), or its start not recorded.
+                self.queue.finished(jobID)
+            elif self._roomFor(queued) and self._launch(queued, snapshot):
+                return
+            self._pump()
+
+        def failed(failure: Failure) -> None:
+            # Only at shutdown (a Redis ledger retries while Redis is
+            # down): the render is handed back, not run.
+            self._beginning.discard(jobID)
+            self._abandoned.discard(jobID)
+            self._cancelled.discard(jobID)
+            _log.info("render {jobID} not started: {why}", jobID=jobID, why=failure.getErrorMessage())
+
+        self.ledger.began(queued).addCallbacks(begun, failed).addErrback(
+            lambda f: _log.failure("starting render {jobID}", f, jobID=jobID)
+        )
+
+    def _launch(self, queued: QueuedRender, snapshot: JobSnapshot) -> bool:
+        """
+        Start the render's process; whether it started.
+        """
+        jobID = queued.jobID
         renderer = self.renderers[snapshot.renderer]
         outputDir = self.disk.directory
         plan = None
@@ -134,17 +199,29 @@ class RenderRunner:
             if plan is not None:
                 for path in plan.scratch:
                     unlink(path)
-            self.ledger.end(jobID, spawnFailed(e))
-            return
+            self._record(jobID, spawnFailed(e))
+            return False
         timeout = None
         if self.renderTimeout > 0:
             timeout = self.clock.callLater(self.renderTimeout, render.stop, "timeout")
-        self._active[jobID] = _Active(queued, plan, render, timeout)
+        self._active[jobID] = _Active(queued, snapshot, plan, render, timeout)
         render.whenEnded().addCallback(self._ended, jobID).addErrback(
             lambda f: _log.failure("finishing render {jobID}", f, jobID=jobID)
         )
+        return True
 
-    def _roomFor(self, jobID: str) -> bool:
+    def _record(self, jobID: str, outcome: Outcome) -> None:
+        """
+        Record a render's end, then tell the source (which, in Redis,
+        acknowledges it: only once its end is written).
+        """
+        self.ledger.finish(jobID, outcome).addCallbacks(
+            lambda _: self.queue.finished(jobID),
+            lambda f: _log.info("the end of render {jobID} was not recorded: {why}", jobID=jobID,
+                                why=f.getErrorMessage()),
+        )
+
+    def _roomFor(self, queued: QueuedRender) -> bool:
         """
         Before a render starts: fail it ("storage") if the disk is nearly
         full; otherwise make room for its share by deleting the oldest
@@ -152,7 +229,7 @@ class RenderRunner:
         """
         lacking = self.disk.lacks()
         if lacking is not None:
-            self.ledger.end(jobID, storageFailed(lacking))
+            self._record(queued.jobID, storageFailed(lacking))
             return False
         self.disk.evict(len(self._active) + 1)
         return True
@@ -162,39 +239,41 @@ class RenderRunner:
         if active.timeout is not None and active.timeout.active():
             active.timeout.cancel()
         plan = active.plan
+        outcome = None
         try:
-            self._conclude(active.queued, plan, status)
+            if not active.abandoned:
+                outcome = self._conclude(active, status)
+                self._record(jobID, outcome)
         finally:
             for path in plan.scratch:
                 unlink(path)
-            if self.ledger.broker.get(jobID).state is not JobState.SUCCEEDED and plan.output is not None:
+            if (outcome is None or outcome.state is not JobState.SUCCEEDED) and plan.output is not None:
                 unlink(plan.output)
             self._pump()
 
-    def _conclude(self, queued: QueuedRender, plan: RenderPlan, status: ExitStatus) -> None:
-        jobID = queued.jobID
+    def _conclude(self, active: _Active, status: ExitStatus) -> Outcome:
+        jobID = active.queued.jobID
+        plan = active.plan
         outcome = ofExit(status, timeout=self.renderTimeout, outputDir=str(self.disk.directory.resolve()))
         if outcome is not None:
-            self.ledger.end(jobID, outcome)
-            return
+            return outcome
         size = None
         try:
             size = _finalize(plan, self.disk.share())
         except Exception as e:
             _log.warn("render {jobID}: output unusable: {e!r}", jobID=jobID, e=e)
-            self.ledger.end(jobID, outputUnusable(e, status))
-            return
-        snapshot = self.ledger.broker.get(jobID)
+            return outputUnusable(e, status)
+        snapshot = active.snapshot
         outcome = completed(
             size=size,
-            outputURL=queued.outputURL,
+            outputURL=active.queued.outputURL,
             mediaDuration=plan.mediaDuration,
             startedAt=snapshot.startedAt or snapshot.createdAt,
             now=self.clock.seconds(),
         )
         if size is not None:
             self.disk.add(jobID, size)
-        self.ledger.end(jobID, outcome)
+        return outcome
 
 
 def _finalize(plan: RenderPlan, share: int | None) -> int | None:

@@ -12,7 +12,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ._service import RenderService
+from twisted.application.service import Service
 from ._site import DrainingSite
 
 _log = Logger()
@@ -25,7 +25,7 @@ class ServerService(MultiService):
     gets its final frame; the site's connections drain.
     """
 
-    def __init__(self, renders: RenderService, site: DrainingSite, clock: IReactorTime, drainTimeout: float = 5.0):
+    def __init__(self, renders: Service, site: DrainingSite, clock: IReactorTime, drainTimeout: float = 5.0):
         # MultiService.__init__ is unannotated, and untyped_calls_exclude
         # misses calls through super() (python/mypy#16653).
         super().__init__()  # type: ignore[no-untyped-call]

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import attrs
 import socket
 
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,9 +40,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from ._errors import TooManyStreams, UnknownJob
+from ._errors import RetryLater, TooManyStreams, TwistedSSEError, UnknownJob
 from ._frames import TERMINAL_EVENTS, Event, encodeComment, encodeEvent, encodeRetry
+from ._asyncbroker import AsyncMemoryBroker, IAsyncJobBroker
 from ._interfaces import IJobBroker, ISubscriber
+from ._responses import respondError
 from ._keepalive import Keepalives
 from ._transport import sendTogether
 
@@ -235,7 +238,7 @@ class _Stream:
     __slots__ = (
         "_request", "_clock", "_settings", "_rewriteID", "_onClose", "_keepalives", "_unsubscribe",
         "_open", "_paused", "_latest", "_terminal", "_deadline", "_replaying", "_wrote",
-        "_broker", "_jobID", "_cursor", "_behind",
+        "_broker", "_jobID", "_cursor", "_behind", "_pending",
     )  # fmt: skip
 
     def __init__(
@@ -261,12 +264,13 @@ class _Stream:
         self._deadline: IDelayedCall | None = None
         self._replaying = False
         self._wrote = False
-        self._broker: IJobBroker | None = None
+        self._broker: IAsyncJobBroker | None = None
         self._jobID = ""
         self._cursor: str | None = None
         self._behind = False
+        self._pending: Deferred[Callable[[], None]] | None = None
 
-    def start(self, broker: IJobBroker, jobID: str, after: str | None, opening: Event | None = None) -> None:
+    def start(self, broker: IAsyncJobBroker, jobID: str, after: str | None, opening: Event | None = None) -> None:
         """
         Send the headers and the opening frame (with the C{opening} event,
         if given), then the job's events after C{after}, then live ones.
@@ -291,28 +295,48 @@ class _Stream:
     def _subscribe(self) -> None:
         """
         Subscribe after C{_cursor}: the broker writes the replay through
-        L{deliver} in this call. If the client's buffer fills part-way,
-        the rest waits for L{resumeProducing}; if it drained again already
-        (within the call), go on at once.
+        L{deliver} before its Deferred fires (the memory broker: in this
+        call; Redis: once the history is loaded). If the client's buffer
+        fills part-way, the rest waits for L{resumeProducing}; if it
+        drained again already (within the replay), go on at once.
         """
         assert self._broker is not None
-        while True:
-            self._behind = False
-            self._replaying = True
-            try:
-                unsubscribe = self._broker.subscribe(self._jobID, self._cursor, self)
-            finally:
-                self._replaying = False
-            if not self._open:
-                # The terminal event came with the replay and ended the
-                # stream (or the client left meanwhile).
-                unsubscribe()
-                return
-            if self._behind and not self._paused:
-                unsubscribe()
-                continue
-            self._unsubscribe = unsubscribe
+        self._behind = False
+        self._replaying = True
+        pending = self._pending = self._broker.subscribe(self._jobID, self._cursor, self)
+        pending.addCallbacks(self._subscribed, self._subscribeFailed)
+
+    def _subscribed(self, unsubscribe: Callable[[], None]) -> None:
+        self._pending = None
+        self._replaying = False
+        if not self._open:
+            # The terminal event came with the replay and ended the
+            # stream (or the client left meanwhile).
+            unsubscribe()
             return
+        if self._behind and not self._paused:
+            unsubscribe()
+            self._subscribe()
+            return
+        self._unsubscribe = unsubscribe
+
+    def _subscribeFailed(self, failure: Failure) -> None:
+        self._pending = None
+        self._replaying = False
+        if failure.check(CancelledError) is not None and not self._open:
+            return
+        if failure.check(UnknownJob) is not None:
+            # The job is gone (expired) while the client was not reading:
+            # end the stream; its reconnect learns why.
+            _log.info("event stream of {jobID} ended: the job is gone", jobID=self._jobID)
+        elif failure.check(RetryLater) is not None:
+            # Redis cannot answer: the client reconnects (after its retry
+            # delay) and resumes from its last event.
+            _log.info("event stream of {jobID} ended: {why}", jobID=self._jobID, why=failure.getErrorMessage())
+        else:
+            _log.failure("event stream of {jobID} could not subscribe", failure, jobID=self._jobID)
+        if self._open:
+            self._end()
 
     def keepalive(self) -> None:
         """
@@ -419,18 +443,7 @@ class _Stream:
         unsubscribe, self._unsubscribe = self._unsubscribe, None
         if unsubscribe is not None:
             unsubscribe()
-        try:
-            self._subscribe()
-        except UnknownJob:
-            # The job is gone (expired) while the client was not reading:
-            # end the stream; its reconnect learns why.
-            _log.info("event stream of {jobID} ended: the job is gone", jobID=self._jobID)
-            if self._open:
-                self._end()
-        except Exception:
-            _log.failure("event stream of {jobID} could not catch up", jobID=self._jobID)
-            if self._open:
-                self._end()
+        self._subscribe()
 
     def stopProducing(self) -> None:
         # The connection is going away; notifyFinish will clean up.
@@ -457,6 +470,9 @@ class _Stream:
         if self._keepalives is not None:
             keepalives, self._keepalives = self._keepalives, None
             keepalives.discard(self)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
         if self._unsubscribe is not None:
             unsubscribe, self._unsubscribe = self._unsubscribe, None
             unsubscribe()
@@ -487,7 +503,7 @@ class EventStreamResource(Resource):
 
     def __init__(
         self,
-        broker: IJobBroker,
+        broker: IAsyncJobBroker | IJobBroker,
         jobID: str,
         clock: IReactorTime,
         settings: StreamSettings = StreamSettings(),
@@ -501,7 +517,11 @@ class EventStreamResource(Resource):
         # untyped_calls_exclude misses calls through super()
         # (python/mypy#16653).
         super().__init__()  # type: ignore[no-untyped-call]
-        self._broker = broker
+        # (A synchronous broker, as an embedder may hold, is served through
+        # the asynchronous contract: already-fired Deferreds.)
+        self._broker: IAsyncJobBroker = (
+            broker if IAsyncJobBroker.providedBy(broker) else AsyncMemoryBroker(broker)
+        )
         self._jobID = jobID
         self._clock = clock
         self._settings = settings
@@ -514,18 +534,64 @@ class EventStreamResource(Resource):
     def _lastSeen(self, request: Request) -> str | None:
         return self._after if self._after is not None else lastEventID(request)
 
-    def _finishedFor(self, request: Request) -> bool:
+    def _whenFinishedFor(self, request: Request) -> Deferred[bool]:
+        """
+        Whether the client has seen the job's last event already (a
+        reconnect after it): then C{204} tells EventSource to stop
+        reconnecting, instead of replaying forever.
+        """
         after = self._lastSeen(request)
-        if after is not None and self._broker.caughtUp(self._jobID, after):
-            # A reconnect after the job's last event: 204 tells EventSource
-            # to stop reconnecting, instead of replaying forever.
+        if after is None:
+            return succeed(False)
+        return self._broker.caughtUp(self._jobID, after)
+
+    def _answer(self, request: Request, then: Callable[[], bytes | int]) -> bytes | int:
+        """
+        Ask the broker whether the client is done; answer C{204} if so,
+        else C{then()}. At once when the broker answers at once (memory);
+        otherwise when it does, or with an error answer if it cannot say
+        (Redis down: 503 with C{Retry-After}).
+        """
+        box: list[bool | Failure] = []
+        decision = self._whenFinishedFor(request)
+        decision.addBoth(box.append)
+        if box:
+            return self._decided(request, box[0], then)
+        gone: list[object] = []
+        request.notifyFinish().addBoth(gone.append)
+
+        def late(outcome: bool | Failure) -> None:
+            if gone:
+                return
+            body = self._decided(request, outcome, then)
+            if body is not NOT_DONE_YET:
+                assert isinstance(body, bytes)
+                request.write(body)
+                request.finish()
+
+        decision.addCallback(lambda _: late(box[0])).addErrback(
+            lambda f: _log.failure("event stream of {jobID} could not start", f, jobID=self._jobID)
+        )
+        return NOT_DONE_YET
+
+    def _decided(self, request: Request, outcome: bool | Failure, then: Callable[[], bytes | int]) -> bytes | int:
+        if isinstance(outcome, Failure):
+            error = outcome.value
+            if not isinstance(error, TwistedSSEError):
+                _log.failure("event stream of {jobID}: the broker failed", outcome, jobID=self._jobID)
+                return respondError(request, 500, "internal_error", "the server failed; the error was logged")
+            if isinstance(error, RetryLater):
+                request.setHeader(b"retry-after", str(error.retryAfter).encode("ascii"))
+            return respondError(request, error.status, error.code, str(error))
+        if outcome:
             request.setResponseCode(204)
-            return True
-        return False
+            return b""
+        return then()
 
     def render_GET(self, request: Request) -> bytes | int:
-        if self._finishedFor(request):
-            return b""
+        return self._answer(request, lambda: self._open(request))
+
+    def _open(self, request: Request) -> int:
         startStreamHeaders(request)
         onClose = None
         if self._limits is not None:
@@ -536,9 +602,11 @@ class EventStreamResource(Resource):
         stream.start(self._broker, self._jobID, self._lastSeen(request), self._opening)
         return NOT_DONE_YET
 
-    def render_HEAD(self, request: Request) -> bytes:
+    def render_HEAD(self, request: Request) -> bytes | int:
         # Resource.render_HEAD would call render_GET and open a stream (and
         # its keepalive timer) that nothing ever reads.
-        if not self._finishedFor(request):
+        def headers() -> bytes:
             startStreamHeaders(request)
-        return b""
+            return b""
+
+        return self._answer(request, headers)

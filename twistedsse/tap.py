@@ -34,6 +34,8 @@ from ._connections import (
     raiseFileLimit,
 )
 from ._jobs import MAX_QUEUED
+from ._redis import RedisConfigError, RedisEndpoint, checkNow
+from ._redisservice import ROLES
 from ._server import ServerService
 from ._command import CommandRenderer, checkRenderEnv
 from ._listen import loopbackOnly
@@ -43,6 +45,15 @@ from ._transport import EagerSendReactor
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 
 _log = Logger()
+
+
+def _role(value: str) -> str:
+    if value not in ROLES:
+        raise ValueError(f"--role must be one of {', '.join(ROLES)}, got {value!r}")
+    return value
+
+
+_role.coerceDoc = f"(one of {', '.join(ROLES)})"  # type: ignore[attr-defined]
 
 
 def _positive(kind: type, name: str, minimum: float) -> Any:
@@ -93,6 +104,12 @@ class Options(usage.Options):
         ["max-output-bytes", None, 0, "Total bytes of render outputs kept (0: no limit); the oldest go first, and each render may write at most this / --max-renders.", _positive(int, "--max-output-bytes", 0)],
         ["min-free-bytes", None, 100 * 1024 * 1024, "Renders are refused (507) while the output filesystem has less free space (0: no check).", _positive(int, "--min-free-bytes", 0)],
         ["render-threads", None, None, "Threads a render may use: ffmpeg's -threads and -filter_threads, and $TWISTEDSSE_THREADS for commands (default: the CPUs this process may use).", _positive(int, "--render-threads", 1)],
+        ["redis", None, None, "Keep jobs, the render queue and events in Redis at this URL (redis://HOST:PORT/DB or rediss://...), shared by every web instance and worker; needs --output-dir on storage they all share. Default: in this process."],
+        ["redis-password-file", None, None, "The Redis password: the first line of this file (never on the command line)."],
+        ["role", None, "all", "With --redis: web (the HTTP API and streams; runs no render), worker (runs renders; serves /healthz only) or all.", _role],
+        ["claim-timeout", None, 60.0, "With --redis: seconds after which the render of a worker that stopped renewing its claim (died) is taken over by another worker.", _positive(float, "--claim-timeout", 1)],
+        ["max-attempts", None, 2, "With --redis: runs of a render whose workers die; past it, failed with reason worker_lost.", _positive(int, "--max-attempts", 1)],
+        ["drain-timeout", None, 60.0, "With --redis: seconds a worker stopping (SIGTERM) lets its renders finish before handing them back to the queue.", _positive(float, "--drain-timeout", 0)],
     ]
 
     optFlags = [
@@ -204,9 +221,11 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--listen {description}: no socket passed by systemd (LISTEN_FDS unset)"
                 )
-        # Secure by default: never open to the network without a token.
+        self.checkRedis()
+        # Secure by default: never open to the network without a token (a
+        # worker serves its health only).
         authenticated = bool(self["auth-tokens"]) or self["jwt-secret"] is not None
-        if not authenticated and not self["no-auth"]:
+        if not authenticated and not self["no-auth"] and self["role"] != "worker":
             for description in self["listen"]:
                 if not loopbackOnly(description):
                     raise usage.UsageError(
@@ -215,6 +234,32 @@ class Options(usage.Options):
                         "if your own authentication stands in front of this service"
                     )
         self.fitFileLimit()
+
+    def checkRedis(self) -> None:
+        """
+        Redis mode's options go together, and Redis answers with these
+        credentials now: a wrong password or an unreachable server is a
+        start-up error, not a connection that retries it forever.
+        """
+        self["redis-endpoint"] = None
+        if self["redis"] is None:
+            if self["role"] != "all":
+                raise usage.UsageError(f"--role {self['role']} needs --redis: without it one process does everything")
+            if self["redis-password-file"] is not None:
+                raise usage.UsageError("--redis-password-file needs --redis")
+            return
+        if self["state-dir"] is not None:
+            raise usage.UsageError("--state-dir keeps jobs in this process; with --redis, Redis keeps them: drop one")
+        if self["output-dir"] is None:
+            raise usage.UsageError(
+                "--redis needs --output-dir: a directory every web instance and worker shares (a volume, NFS)"
+            )
+        try:
+            endpoint = RedisEndpoint.fromURL(self["redis"], self["redis-password-file"])
+            checkNow(endpoint)
+        except RedisConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        self["redis-endpoint"] = endpoint
 
     def fitFileLimit(self) -> None:
         """
@@ -283,6 +328,11 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         minFreeBytes=options["min-free-bytes"],
         renderThreads=options["render-threads"],
         renderEnv=options["render-env"],
+        redis=options.get("redis-endpoint"),
+        role=options["role"],
+        claimTimeout=options["claim-timeout"],
+        maxAttempts=options["max-attempts"],
+        drainTimeout=options["drain-timeout"],
     )
     site = buildSite(
         service,

@@ -1,0 +1,147 @@
+"""
+L{RedisJobs}: the web side in Redis mode, the L{IRenderAPI} the HTTP layer
+uses when the jobs live in Redis: any instance creates, describes,
+cancels, streams and serves the output of any job. It never runs a render:
+it queues it (L{RedisJobQueue}) for whichever worker claims it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from ._api import IRenderAPI
+from ._asyncbroker import IAsyncJobBroker
+from ._disk import OutputDisk
+from ._errors import InsufficientStorage, JobFinished, OutputExpired, OutputNotReady, QueueFull, UnknownRenderer
+from ._interfaces import IRenderer, QueuedRender
+from ._job import JobSnapshot, JobState
+from ._json import JSON, JSONObject
+from ._outcome import CANCELLED_QUEUED
+from ._redisbroker import RedisBroker
+from ._redisledger import endJob
+from ._redisqueue import RedisJobQueue
+from ._redisstate import RedisJobState, unavailable
+
+
+@implementer(IRenderAPI)
+@attrs.define(eq=False)
+class RedisJobs:
+    """
+    @ivar maxQueued: renders that may wait for a worker (0: no limit),
+        over every instance; past it, L{QueueFull}.
+    @ivar running: how many renders this process runs (a web instance
+        that is a worker too: C{--role all}), for C{/healthz}.
+    @ivar describe: what C{/healthz} says of Redis (its URL, no password).
+    """
+
+    clock: IReactorTime
+    renderers: Mapping[str, IRenderer]
+    state: RedisJobState
+    queue: RedisJobQueue
+    broker: RedisBroker
+    disk: OutputDisk
+    newID: Callable[[], str]
+    maxQueued: int = 0
+    maxRenders: int = 0
+    running: Callable[[], int] = lambda: 0
+    describe: str = ""
+    role: str = "web"
+
+    @property
+    def streams(self) -> IAsyncJobBroker:
+        return self.broker
+
+    @property
+    def outputDir(self) -> Path:
+        return self.disk.directory
+
+    def newJobID(self) -> str:
+        return self.newID()
+
+    def submit(self, renderer: object, params: object, outputURL: str | None, jobID: str) -> Deferred[JobSnapshot]:
+        return Deferred.fromCoroutine(self._submit(renderer, params, outputURL, jobID))
+
+    async def _submit(self, renderer: object, params: object, outputURL: str | None, jobID: str) -> JobSnapshot:
+        if not isinstance(renderer, str) or (impl := self.renderers.get(renderer)) is None:
+            known = ", ".join(sorted(self.renderers)) or "none"
+            raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
+        normalized = impl.validate(params)
+        if self.maxQueued:
+            waiting = await self.queue.depth().addErrback(unavailable)
+            if waiting >= self.maxQueued:
+                raise QueueFull(f"{waiting} renders are waiting already, the limit", retryAfter=10)
+        lacking = self.disk.lacks()
+        if lacking is not None:
+            raise InsufficientStorage(lacking)
+        snapshot = JobSnapshot(
+            id=jobID,
+            renderer=renderer,
+            params=normalized,
+            state=JobState.QUEUED,
+            createdAt=self.clock.seconds(),
+        )
+        await self.state.create(snapshot, outputURL)
+        try:
+            await self.queue.enqueue(QueuedRender(jobID, outputURL)).addErrback(unavailable)
+        except BaseException:
+            # Not queued: not created either (the client got no id). If
+            # Redis cannot even delete it, it is a queued job no worker
+            # will run: it expires... never, as it never ends; so try.
+            await self.broker.remove(jobID).addErrback(lambda _: None)
+            raise
+        return snapshot
+
+    def get(self, jobID: str) -> Deferred[JobSnapshot]:
+        return self.state.get(jobID)
+
+    def cancel(self, jobID: str) -> Deferred[JobSnapshot]:
+        return Deferred.fromCoroutine(self._cancel(jobID))
+
+    async def _cancel(self, jobID: str) -> JobSnapshot:
+        snapshot = await self.state.get(jobID)
+        if snapshot.state.terminal:
+            raise JobFinished(f"render {jobID} has already {snapshot.state.value}")
+        if await self.queue.withdraw(jobID).addErrback(unavailable):
+            # No worker has it, and none ever will.
+            await endJob(self.state, self.broker.events, self.clock, jobID, CANCELLED_QUEUED)
+        else:
+            # The worker holding it stops it and publishes "cancelled".
+            await self.queue.cancelRunning(jobID).addErrback(unavailable)
+        return await self.state.get(jobID)
+
+    def outputPath(self, jobID: str) -> Deferred[Path]:
+        return self.state.get(jobID).addCallback(self._output)
+
+    def _output(self, snapshot: JobSnapshot) -> Path:
+        jobID = snapshot.id
+        if snapshot.state is not JobState.SUCCEEDED:
+            raise OutputNotReady(f"render {jobID} is {snapshot.state.value}: no output yet")
+        if not (snapshot.result or {}).get("output_url"):
+            raise OutputNotReady(f"render {jobID} made no output file")
+        path = self.disk.pathOf(jobID)
+        if not path.is_file():
+            raise OutputExpired(f"the output of render {jobID} has been deleted")
+        return path
+
+    def health(self) -> Deferred[JSONObject]:
+        def answer(queued: int | None) -> JSONObject:
+            renders: dict[str, JSON] = {"running": self.running(), "queued": queued, "max": self.maxRenders}
+            return {
+                **({} if queued is not None else {"status": "degraded"}),
+                "role": self.role,
+                "renders": renders,
+                "subscribers": self.broker.subscriberCount(),
+                "redis": {"url": self.describe, "connected": queued is not None},
+            }
+
+        # The queue's depth says both how many wait and whether Redis
+        # answers (not within a second: it is down, for this answer).
+        d: Deferred[Any] = self.queue.depth()
+        d.addTimeout(1.0, self.clock)
+        return d.addErrback(lambda _: None).addCallback(answer)
