@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import selectors
 import shutil
@@ -533,16 +534,22 @@ class Deployment:
             if layout is None:
                 self.webs.append(Server(kind, workdir, core, name, cprofile=profiled("web")))
             else:
-                self.redis = RedisProcess(workdir, core, name, aof=args.redis_aof)
+                # --redis-pin: everything on the server core (default, as in
+                # memory); "split": redis-server and the worker on the
+                # client's core (a diagnostic: what sharing one core costs
+                # the latency); "none": wherever the scheduler puts them.
+                webCore = None if args.redis_pin == "none" else core
+                backCore = {"server": core, "split": CLIENT_CORE if core is not None else None}.get(args.redis_pin)
+                self.redis = RedisProcess(workdir, backCore, name, aof=args.redis_aof)
                 outputs = workdir / f"{name}.outputs"
                 outputs.mkdir()
                 common = {"redis": self.redis.url, "outputDir": outputs}
                 if layout.worker:
-                    self.worker = Server(kind, workdir, core, f"{name}.worker", role="worker",
+                    self.worker = Server(kind, workdir, backCore, f"{name}.worker", role="worker",
                                          cprofile=profiled("worker"), **common)  # fmt: skip
                 for i in range(layout.webs):
                     label = "web" if layout.webs == 1 else f"web{i + 1}"
-                    self.webs.append(Server(kind, workdir, core, f"{name}.{label}", role=layout.role,
+                    self.webs.append(Server(kind, workdir, webCore, f"{name}.{label}", role=layout.role,
                                             cprofile=profiled(label), **common))  # fmt: skip
         except BaseException:
             self.stop()
@@ -658,6 +665,7 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
     deployment: Deployment | None = None
     clients: list[tuple[subprocess.Popen[bytes], LineReader, Path]] = []
     spy: subprocess.Popen[bytes] | None = None
+    monitor: subprocess.Popen[bytes] | None = None
     try:
         deployment = Deployment(kind, workdir, serverCore, name, args, cprofile=cprofile)
         deployment.waitReady()
@@ -709,11 +717,17 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
         cpu0 = {label: cpuTimes(pid) for label, pid in pids.items()}
         client0 = [cpuTimes(c.pid) for c, _, _ in clients]
         stats0 = deployment.redis.commandstats() if deployment.redis is not None else None
+        if deployment.redis is not None and args.redis_monitor:
+            monitorPath = workdir / f"{name}.monitor.txt"
+            monitor = startMonitor(deployment.redis, monitorPath, clientCore)
         if cprofile:
             toggleCProfile(deployment)
         triggered = time.time_ns()
         startFile.touch()
         done = mergeClients([json.loads(r.expect("DONE", eventWindow + args.timeout + 30)) for _, r, _ in clients])
+        if monitor is not None:
+            stopProcess(monitor, "redis-cli monitor", grace=5)
+            monitor = None
         if cprofile:
             toggleCProfile(deployment)
         cpu1 = {label: cpuTimes(pid) for label, pid in pids.items()}
@@ -747,6 +761,8 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
                 k: cpu1[k].get("sched", cpu1[k]["stat"]) - cpu0[k].get("sched", cpu0[k]["stat"]) for k in pids
             }
         result.update(analyse([b for _, _, b in clients], n, args.events, result))
+        if deployment.redis is not None and args.redis_monitor:
+            result.update(hops(monitorPath, [b for _, _, b in clients]))
         if stats0 is not None and stats1 is not None:
             result.update(redisPerEvent(stats0, stats1, args.events + 1))
         if cprofile:
@@ -760,6 +776,8 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
     finally:
         if spy is not None:
             stopProcess(spy, "py-spy", grace=10)
+        if monitor is not None:
+            stopProcess(monitor, "redis-cli monitor", grace=5)
         for client, reader, binPath in clients:
             if client.poll() is None:
                 stopProcess(client, "sseload", grace=10)
@@ -772,6 +790,64 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
     return result
 
 
+def startMonitor(redis: RedisProcess, output: Path, core: int | None) -> subprocess.Popen[bytes]:
+    """
+    C{redis-cli MONITOR} into C{output}, until stopped (by its PID): every
+    command Redis runs, with Redis's own time (the real-time clock, as the
+    renderer's C{t_ns} and the client's receive times).
+    """
+    executable = shutil.which("redis-cli")
+    if executable is None:
+        raise RuntimeError("--redis-monitor needs redis-cli on PATH")
+    with open(output, "wb") as out:
+        monitor = subprocess.Popen([executable, "-h", "127.0.0.1", "-p", str(redis.port), "monitor"],
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   preexec_fn=pinned(core))  # fmt: skip
+    deadline = time.monotonic() + 5
+    while output.stat().st_size == 0:  # "OK" once it monitors
+        if time.monotonic() > deadline or monitor.poll() is not None:
+            stopProcess(monitor, "redis-cli monitor", grace=5)
+            raise RuntimeError(f"redis-cli monitor did not start: {output.read_text(errors='replace')[-300:]}")
+        time.sleep(0.01)
+    return monitor
+
+
+MONITOR_LINE = re.compile(r'^(\d+)\.(\d{6}) \[\d+ ([^\]]+)\] "(\w+)"')
+T_NS = re.compile(r't_ns\\?"\s*:\s*(\d+)')
+
+
+def hops(monitorPath: Path, receipts: list[Path]) -> dict[str, Any]:
+    """
+    Each latency split where Redis ran the first command that carried the
+    event (the worker's publish, by its C{t_ns}): render line -> Redis (the
+    renderer's pipe, the worker, its round trip), then Redis -> client (the
+    web instance's read loop and fan-out, the client's socket).
+    """
+    seen: dict[int, int] = {}
+    for line in monitorPath.read_text(errors="replace").splitlines():
+        m = MONITOR_LINE.match(line)
+        if m is None or m.group(3) == "lua":
+            continue  # a script's own commands come with their EVALSHA
+        for t in T_NS.findall(line):
+            at = int(m.group(1)) * 1_000_000_000 + int(m.group(2)) * 1000
+            seen.setdefault(int(t), at)
+    tns, recv = readReceipts(receipts)
+    matched = np.array([t in seen for t in tns])
+    if not matched.any():
+        return {"hop_error": "no event found in the MONITOR output"}
+    atRedis = np.array([seen.get(int(t), 0) for t in tns])
+    first = (atRedis - tns)[matched] / 1e6
+    got = (recv > 0) & matched[:, None]
+    second = (recv - atRedis[:, None])[got] / 1e6
+    return {
+        "hop_events_matched": int(matched.sum()),
+        "hop_render_to_redis_p50_ms": float(np.percentile(first, 50)),
+        "hop_render_to_redis_p99_ms": float(np.percentile(first, 99)),
+        "hop_redis_to_client_p50_ms": float(np.percentile(second, 50)),
+        "hop_redis_to_client_p99_ms": float(np.percentile(second, 99)),
+    }
+
+
 def redisPerEvent(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]],
                   events: int) -> dict[str, Any]:  # fmt: skip
     """
@@ -782,17 +858,21 @@ def redisPerEvent(before: dict[str, dict[str, int]], after: dict[str, dict[str, 
     C{INFO} is left out.
     """
     calls: dict[str, int] = {}
+    usecs: dict[str, int] = {}
     usec = 0
     for name, stat in after.items():
-        if name == "info":
+        if name in ("info", "monitor"):  # the harness's own
             continue
         delta = stat["calls"] - before.get(name, {}).get("calls", 0)
+        spent = stat["usec"] - before.get(name, {}).get("usec", 0)
         if delta:
             calls[name] = delta
-        usec += stat["usec"] - before.get(name, {}).get("usec", 0)
+            usecs[name] = spent
+        usec += spent
     return {
         "redis_events": events,
         "redis_calls": calls,
+        "redis_usec": usecs,
         "redis_cmds_per_event": sum(calls.values()) / events,
         "redis_per_event": {name: c / events for name, c in sorted(calls.items(), key=lambda kv: -kv[1])},
         "redis_usec_per_event": usec / events,
@@ -1083,13 +1163,15 @@ METRICS = [
     ("client_busy", "load client core busy (its share)", "{:.0%}"),
     ("server_waited_ms", "server runnable, waiting for its core (ms; noise)", "{:.0f}"),
     ("client_waited_ms", "client runnable, waiting for its core (ms; noise)", "{:.0f}"),
+    ("hop_render_to_redis_p50_ms", "  (--redis-monitor) render line -> Redis ran the publish, p50 (ms)", "{:.2f}"),
+    ("hop_redis_to_client_p50_ms", "  (--redis-monitor) Redis ran the publish -> client, p50 (ms)", "{:.2f}"),
     ("redis_cmds_per_event", "Redis commands per published event (all)", "{:.2f}"),
     ("redis_usec_per_event", "Redis's own time per published event (us)", "{:.1f}"),
 ]
 #: Rows shown only when a server of the run has them (Redis mode).
 OPTIONAL_METRICS = frozenset({
     "cpu_web_ms_per_1000", "cpu_worker_ms_per_1000", "cpu_redis_ms_per_1000", "redis_cmds_per_event",
-    "redis_usec_per_event",
+    "redis_usec_per_event", "hop_render_to_redis_p50_ms", "hop_redis_to_client_p50_ms",
 })  # fmt: skip
 #: Per-command rows (C{redis_per_event}, flattened): "rcmd:evalsha", ...
 COMMAND_PREFIX = "rcmd:"
@@ -1273,12 +1355,24 @@ def redisTargets(summary: dict[str, dict[int, dict[str, Any]]]) -> str:
                 check(f"{label}, N={n}: CPU/delivery within 1.2x of in-memory",
                       f"{cpu:.2f} us vs {fmt(ref, '{:.2f}')} us" + (f" (x{cpu / ref:.2f})" if ref else ""),
                       cpu <= 1.2 * ref if ref else None)  # fmt: skip
-        counted = sorted(n for n in cells if cells[n].get("redis_cmds_per_event") is not None)
+        # Only the N at which every web instance has streams (and so reads
+        # the job): at N=1 the second of two instances has none.
+        counted = sorted(n for n in cells if cells[n].get("redis_cmds_per_event") is not None
+                         and n >= REDIS_LAYOUTS[kind].webs)  # fmt: skip
         if len(counted) >= 2:
             lo, hi = counted[0], counted[-1]
             a, b = cells[lo]["redis_cmds_per_event"], cells[hi]["redis_cmds_per_event"]
             check(f"{label}: Redis commands per event independent of N (N={hi} at most 1.1x N={lo})",
                   f"{a:.2f} at N={lo}, {b:.2f} at N={hi} (x{b / a:.2f})", b <= 1.1 * a if a else None)  # fmt: skip
+        one = summary.get("twistedsse-redis", {})
+        if REDIS_LAYOUTS[kind].webs > 1 and one:
+            for n in sorted(cells):
+                a, b = one.get(n, {}).get("redis_cmds_per_event"), cells[n].get("redis_cmds_per_event")
+                if n >= REDIS_LAYOUTS[kind].webs and a is not None and b is not None:
+                    xa = one[n].get(COMMAND_PREFIX + "xread") or 0
+                    xb = cells[n].get(COMMAND_PREFIX + "xread") or 0
+                    check(f"{label}, N={n}: Redis work per event grows with instances, not streams (against one web instance)",
+                          f"{b:.2f} vs {a:.2f} commands/event ({b - a:+.2f}); XREAD {xb:.2f} vs {xa:.2f}", None)  # fmt: skip
         lost = [c.get("lost_max", c.get("lost")) for c in cells.values() if c.get("lost") is not None]
         if lost:
             check(f"{label}: every event delivered (every run, every N)", f"{max(lost):.0f} lost (worst run)", max(lost) == 0)
@@ -1491,6 +1585,13 @@ def main() -> None:
     parser.add_argument("--profile-servers", default="twistedsse",
                         help="which servers the profile runs are of (twistd ones; py-spy attaches to the first web "
                         "instance, cprofile profiles every twistd process); default twistedsse")  # fmt: skip
+    parser.add_argument("--redis-pin", choices=("server", "split", "none"), default="server",
+                        help="Redis mode: every process on the server core (server, default, as in memory); "
+                        "redis-server and the worker on the client's core (split); unpinned (none)")  # fmt: skip
+    parser.add_argument("--redis-monitor", action="store_true",
+                        help="Redis mode: record the event window with MONITOR (redis-cli, on the client core) to "
+                        "split each latency at the moment Redis ran the publish: render line -> Redis (the worker), "
+                        "Redis -> client (the web instance). MONITOR costs Redis work: a diagnostic")  # fmt: skip
     parser.add_argument("--redis-aof", action="store_true",
                         help="Redis mode: redis-server with AOF (appendfsync everysec); default no persistence")  # fmt: skip
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and client to cores 0 and 1")
