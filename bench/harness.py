@@ -1543,7 +1543,10 @@ def report(document: dict[str, Any], plotTo: list[Path] | None = None) -> None:
     if summary:
         print(table(summary, ns, servers))
         base = ratioBase(servers)
-        print(f"\nratio = {base} / each other server (below 1: {base} lower).\n" if len(servers) > 1 else "")
+        redisColumns = base == "twistedsse" and any(s in REDIS_LAYOUTS for s in servers)
+        print(f"\nratio = {base} / each other server (below 1: {base} lower)"
+              + ("; for a Redis-mode server, Redis mode / in-memory (above 1: Redis mode higher)" if redisColumns else "")
+              + ".\n" if len(servers) > 1 else "")  # fmt: skip
         if "twistedsse" in summary:
             print(targets(summary))
         if any(s in summary for s in REDIS_LAYOUTS):
