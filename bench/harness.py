@@ -854,12 +854,12 @@ def redisPerEvent(before: dict[str, dict[str, int]], after: dict[str, dict[str, 
     Redis commands per published event over the event window, from two
     C{INFO commandstats} readings: in total and by command (a script's own
     commands, run inside it, are counted under their names besides the
-    C{EVALSHA}), and Redis's own microseconds per event. The harness's
-    C{INFO} is left out.
+    C{EVALSHA}), and each command's microseconds (a script's include those
+    of the commands it ran, counted again under their names: not summed).
+    The harness's own C{INFO} and C{MONITOR} are left out.
     """
     calls: dict[str, int] = {}
     usecs: dict[str, int] = {}
-    usec = 0
     for name, stat in after.items():
         if name in ("info", "monitor"):  # the harness's own
             continue
@@ -868,14 +868,12 @@ def redisPerEvent(before: dict[str, dict[str, int]], after: dict[str, dict[str, 
         if delta:
             calls[name] = delta
             usecs[name] = spent
-        usec += spent
     return {
         "redis_events": events,
         "redis_calls": calls,
         "redis_usec": usecs,
         "redis_cmds_per_event": sum(calls.values()) / events,
         "redis_per_event": {name: c / events for name, c in sorted(calls.items(), key=lambda kv: -kv[1])},
-        "redis_usec_per_event": usec / events,
     }
 
 
@@ -1166,12 +1164,11 @@ METRICS = [
     ("hop_render_to_redis_p50_ms", "  (--redis-monitor) render line -> Redis ran the publish, p50 (ms)", "{:.2f}"),
     ("hop_redis_to_client_p50_ms", "  (--redis-monitor) Redis ran the publish -> client, p50 (ms)", "{:.2f}"),
     ("redis_cmds_per_event", "Redis commands per published event (all)", "{:.2f}"),
-    ("redis_usec_per_event", "Redis's own time per published event (us)", "{:.1f}"),
 ]
 #: Rows shown only when a server of the run has them (Redis mode).
 OPTIONAL_METRICS = frozenset({
     "cpu_web_ms_per_1000", "cpu_worker_ms_per_1000", "cpu_redis_ms_per_1000", "redis_cmds_per_event",
-    "redis_usec_per_event", "hop_render_to_redis_p50_ms", "hop_redis_to_client_p50_ms",
+    "hop_render_to_redis_p50_ms", "hop_redis_to_client_p50_ms",
 })  # fmt: skip
 #: Per-command rows (C{redis_per_event}, flattened): "rcmd:evalsha", ...
 COMMAND_PREFIX = "rcmd:"
