@@ -191,6 +191,9 @@ class AppTests(SynchronousTestCase):
         self.assertError(self.call("GET", "/renders/nope/output"), 404, "unknown_job")
         self.assertError(self.call("GET", "/no/such/route"), 404, "not_found")
         self.assertError(self.call("GET", "/static/../../etc/passwd"), 404, "not_found")
+        # An empty segment is no route (not a redirect to another one).
+        self.assertError(self.call("DELETE", "/renders//output"), 404, "not_found")
+        self.assertError(self.call("GET", "/renders//status"), 404, "not_found")
         status, head, body = self.call("PUT", "/renders")
         self.assertError((status, head, body), 405, "method_not_allowed")
         self.assertIn(b"POST", head[b"allow"])

@@ -168,3 +168,29 @@ class FormsTests(SynchronousTestCase):
             request.finish()
             self.assertEqual(splitResponse(conn.take())[0], 200)
             conn.disconnect()
+
+
+class RedisOptionsTests(SynchronousTestCase):
+    def test_redisModeBuildsTheRedisService(self) -> None:
+        """
+        With C{redis}, the builder makes a L{RedisRenderService} in its
+        role and opens nothing until it starts; its options must go
+        together.
+        """
+        from twistedsse import RedisEndpoint, RedisRenderService
+
+        reactor = MemoryReactorClock()
+        endpoint = RedisEndpoint.fromURL("redis://127.0.0.1:6379/2")
+        service = buildService(reactor, redis=endpoint, role="worker", outputDir="/srv/out", maxRenders=3)
+        assert isinstance(service, RedisRenderService)
+        self.assertEqual((service.role, service.maxRenders, service.outputDir.as_posix()), ("worker", 3, "/srv/out"))
+        self.assertEqual(reactor.tcpClients, [])
+        for kw, words in [
+            ({"redis": endpoint}, "output directory is required"),
+            ({"redis": endpoint, "outputDir": "/o", "stateDir": "/s"}, "Redis keeps them"),
+            ({"role": "web"}, "needs Redis"),
+            ({"redis": endpoint, "outputDir": "/o", "role": "boss"}, "role must be one of"),
+        ]:
+            with self.assertRaises(ValueError) as caught:
+                buildService(reactor, **kw)  # type: ignore[arg-type]
+            self.assertIn(words, str(caught.exception), kw)

@@ -17,9 +17,12 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from twistedsse import _errors
 from twistedsse._app import TwistedSSEApp
+from twistedsse._broker import resetEvent
 from twistedsse._card import CardRenderer
 from twistedsse._errors import InvalidParams, TwistedSSEError
 from twistedsse._frames import TERMINAL_EVENTS
+from twistedsse._job import JobSnapshot, JobState
+from twistedsse._outcome import retrying, workerLost
 
 _HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
@@ -236,12 +239,14 @@ class RoutesTests(SynchronousTestCase):
 
     def test_streamEventsAreTheServersEvents(self) -> None:
         """
-        Both event streams document exactly C{progress}, C{reset} plus the terminal
-        events of L{twistedsse._frames}, each with a data schema;
-        C{/render-stream} also its opening C{render} event.
+        Both event streams document exactly C{progress}, C{reset}, Redis
+        mode's C{retrying} plus the terminal events of
+        L{twistedsse._frames}, each with a data schema; C{/render-stream}
+        also its opening C{render} event.
         """
         for path in ("/renders/{jobID}/events", "/render-stream"):
-            expected = {"progress", "reset"} | set(TERMINAL_EVENTS) | ({"render"} if path == "/render-stream" else set())
+            expected = {"progress", "reset", "retrying"} | set(TERMINAL_EVENTS)
+            expected |= {"render"} if path == "/render-stream" else set()
             operation = self.spec["paths"][path]["get"]
             self.assertEqual(set(operation["x-events"]), expected, path)
             self.assertIn("text/event-stream", operation["responses"]["200"]["content"])
@@ -434,3 +439,61 @@ class ErrorCodesTests(SynchronousTestCase):
         ):
             self.assertIn(code, self.known)
             self.assertNotEqual(codes.get(code, set()) - {"*"}, set(), code)
+
+
+class EventDataTests(SynchronousTestCase):
+    """
+    The data the code writes in the events Redis mode added or changed
+    (C{retrying}, C{failed} with C{worker_lost}, C{reset} with C{missed}
+    C{null}) is what the document's schemas describe.
+    """
+
+    def setUp(self) -> None:
+        try:
+            import jsonschema
+        except ImportError:
+            raise SkipTest("jsonschema is not installed") from None
+        self.jsonschema = jsonschema
+        self.spec = loadSpec()
+
+    def assertValid(self, name: str, data: object) -> None:
+        """
+        C{data} validates against the schema C{#/components/schemas/NAME}
+        (the whole document as the root, so its references resolve).
+        """
+        root = {**self.spec, "$ref": f"#/components/schemas/{name}"}
+        errors = list(self.jsonschema.Draft202012Validator(root).iter_errors(data))
+        self.assertEqual(errors, [], f"{name}: {data!r}")
+
+    def test_retrying(self) -> None:
+        """
+        C{retrying}'s data, for both reasons, is a C{RetryingEvent} with
+        every field the schema requires; the schema's example is valid too.
+        """
+        schema = self.spec["components"]["schemas"]["RetryingEvent"]
+        self.assertEqual(set(schema["properties"]["reason"]["enum"]), {"worker_lost", "handed_back"})
+        for reason in ("worker_lost", "handed_back"):
+            data = json.loads(json.dumps(retrying(2, 2, reason)))
+            self.assertEqual(set(data), set(schema["required"]))
+            self.assertValid("RetryingEvent", data)
+        self.assertValid("RetryingEvent", schema["example"])
+
+    def test_workerLost(self) -> None:
+        """
+        The C{failed} event of a render whose workers were lost is a
+        C{FailedEvent}.
+        """
+        self.assertValid("FailedEvent", json.loads(json.dumps(workerLost(2).payload)))
+
+    def test_resetMissedUnknown(self) -> None:
+        """
+        A C{reset} after Redis lost a stream (C{missed} C{null}) and an
+        ordinary one are both C{ResetEvent}s.
+        """
+        snapshot = JobSnapshot(
+            id="j", renderer="card", params={}, state=JobState.RUNNING, createdAt=0.0, progress={"percent": 1.0}
+        )
+        for missed in (None, 3):
+            event = resetEvent(snapshot, missed, "0-0")
+            self.assertEqual(event.event, "reset")
+            self.assertValid("ResetEvent", json.loads(event.data))

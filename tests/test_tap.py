@@ -81,6 +81,16 @@ class OptionsTests(SynchronousTestCase):
             (["--render-threads", "0"], "--render-threads must be at least 1"),
             (["--render-env", "A-B"], "--render-env: expected NAME or NAME=VALUE"),
             (["--render-env", "TWISTEDSSE_OUTPUT=/x"], "set by twistedsse itself"),
+            (["--role", "boss"], "--role must be one of web, worker, all"),
+            (["--role", "worker"], "--role worker needs --redis"),
+            (["--redis-password-file", "/p"], "--redis-password-file needs --redis"),
+            (["--redis", "redis://127.0.0.1:1/0"], "--redis needs --output-dir"),
+            (["--redis", "redis://127.0.0.1:1/0", "--output-dir", "/o", "--state-dir", "/s"], "--state-dir keeps"),
+            (["--redis", "redis://:pw@127.0.0.1:1/0", "--output-dir", "/o"], "password"),
+            (["--redis", "redis://127.0.0.1:1/0", "--output-dir", "/o", "--max-attempts", "0"], "--max-attempts must be at least 1"),
+            (["--redis", "redis://127.0.0.1:1/0", "--output-dir", "/o", "--claim-timeout", "0.5"], "--claim-timeout must be at least 1"),
+            # Checked at start: nothing listens on port 1.
+            (["--redis", "redis://127.0.0.1:1/0", "--output-dir", "/o"], "Redis at redis://127.0.0.1:1/0 cannot be reached"),
         ]:
             with self.assertRaises(UsageError) as caught:
                 self.parse(*argv)

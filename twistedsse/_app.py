@@ -236,6 +236,11 @@ class TwistedSSEApp:
     )
 
     router = Klein()
+    # An empty path segment is no route: werkzeug would answer
+    # /renders//output with a 308 to /renders/output (another resource,
+    # undocumented), so empty segments are not merged (set before the
+    # routes below bind to the map).
+    router.url_map.merge_slashes = False
 
     def resource(self) -> IResource:
         """

@@ -406,6 +406,12 @@ class IRenderLedger(Interface):
         every progress report before it); fires once recorded.
         """
 
+    def abandon(jobID: str) -> None:
+        """
+        The render is no longer this worker's (Redis: taken over, or handed
+        back): drop what of it is not recorded yet.
+        """
+
 
 class IRenderQueue(Interface):
     """

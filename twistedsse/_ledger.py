@@ -72,6 +72,10 @@ class JobLedger:
         self.end(jobID, outcome)
         return succeed(None)
 
+    def abandon(self, jobID: str) -> None:
+        # In one process a render is never taken over: nothing waits.
+        pass
+
     def progress(self, jobID: str, payloads: Sequence[JSONObject]) -> None:
         """
         Publish progress reports, several at once when the render printed

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import attrs
 
-from ._errors import RenderProtocolError
+from ._errors import RenderProtocolError, UnknownRenderer
 from ._job import JobState
 from ._json import JSON, JSONObject
 from ._render import ExitStatus
@@ -67,7 +67,7 @@ def clientReason(error: Exception) -> str:
     """
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    if isinstance(error, (RenderProtocolError, OverShare)):
+    if isinstance(error, (RenderProtocolError, OverShare, UnknownRenderer)):
         return str(error)
     return type(error).__name__
 

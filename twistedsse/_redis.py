@@ -29,6 +29,9 @@ from twisted.internet.interfaces import IReactorTime
 #: Seconds to wait for a connection (and its AUTH and SELECT).
 CONNECT_TIMEOUT = 5.0
 
+#: The longest wait between two tries to reconnect, in seconds.
+MAX_RECONNECT_DELAY = 2.0
+
 
 class RedisConfigError(ValueError):
     """
@@ -94,39 +97,45 @@ class RedisEndpoint:
         user = f"{self.username}@" if self.username else ""
         return f"{'rediss' if self.tls else 'redis'}://{user}{self.host}:{self.port}/{self.db}"
 
-    def connect(self, *, reconnect: bool = True) -> Any:
+    def connect(self, *, reconnect: bool = True, protocol: type | None = None) -> Any:
         """
         A lazy txredisapi connection handler: returned at once, it sends
         each command once connected and, with C{reconnect}, reconnects
-        after a loss (txredisapi's backoff). Call its C{disconnect()} to
-        stop it: that also stops the reconnecting. L{ready} waits for it.
-        A blocking read loop gets a connection of its own.
+        after a loss, waiting at most L{MAX_RECONNECT_DELAY} between tries
+        (txredisapi's own connections wait up to 10 s: after Redis comes
+        back, requests would get 503 that long). Call its C{disconnect()}
+        to stop it: that also stops the reconnecting. L{ready} waits for
+        it. A blocking read loop gets a connection of its own.
+
+        @param protocol: the connection's protocol class, if not
+            txredisapi's (a C{SubscriberProtocol} for pub/sub).
         """
         import txredisapi
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
-        return txredisapi.lazyConnection(**self.clientOptions(reconnect, CONNECT_TIMEOUT))
-
-    def clientOptions(self, reconnect: bool, connectTimeout: float) -> dict[str, Any]:
-        """
-        The keywords of txredisapi's connection constructors for this
-        endpoint: numbers left as strings, TLS for C{rediss://}.
-        """
-        tls: Any = False
-        if self.tls:
-            from twisted.internet import ssl
-
-            tls = ssl.optionsForClientTLS(self.host)
-        return dict(
-            host=self.host,
-            port=self.port,
-            dbid=self.db,
-            reconnect=reconnect,
-            password=self.password,
+        factory = txredisapi.RedisFactory(
+            f"{self.host}:{self.port}", self.db, 1, isLazy=True, handler=txredisapi.ConnectionHandler,
+            charset="utf-8", password=self.password, replyTimeout=None, convertNumbers=False,
             username=self.username,
-            convertNumbers=False,
-            connectTimeout=connectTimeout,
-            ssl_context_factory=tls,
-        )
+        )  # fmt: skip
+        factory.reconnect = reconnect
+        factory.maxDelay = MAX_RECONNECT_DELAY
+        if protocol is not None:
+            factory.protocol = protocol
+        # The global reactor, as txredisapi's own connections use.
+        tcp = HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
+        factory.startConnecting(wrapClientTLS(self.tlsOptions(), tcp) if self.tls else tcp)
+        return factory.handler
+
+    def tlsOptions(self) -> Any:
+        """
+        The TLS client options for C{rediss://}: the server's certificate
+        checked against the system's trust roots and C{host}.
+        """
+        from twisted.internet import ssl
+
+        return ssl.optionsForClientTLS(self.host)
 
 
 def readPassword(path: str | Path) -> str:
@@ -160,41 +169,6 @@ def ready(connection: Any, clock: IReactorTime, timeout: float = CONNECT_TIMEOUT
     return d.addCallback(lambda _: None)
 
 
-def check(endpoint: RedisEndpoint, clock: IReactorTime, timeout: float = CONNECT_TIMEOUT) -> Deferred[None]:
-    """
-    Connect once, without reconnecting, and C{PING}: at start-up, so that a
-    wrong password or an unreachable server is a clear error instead of a
-    reconnecting connection that retries it forever.
-
-    @return: fires with C{None}, or fails with L{RedisConfigError} saying
-        what is wrong (the credentials, or no answer within C{timeout}),
-        without the password.
-    """
-    import txredisapi
-
-    where = endpoint.describe()
-    connected: Deferred[Any] = txredisapi.Connection(**endpoint.clientOptions(False, timeout))
-    connected.addTimeout(timeout, clock)
-
-    def ping(connection: Any) -> Deferred[None]:
-        d: Deferred[Any] = connection.execute_command("PING")
-        d.addTimeout(timeout, clock)
-
-        def close(result: object) -> Deferred[object]:
-            closing: Deferred[object] = connection.disconnect()
-            return closing.addBoth(lambda _: result)
-
-        return d.addBoth(close).addCallback(lambda _: None)
-
-    def explain(failure: Any) -> None:
-        text = str(failure.value)
-        if "WRONGPASS" in text or "NOAUTH" in text or "could not auth" in text:
-            raise RedisConfigError(f"Redis at {where} refused the credentials (check --redis-password-file)")
-        raise RedisConfigError(f"Redis at {where} cannot be reached within {timeout:g} s: {text or type(failure.value).__name__}")
-
-    return connected.addCallback(ping).addErrback(explain)
-
-
 def _encode(*parts: str | int) -> bytes:
     """
     One command in RESP, the Redis protocol.
@@ -215,6 +189,9 @@ def checkNow(endpoint: RedisEndpoint, timeout: float = CONNECT_TIMEOUT) -> None:
     retrying it forever. Three short commands whose replies are one line
     each, so a plain socket does (the service's own connections are
     txredisapi's).
+
+    A server still loading its data (C{LOADING}) passes: it is there and
+    took the credentials, and the service waits for it as for a restart.
 
     @raise RedisConfigError: what is wrong (the credentials, the database,
         or no answer within C{timeout}), never with the password.
@@ -247,6 +224,11 @@ def checkNow(endpoint: RedisEndpoint, timeout: float = CONNECT_TIMEOUT) -> None:
                 raise RedisConfigError(f"Redis at {where} closed the connection at {command[0]}")
             if line.startswith(b"-"):
                 text = line[1:].decode("utf-8", "replace").strip()
+                if text.startswith("LOADING") and command[0] != "AUTH":
+                    # Up and the credentials taken, still loading its data
+                    # (a large append-only file): the service starts and
+                    # answers 503 until Redis is ready, as after a restart.
+                    return
                 if command[0] == "AUTH" or text.startswith(("NOAUTH", "WRONGPASS")):
                     raise RedisConfigError(
                         f"Redis at {where} refused the credentials (check --redis-password-file): {text.split(' ')[0]}"

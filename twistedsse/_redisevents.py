@@ -66,15 +66,38 @@ _MAX_SEQ = 2**63 - 1
 #: ms) and of the marker (twice that: a late publish of an expired job is
 #: refused for as long again, rather than start a stream with no expiry),
 #: all set here, with the terminal event. C{0-*}: Redis 7.0.
+#:
+#: ARGV[5] is a write token (C{WRITER:N}, or empty) and ARGV[6] its mode;
+#: KEYS[3] keeps the last token written with the ids it got. The same
+#: token again (a retry after a reply was lost, or a command Redis got
+#: twice) adds nothing and returns the first ids: a retried write is never
+#: a duplicate. A token of another WRITER is refused (C{STALE}) unless the
+#: mode is C{take}: a worker that runs a job anew takes its events over
+#: (its C{retrying} event), and what an earlier run still sends (commands
+#: queued while Redis was away) is refused. The terminal event deletes
+#: KEYS[3]; otherwise it lives a day.
 _PUBLISH = """\
 local ended = redis.call('GET', KEYS[2])
 if ended then return ended end
+local token, mode = ARGV[5], ARGV[6]
+if token ~= '' then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then
+    local sep = string.find(prev, '\\n', 1, true)
+    local before = string.sub(prev, 1, sep - 1)
+    if before == token then return cjson.decode(string.sub(prev, sep + 1)) end
+    if mode ~= 'take' and string.match(before, '^(.*):') ~= string.match(token, '^(.*):') then
+      return redis.error_reply('STALE another run of this job writes its events now')
+    end
+  end
+end
 local ids = {}
-for i = 5, #ARGV do
+for i = 7, #ARGV do
   ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*',
                              'name', ARGV[2], 'data', ARGV[i])
 end
 if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[3])
   local ms = tonumber(ARGV[4])
   if ms > 0 then
     redis.call('PEXPIRE', KEYS[1], ms)
@@ -82,6 +105,8 @@ if ARGV[3] == '1' then
   else
     redis.call('SET', KEYS[2], ids[#ids])
   end
+elseif token ~= '' then
+  redis.call('SET', KEYS[3], token .. '\\n' .. cjson.encode(ids), 'PX', 86400000)
 end
 return ids
 """
@@ -298,6 +323,12 @@ class RedisEventLog:
     def key(self, jobID: str) -> str:
         return streamKey(self.prefix, jobID)
 
+    def writerKey(self, jobID: str) -> str:
+        """
+        The key of C{jobID}'s last write token (see L{_PUBLISH}).
+        """
+        return f"{self.prefix}events-writer:{jobID}"
+
     def endKey(self, jobID: str) -> str:
         """
         The key of C{jobID}'s end marker: its terminal event's id, set with
@@ -357,7 +388,9 @@ class RedisEventLog:
             if call.active():
                 call.cancel()
 
-    def publishMany(self, jobID: str, name: str, datas: Sequence[JSON]) -> Deferred[list[str]]:
+    def publishMany(
+        self, jobID: str, name: str, datas: Sequence[JSON], token: str | None = None, take: bool = False
+    ) -> Deferred[list[str]]:
         """
         Append several events of one name in one round trip and one
         command (an C{EVALSHA} doing one C{XADD} each: all are added, or
@@ -372,11 +405,16 @@ class RedisEventLog:
         texts = [_json.dumps(data) for data in datas]
         if not texts:
             return succeed([])
-        return self._publish(jobID, name, texts, False)
+        return self._publish(jobID, name, texts, False, token, take)
 
-    def _publish(self, jobID: str, name: str, texts: list[str], terminal: bool) -> Deferred[list[str]]:
-        keys = [self.key(jobID), self.endKey(jobID)]
-        args = [self._history, name, 1 if terminal else 0, self._milliseconds() if terminal else 0, *texts]
+    def _publish(
+        self, jobID: str, name: str, texts: list[str], terminal: bool, token: str | None = None, take: bool = False
+    ) -> Deferred[list[str]]:
+        keys = [self.key(jobID), self.endKey(jobID), self.writerKey(jobID)]
+        args = [
+            self._history, name, 1 if terminal else 0, self._milliseconds() if terminal else 0,
+            token or "", "take" if take else "own", *texts,
+        ]  # fmt: skip
         d: Deferred[Any] = self.connection.eval(_PUBLISH, keys, args)
 
         def added(reply: Any) -> list[str]:

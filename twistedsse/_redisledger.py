@@ -14,6 +14,7 @@ of them.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import attrs
@@ -93,6 +94,9 @@ class _Progress:
     waiting: list[JSONObject] = attrs.field(factory=list)
     sending: bool = False
     idle: list[Deferred[None]] = attrs.field(factory=list)
+    #: A batch whose write failed while Redis was away, with its token:
+    #: sent again as it was (the same token: never written twice).
+    unsent: tuple[str, list[JSONObject]] | None = None
 
 
 @implementer(IRenderLedger)
@@ -113,13 +117,22 @@ class RedisLedger:
     _stopped: bool = attrs.field(default=False, init=False)
     _down: bool = attrs.field(default=False, init=False)
     _failures: int = attrs.field(default=0, init=False)
+    #: This ledger's name in its write tokens (L{RedisEventLog}'s
+    #: C{_PUBLISH}): a run's writes are told from another run's.
+    writer: str = attrs.field(factory=lambda: uuid.uuid4().hex, init=False)
+    _written: int = attrs.field(default=0, init=False)
+
+    def _token(self) -> str:
+        self._written += 1
+        return f"{self.writer}:{self._written}"
 
     # -- IRenderLedger ------------------------------------------------
 
     def began(self, render: QueuedRender) -> Deferred[JobSnapshot | None]:
-        return Deferred.fromCoroutine(self._persist(render.jobID, lambda: self._begin(render)))
+        token = self._token()
+        return Deferred.fromCoroutine(self._persist(render.jobID, lambda: self._begin(render, token)))
 
-    async def _begin(self, render: QueuedRender) -> JobSnapshot | None:
+    async def _begin(self, render: QueuedRender, token: str) -> JobSnapshot | None:
         jobID = render.jobID
         snapshot = await self.state.get(jobID)
         if snapshot.state.terminal:
@@ -129,7 +142,10 @@ class RedisLedger:
             # It ran before, on a worker that died or handed it back at a
             # warm shutdown: clients learn it starts over.
             reason = "worker_lost" if render.attempt > 1 else "handed_back"
-            await self.events.publish(jobID, "retrying", retrying(render.attempt, self.maxAttempts, reason))
+            # Taking the job's events over: what the earlier run still
+            # sends (queued while Redis was away) is refused from now on.
+            payload = retrying(render.attempt, self.maxAttempts, reason)
+            await self.events.publishMany(jobID, "retrying", [payload], token=token, take=True)
             fresh = attrs.evolve(snapshot, startedAt=now, progress=None)
             moved = await self.state.transition(jobID, {JobState.RUNNING}, fresh)
             if moved.applied:
@@ -151,11 +167,14 @@ class RedisLedger:
             self._send(jobID, pending)
 
     def _send(self, jobID: str, pending: _Progress) -> None:
-        batch, pending.waiting = pending.waiting, []
+        if pending.unsent is not None:
+            (token, batch), pending.unsent = pending.unsent, None
+        else:
+            token, (batch, pending.waiting) = self._token(), (pending.waiting, [])
         pending.sending = True
         # Sent back to back on one connection: one round trip.
         sends: list[Deferred[Any]] = [
-            self.events.publishMany(jobID, "progress", batch),
+            self.events.publishMany(jobID, "progress", batch, token=token),
             self.state.updateProgress(jobID, batch[-1]),
         ]
         written = gatherResults(sends, consumeErrors=True)
@@ -171,21 +190,22 @@ class RedisLedger:
             assert error is not None
             if isOutage(error) and not self._stopped:
                 self._outage(error)
-                pending.waiting[:0] = batch
-                del pending.waiting[: max(0, len(pending.waiting) - self.keep)]
+                pending.unsent = (token, batch)
+                del pending.waiting[: max(0, len(pending.waiting) + len(batch) - self.keep)]
                 self._sleep().addCallbacks(lambda _: self._next(jobID, pending), lambda _: self._next(jobID, pending))
                 return
-            # The job ended or is gone (cancelled meanwhile): nothing more
-            # of it is wanted.
+            # The job ended or is gone (cancelled meanwhile), or another
+            # run writes it now: nothing more of this one is wanted.
             _log.info("render {jobID}: progress not recorded: {why}", jobID=jobID, why=error)
             pending.waiting.clear()
+            pending.unsent = None
             self._next(jobID, pending)
 
         written.addCallbacks(sent, failed)
 
     def _next(self, jobID: str, pending: _Progress) -> None:
         pending.sending = False
-        if pending.waiting and not self._stopped:
+        if (pending.waiting or pending.unsent) and not self._stopped and self._progress.get(jobID) is pending:
             self._send(jobID, pending)
             return
         if self._progress.get(jobID) is pending:
@@ -194,7 +214,20 @@ class RedisLedger:
         for d in idle:
             d.callback(None)
 
-    def _written(self, jobID: str) -> Deferred[None]:
+    def abandon(self, jobID: str) -> None:
+        """
+        L{IRenderLedger.abandon}: drop the job's progress not yet written
+        (the render is no longer this worker's).
+        """
+        pending = self._progress.pop(jobID, None)
+        if pending is not None:
+            pending.waiting.clear()
+            pending.unsent = None
+            idle, pending.idle = pending.idle, []
+            for d in idle:
+                d.callback(None)
+
+    def _flushed(self, jobID: str) -> Deferred[None]:
         """
         Fires once every progress report given so far is written (or
         dropped).
@@ -210,7 +243,7 @@ class RedisLedger:
         return Deferred.fromCoroutine(self._finish(jobID, outcome))
 
     async def _finish(self, jobID: str, outcome: Outcome) -> None:
-        await self._written(jobID)
+        await self._flushed(jobID)
         await self._persist(jobID, lambda: self._end(jobID, outcome))
 
     def _end(self, jobID: str, outcome: Outcome) -> Deferred[bool]:

@@ -67,7 +67,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -251,8 +251,8 @@ return {r[1], out}
 """
 )
 
-# KEYS: queue. ARGV: group, consumer, idle ms, entry ids. Returns the ids
-# handed back (those still this consumer's).
+# KEYS: queue, channel. ARGV: group, consumer, idle ms, entry ids. Returns the ids
+# handed back (those still this consumer's), and tells the workers (HANDED_BACK).
 _HAND_BACK = _Script(
     """
 local back = {}
@@ -265,6 +265,7 @@ for i = 4, #ARGV do
     table.insert(back, id)
   end
 end
+if #back > 0 then redis.call('PUBLISH', KEYS[2], '*') end
 return back
 """
 )
@@ -413,6 +414,17 @@ class IClaimConsumer(Interface):
         """
 
 
+#: The message on the queue's channel that says renders were handed back
+#: (not a job id: those are URL-safe base64).
+HANDED_BACK = "*"
+
+#: The share of C{claimTimeout} after which a worker that cannot renew a
+#: claim gives the render up (L{RedisWorker._expireLeases}): the rest is
+#: the time its process has to stop (TERM, then KILL after the kill grace)
+#: before another worker may start it.
+LEASE = 2 / 3
+
+
 @attrs.define
 class _Claim:
     entryID: str
@@ -420,6 +432,9 @@ class _Claim:
     attempt: int
     started: bool = False
     cancelled: bool = False
+    #: When the last renewal that Redis confirmed was sent (or the claim
+    #: made): Redis may let another worker take it C{claimTimeout} after.
+    renewedAt: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -473,6 +488,7 @@ class RedisWorker:
     _stopping: bool = attrs.field(default=False, init=False)
     _stopped: Deferred[None] | None = attrs.field(default=None, init=False)
     _down: bool = attrs.field(default=False, init=False)
+    _leaseTimer: IDelayedCall | None = attrs.field(default=None, init=False)
 
     @property
     def reclaimInterval(self) -> float:
@@ -537,6 +553,7 @@ class RedisWorker:
 
     async def _stop(self) -> None:
         self._stopping = True
+        self._armLease()
         self._poke()
         if self._loop is not None:
             await self._loop
@@ -684,7 +701,7 @@ class RedisWorker:
                 self._call(self._consumer.cancelledBeforeStart, render)
 
     def _claimed(self, entryID: str, render: QueuedRender, attempt: int) -> None:
-        claim = _Claim(entryID, render, attempt)
+        claim = _Claim(entryID, render, attempt, renewedAt=self._clock.seconds())
         self._held[render.jobID] = claim
         if self._done():
             return  # handed back by drain or stop
@@ -695,6 +712,7 @@ class RedisWorker:
             self._call(self._consumer.cancelledBeforeStart, render)
             return
         claim.started = True
+        self._armLease()
         self._call(self._consumer.start, render, attempt)
 
     async def _handBack(self, claims: list[_Claim]) -> list[str]:
@@ -702,7 +720,8 @@ class RedisWorker:
             return []
         args = [self.group, self.name, _HANDED_BACK_IDLE, *(c.entryID for c in claims)]
         try:
-            back = await _timed(_HAND_BACK(self._connection, [self.keys.queue], args), self._clock, self.timeout)
+            keys = [self.keys.queue, self.keys.channel]
+            back = await _timed(_HAND_BACK(self._connection, keys, args), self._clock, self.timeout)
         except Exception as e:
             # Left in this worker's pending list, not renewed: taken over
             # after claimTimeout, as from a dead worker.
@@ -727,12 +746,16 @@ class RedisWorker:
         args: list[object] = [self.group, self.name, self.keys.prefix]
         for entryID, jobID in pairs:
             args += [entryID, jobID]
+        sentAt = self._clock.seconds()
         try:
             lost, cancelled = await _timed(_RENEW(self._connection, [self.keys.queue], args), self._clock, self.timeout)
         except Exception as e:
             self._outage(e)
             return
         self._recovered()
+        for held in self._held.values():
+            held.renewedAt = max(held.renewedAt, sentAt)
+        self._armLease()
         for jobID in lost:
             self._unacked.pop(jobID, None)
             claim = self._held.pop(jobID, None)
@@ -745,7 +768,53 @@ class RedisWorker:
         for jobID in cancelled:
             self._cancelMessage(jobID)
 
+    def _armLease(self) -> None:
+        """
+        Set the lease timer for the claim renewed longest ago (see
+        L{_expireLeases}).
+        """
+        if self._leaseTimer is not None and self._leaseTimer.active():
+            self._leaseTimer.cancel()
+        self._leaseTimer = None
+        started = [claim.renewedAt for claim in self._held.values() if claim.started]
+        if not started or self._stopping:
+            return
+        due = min(started) + LEASE * self.claimTimeout
+        self._leaseTimer = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._expireLeases)
+
+    def _expireLeases(self) -> None:
+        """
+        Renewals have not succeeded (Redis is away, or a renewal waits on a
+        reconnecting connection): a render whose claim has not been renewed
+        for L{LEASE} of C{claimTimeout} is given up (stopped, nothing
+        recorded), before Redis could let another worker take it over, so
+        that no render runs twice at once. It stays pending in Redis: once
+        Redis is back, a worker takes it over and runs it again from the
+        start.
+        """
+        self._leaseTimer = None
+        now = self._clock.seconds()
+        for jobID, claim in list(self._held.items()):
+            if claim.started and now - claim.renewedAt >= LEASE * self.claimTimeout:
+                del self._held[jobID]
+                _log.warn(
+                    "render {jobID}: claim not renewed for {seconds:.0f} s (Redis away); stopping it, "
+                    "for another worker to run once Redis is back",
+                    jobID=jobID, seconds=now - claim.renewedAt,
+                )  # fmt: skip
+                self._call(self._consumer.abandon, jobID)
+                # (A free slot: the claim loop may wait for one.)
+                self._poke()
+        self._armLease()
+
     def _cancelMessage(self, jobID: str) -> None:
+        if jobID == HANDED_BACK:
+            # Renders were handed back (a worker's warm shutdown): take them
+            # now rather than at the next periodic XAUTOCLAIM, within the
+            # current XREADGROUP's BLOCK.
+            self._nextReclaim = 0.0
+            self._poke()
+            return
         claim = self._held.get(jobID)
         if claim is None:
             # Perhaps claimed and not yet read: the claim comes on another
@@ -843,20 +912,4 @@ def _subscriberConnection(endpoint: RedisEndpoint, protocol: type) -> Any:
     L{RedisEndpoint.connect}) whose protocol is C{protocol}: for pub/sub,
     which a plain connection cannot do. Close it with its C{disconnect()}.
     """
-    import txredisapi
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-
-    from ._redis import CONNECT_TIMEOUT
-
-    factory = txredisapi.RedisFactory(
-        f"{endpoint.host}:{endpoint.port}", endpoint.db, 1, isLazy=True, handler=txredisapi.ConnectionHandler,
-        charset="utf-8", password=endpoint.password, replyTimeout=None, convertNumbers=False,
-        username=endpoint.username,
-    )  # fmt: skip
-    factory.protocol = protocol
-    # The global reactor, as txredisapi's own connections use.
-    tcp = HostnameEndpoint(reactor, endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT)
-    tls = endpoint.clientOptions(True, CONNECT_TIMEOUT)["ssl_context_factory"]
-    factory.startConnecting(wrapClientTLS(tls, tcp) if endpoint.tls else tcp)
-    return factory.handler
+    return endpoint.connect(protocol=protocol)

@@ -69,6 +69,7 @@ class ClaimedRenders:
         self._record(render.jobID, workerLost(attempts))
 
     def abandon(self, jobID: str) -> None:
+        self.ledger.abandon(jobID)
         if not self._unwait(jobID) and self._consumer is not None:
             self._consumer.abandon(jobID)
 

@@ -40,7 +40,7 @@ from ._redis import RedisEndpoint
 from ._redisbroker import RedisBroker
 from ._redisevents import RedisEventLog
 from ._redisledger import RedisLedger
-from ._redisqueue import RedisJobQueue, RedisWorker
+from ._redisqueue import QueueKeys, RedisJobQueue, RedisWorker
 from ._redisreader import RedisEventReader
 from ._redisrunner import ClaimedRenders
 from ._redisstate import RedisJobState
@@ -176,7 +176,7 @@ class RedisRenderService(Service):
                 self.clock,
                 self.renderers,
                 state,
-                RedisJobQueue(command, self.clock),
+                RedisJobQueue(command, self.clock, keys=QueueKeys(self.prefix)),
                 self._broker,
                 self.disk,
                 self.newID,
@@ -217,6 +217,7 @@ class RedisRenderService(Service):
                 maxRenders=self.maxRenders,
                 claimTimeout=self.claimTimeout,
                 maxAttempts=self.maxAttempts,
+                keys=QueueKeys(self.prefix),
             )
             self._runner.start()
             self._worker.start().addErrback(

@@ -88,10 +88,11 @@ def unavailable(failure: Failure) -> Failure:
     L{RedisUnavailable} (a 503 with C{Retry-After}); others pass.
     """
     if failure.check(RedisUnavailable) is None and _isUnavailable(failure):
-        raise RedisUnavailable(
-            f"Redis cannot answer now ({failure.getErrorMessage() or failure.value!r})",
-            retryAfter=RETRY_AFTER,
-        ) from None
+        if failure.check(defer.TimeoutError, defer.CancelledError) is not None:
+            why = "no answer in time"
+        else:
+            why = failure.getErrorMessage() or type(failure.value).__name__
+        raise RedisUnavailable(f"Redis cannot answer now ({why})", retryAfter=RETRY_AFTER) from None
     return failure
 
 

@@ -308,6 +308,15 @@ def _makeWorkDir(parent: Path) -> Path:
     C{parent/.work}; absolute, as it becomes the render's C{HOME}.
     """
     root = parent.absolute() / WORK_DIR
+    for _ in range(3):
+        root.mkdir(mode=0o700, exist_ok=True)
+        try:
+            return Path(tempfile.mkdtemp(prefix="render-", dir=root))
+        except FileNotFoundError:
+            # The last render out removed the parent between the two
+            # calls: a render of another process sharing the directory
+            # (Redis mode's workers).
+            continue
     root.mkdir(mode=0o700, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="render-", dir=root))
 

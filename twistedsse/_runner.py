@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._disk import OutputDisk, unlink
+from ._errors import UnknownRenderer
 from ._interfaces import IQueueConsumer, IRenderer, IRenderLedger, IRenderSource, QueuedRender, RenderPlan
 from ._job import JobSnapshot, JobState
 from ._outcome import CANCELLED_RUNNING, Outcome, OverShare, completed, ofExit, outputUnusable, spawnFailed, storageFailed
@@ -177,10 +178,14 @@ class RenderRunner:
         Start the render's process; whether it started.
         """
         jobID = queued.jobID
-        renderer = self.renderers[snapshot.renderer]
         outputDir = self.disk.directory
         plan = None
         try:
+            renderer = self.renderers.get(snapshot.renderer)
+            if renderer is None:
+                # (Redis mode: a worker not given every --renderer the web
+                # instances accept.)
+                raise UnknownRenderer(f"no renderer named {snapshot.renderer!r} on this worker")
             outputDir.mkdir(parents=True, exist_ok=True)
             plan = renderer.plan(snapshot.params, outputDir, jobID)
             render = launch(

@@ -249,18 +249,24 @@ def spawnService(
     return process, protocol
 
 
-def startTwistd(*options: str, timeout: float = START_TIMEOUT) -> tuple[Any, ServiceProcess]:
+def twistdArgv(*options: str, logfile: str = "-") -> list[str]:
     """
     C{twistd -n twistedsse} on an ephemeral 127.0.0.1 port with the C{ticks}
-    renderer, and C{options}.
+    renderer, and C{options}, logging to C{logfile} (stdout by default).
     """
-    argv = [
-        TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "twistedsse",
+    return [
+        TWISTD, "--nodaemon", "--pidfile=", f"--logfile={logfile}", "twistedsse",
         "--listen", "tcp:0:interface=127.0.0.1",
         "--renderer", f"ticks={sys.executable} -u {TICKER}",
         "--kill-grace", "2", *options,
     ]  # fmt: skip
-    return spawnService(argv, timeout=timeout)
+
+
+def startTwistd(*options: str, timeout: float = START_TIMEOUT) -> tuple[Any, ServiceProcess]:
+    """
+    L{twistdArgv}'s twistd, spawned on the reactor (L{spawnService}).
+    """
+    return spawnService(twistdArgv(*options), timeout=timeout)
 
 
 class TwistdMixin:

@@ -50,10 +50,11 @@ def cpuSeconds(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def procStat(pid: int) -> tuple[int, int] | None:
+def statFields(pid: int) -> list[bytes] | None:
     """
-    (parent PID, start time) of a live process, or None (gone, or a
-    zombie).
+    The fields of C{/proc/PID/stat} after the command name (state first:
+    parent PID at 1, process group at 2, start time at 19), or C{None} for
+    a process that is gone or a zombie.
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -61,9 +62,16 @@ def procStat(pid: int) -> tuple[int, int] | None:
     except OSError:
         return None
     fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[1]), int(fields[19])
+    return None if fields[0] in (b"Z", b"X") else fields
+
+
+def procStat(pid: int) -> tuple[int, int] | None:
+    """
+    (parent PID, start time) of a live process, or None (gone, or a
+    zombie).
+    """
+    fields = statFields(pid)
+    return None if fields is None else (int(fields[1]), int(fields[19]))
 
 
 def alive(pid: int) -> bool:

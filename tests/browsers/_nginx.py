@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from tests._support.launcher import ROOT
 from tests._support.ports import accepts, freePort
@@ -49,7 +50,7 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     upstream twistedsse {{
-        server {upstream};
+        {servers}
     }}
     server {{
         listen 127.0.0.1:{port};
@@ -63,12 +64,15 @@ class Nginx:
     """
     nginx proxying C{127.0.0.1:PORT} to C{upstream} with C{locations} (the
     body of its one C{server} block) and the upstream named C{twistedsse}.
+    Several upstreams (a sequence of C{HOST:PORT}) are balanced round-robin,
+    nginx's default.
 
     @ivar port: where it listens.
     @ivar url: C{http://127.0.0.1:PORT}.
     """
 
-    def __init__(self, upstream: str, locations: str, timeout: float = 10.0) -> None:
+    def __init__(self, upstream: str | Sequence[str], locations: str, timeout: float = 10.0) -> None:
+        upstreams = [upstream] if isinstance(upstream, str) else list(upstream)
         self.executable = needProgram("nginx")
         self.prefix = Path(tempfile.mkdtemp(prefix="twistedsse-nginx-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -83,7 +87,7 @@ class Nginx:
                     CONFIG.format(
                         user="user root;" if os.geteuid() == 0 else "",
                         prefix=self.prefix,
-                        upstream=upstream,
+                        servers="\n        ".join(f"server {u};" for u in upstreams),
                         port=self.port,
                         locations=locations,
                     )

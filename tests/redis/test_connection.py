@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from tests._support.ports import freePort
 from tests._support.redis import RedisServer
-from twistedsse._redis import RedisConfigError, RedisEndpoint, check, ready
+from twistedsse._redis import RedisConfigError, RedisEndpoint, checkNow, ready
 
 
 class ConnectionTests(TestCase):
@@ -97,22 +97,31 @@ class ConnectionTests(TestCase):
 
 
 
-    @inlineCallbacks
-    def test_checkAtStart(self) -> Any:
+    def test_checkAtStart(self) -> None:
         """
-        L{check} passes against a server that answers, and fails clearly,
-        without the password, against a wrong password or a closed port;
-        it leaves no connection or timer behind either way.
+        L{checkNow} (blocking, before the reactor runs) passes against a
+        server that answers, and fails clearly, without the password,
+        against a wrong password, a missing one, a database the server
+        lacks, or a closed port.
         """
-        yield check(RedisEndpoint.fromURL(self.server.url), reactor)
+        checkNow(RedisEndpoint.fromURL(self.server.url))
+        with self.assertRaises(RedisConfigError) as caught:
+            checkNow(RedisEndpoint.fromURL(self.server.url.replace("/0", "/99")))
+        self.assertIn("refused SELECT", str(caught.exception))
         self.server.stop()
         self.server = RedisServer(password="the-right-one")
         self.addCleanup(self.server.stop)
+        right = Path(self.mktemp())
+        right.write_text("the-right-one\n")
+        checkNow(RedisEndpoint.fromURL(self.server.url, right))
         wrong = Path(self.mktemp())
         wrong.write_text("not-the-right-one\n")
-        error = yield self.assertFailure(check(RedisEndpoint.fromURL(self.server.url, wrong), reactor), RedisConfigError)
-        self.assertIn("credentials", str(error))
-        self.assertNotIn("not-the-right-one", str(error))
+        for endpoint in (RedisEndpoint.fromURL(self.server.url, wrong), RedisEndpoint.fromURL(self.server.url)):
+            with self.assertRaises(RedisConfigError) as caught:
+                checkNow(endpoint)
+            self.assertIn("refused the credentials", str(caught.exception))
+            self.assertNotIn("not-the-right-one", str(caught.exception))
         closed = RedisEndpoint.fromURL(f"redis://127.0.0.1:{freePort()}/0")
-        error = yield self.assertFailure(check(closed, reactor, timeout=1), RedisConfigError)
-        self.assertIn("cannot be reached", str(error))
+        with self.assertRaises(RedisConfigError) as caught:
+            checkNow(closed, timeout=1)
+        self.assertIn("cannot be reached", str(caught.exception))

@@ -286,13 +286,46 @@ class EventLogTests(RedisTestCase):
             self.assertEqual((history.entries, history.missed, history.lastSeq), ((), 0, 0))
 
 
+class WriteTokenTests(RedisTestCase):
+    @inlineCallbacks
+    def test_retriedWriteIsNotRepeated(self) -> Any:
+        """
+        A write sent again with its token (a retry after a lost reply, or a
+        command Redis got twice) adds nothing and answers the first ids.
+        """
+        log = yield self.makeLog()
+        first = yield log.publishMany("j", "progress", [{"n": 1}, {"n": 2}], token="w1:1")
+        again = yield log.publishMany("j", "progress", [{"n": 1}, {"n": 2}], token="w1:1")
+        self.assertEqual(again, first)
+        later = yield log.publishMany("j", "progress", [{"n": 3}], token="w1:2")
+        self.assertEqual((first, later), (["0-1", "0-2"], ["0-3"]))
+        self.assertEqual(int((yield self.admin.execute_command("XLEN", log.key("j")))), 3)
+
+    @inlineCallbacks
+    def test_anotherRunTakesTheEventsOver(self) -> Any:
+        """
+        Once a new run has taken a job's events over (its C{retrying}
+        event, mode C{take}), what the earlier run still sends is refused
+        (C{STALE}); the new run's writes go on; the terminal event ends the
+        token's life.
+        """
+        log = yield self.makeLog()
+        yield log.publishMany("j", "progress", [{"n": 1}], token="old:1")
+        yield log.publishMany("j", "retrying", [{"attempt": 2}], token="new:1", take=True)
+        failure = yield self.assertFailure(log.publishMany("j", "progress", [{"n": 2}], token="old:2"), Exception)
+        self.assertIn("STALE", str(failure))
+        self.assertEqual((yield log.publishMany("j", "progress", [{"n": 1}], token="new:2")), ["0-3"])
+        yield log.publish("j", "complete", {})
+        self.assertEqual(int((yield self.admin.execute_command("EXISTS", log.writerKey("j")))), 0)
+
+
 class FinishedJobTests(RedisTestCase):
     @inlineCallbacks
     def test_commandsPerOperation(self) -> Any:
         """
         Redis commands (C{INFO commandstats}, a script's counted) per
         operation: a publish is C{EVALSHA} + C{GET} + C{XADD}; a terminal
-        publish adds C{PEXPIRE} and C{SET}; the compaction that follows is
+        publish adds C{PEXPIRE}, C{SET} and C{DEL} (the write token); the compaction that follows is
         C{EVALSHA} + C{GET} + one C{XREVRANGE} (the progress is near the
         end) + C{XTRIM} (and one C{XDEL} when entries other than progress
         come between them).
@@ -321,7 +354,9 @@ class FinishedJobTests(RedisTestCase):
         print("\nRedis commands per operation:", measured)
         self.assertEqual(measured["publish"], {"evalsha": 1, "get": 1, "xadd": 1})
         self.assertEqual(measured["publishMany(10)"], {"evalsha": 1, "get": 1, "xadd": 10})
-        self.assertEqual(measured["terminal publish"], {"evalsha": 1, "get": 1, "xadd": 1, "pexpire": 1, "set": 1})
+        self.assertEqual(
+            measured["terminal publish"], {"evalsha": 1, "get": 1, "xadd": 1, "pexpire": 1, "set": 1, "del": 1}
+        )
         compact = {"evalsha": 1, "get": 1, "xrevrange": 1, "xtrim": 1}
         self.assertEqual(measured["compact"], compact)
         self.assertEqual(measured["compact, a retrying after the progress"], {**compact, "xdel": 1})

@@ -258,20 +258,22 @@ class QueueTests(TestCase):
         self.assertEqual((yield self.redis("XLEN", "twistedsse:queue")), 0)
 
     @inlineCallbacks
-    def test_ownIdleClaimNotRestarted(self) -> Any:
+    def test_ownIdleClaimGivenUp(self) -> Any:
         """
-        A worker whose renewals stalled past claimTimeout (as through a
-        Redis outage) does not take its own render over again as a new
-        attempt: its reclaim renews what it holds first.
+        A worker whose renewals stalled (as through a Redis outage) gives
+        its render up once the claim has gone unrenewed for 2/3 of
+        claimTimeout, before another worker could take it over; the
+        render, still pending, is then taken over as a new attempt (here
+        by the same worker, the only one): one run at a time.
         """
         worker, renders = yield self.worker("a", 2)
         yield self.enqueueAll(1)
         yield whenTrue(reactor, lambda: renders.of("start") == ["job0"], 5, "start")
         worker._renewer.stop()
-        yield deferLater(reactor, CLAIM_TIMEOUT * 4, lambda: None)
-        self.assertEqual(renders.calls, [("start", "job0", 1)])
-        pending = yield self.redis("XPENDING", "twistedsse:queue", "workers", "-", "+", 10)
-        self.assertEqual([(p[1], p[3]) for p in pending], [("a", 1)])
+        yield whenTrue(reactor, lambda: renders.of("abandon") == ["job0"], 5, "given up")
+        worker._renewer.start(worker.reclaimInterval, now=False)
+        yield whenTrue(reactor, lambda: len(renders.of("start")) == 2, 5, "taken over")
+        self.assertEqual(renders.calls, [("start", "job0", 1), ("abandon", "job0", 0), ("start", "job0", 2)])
 
     @inlineCallbacks
     def test_lostAfterMaxAttempts(self) -> Any:
@@ -367,9 +369,10 @@ class RedisRestartTests(TestCase):
         yield ready(connections[0], reactor)
         queue = RedisJobQueue(connections[0], reactor, timeout=1.0)
         renders = Renders()
+        # (A claim timeout well above the outage: the claim outlives it.)
         worker = RedisWorker(
             connections[1], connections[2], endpoint, reactor, renders, name="w", maxRenders=1,
-            claimTimeout=CLAIM_TIMEOUT, block=0.2, timeout=1.0,
+            claimTimeout=30, block=0.2, timeout=1.0,
         )  # fmt: skip
         renders.worker = worker
         self.addCleanup(worker.stop)
@@ -396,6 +399,44 @@ class RedisRestartTests(TestCase):
         up = len([m for m in logged if "Redis queue available again" in m])
         self.assertIn(down, (0, 1), logged)
         self.assertEqual(up, down, logged)
+
+
+    @inlineCallbacks
+    def test_leaseExpiresInAnOutage(self) -> Any:
+        """
+        Cut off from Redis for longer than 2/3 of its claim timeout, a
+        worker gives its render up (abandon: stop it, record nothing)
+        before Redis could let another worker take it over; once Redis is
+        back the render, still pending, is taken over and run again
+        (attempt 2): never two runs at once.
+        """
+        server = RedisServer(appendOnly=True)
+        self.addCleanup(server.stop)
+        endpoint = RedisEndpoint.fromURL(server.url)
+        connections = [endpoint.connect() for _ in range(3)]
+        for c in connections:
+            self.addCleanup(c.disconnect)
+        yield ready(connections[0], reactor)
+        queue = RedisJobQueue(connections[0], reactor, timeout=0.5)
+        renders = Renders()
+        claimTimeout = 1.5
+        worker = RedisWorker(
+            connections[1], connections[2], endpoint, reactor, renders, name="w", maxRenders=1,
+            claimTimeout=claimTimeout, block=0.2, timeout=0.5,
+        )  # fmt: skip
+        renders.worker = worker
+        self.addCleanup(worker.stop)
+        yield worker.start()
+        yield queue.enqueue(QueuedRender("job"))
+        yield whenTrue(reactor, lambda: renders.of("start") == ["job"], 5, "start")
+        server.stop(remove=False)
+        stopped = reactor.seconds()
+        yield whenTrue(reactor, lambda: renders.of("abandon") == ["job"], 10, "abandon")
+        self.assertLess(reactor.seconds() - stopped, claimTimeout, "given up before a takeover was possible")
+        self.assertEqual(worker.held(), [])
+        server.start()
+        yield whenTrue(reactor, lambda: len(renders.of("start")) == 2, 20, "the render taken over")
+        self.assertEqual(renders.calls, [("start", "job", 1), ("abandon", "job", 0), ("start", "job", 2)])
 
 
 class KeysTests(TestCase):
