@@ -1556,10 +1556,42 @@ def report(document: dict[str, Any], plotTo: list[Path] | None = None) -> None:
         print("\n" + (cprofileReport(profile) if profile.get("mode") == "cprofile" else profileReport(profile)))
 
 
+def pooled(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    One results document from several runs of the same matrix (same
+    events, interval, N and servers): every run, the medians over all of
+    them, the first machine's description with the lowest start and the
+    highest end load average.
+    """
+    if len(documents) == 1:
+        return documents[0]
+    first = documents[0]
+    same = ("events", "interval_s")
+    for d in documents[1:]:
+        if any(d["config"][k] != first["config"][k] for k in same):
+            raise SystemExit(f"--report: {d['stamp']} is not the same matrix as {first['stamp']} ({', '.join(same)})")
+    runs = [r for d in documents for r in d["runs"]]
+    servers = list(dict.fromkeys(s for d in documents for s in d["config"]["servers"]))
+    ns = sorted({n for d in documents for n in d["config"]["ns"]})
+    summary = summarise([r for r in runs if not r.get("profile")])
+    info = dict(first["machine"])
+    info["loadavg_start"] = min((d["machine"]["loadavg_start"] for d in documents), key=lambda l: l[0])
+    info["loadavg_end"] = max((d["machine"].get("loadavg_end", (0,)) for d in documents), key=lambda l: l[0])
+    config = {**first["config"], "servers": servers, "ns": ns,
+              "runs": sum(d["config"]["runs"] for d in documents)}  # fmt: skip
+    return {
+        "stamp": " + ".join(d["stamp"] for d in documents), "machine": info, "config": config,
+        "summary": {s: {str(n): cell for n, cell in cells.items()} for s, cells in summary.items()},
+        "runs": runs, "profiles": [p for d in documents for p in d.get("profiles") or []],
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="twistedsse fan-out benchmark (issue 5); see bench/README.md")
     parser.add_argument("--client", required=True, help="the built load client (bench/run passes it)")
-    parser.add_argument("--report", metavar="JSON", help="only print the table and profiles of a results file")
+    parser.add_argument("--report", metavar="JSON", nargs="+",
+                        help="only print the table and profiles of a results file; of several (runs of the same "
+                        "matrix), the medians over all their runs")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="N = 1,100,1000, 1 run, no profile")
     parser.add_argument("--ns", help="comma-separated subscriber counts (default: 1,100,1000,5000,10000)")
     parser.add_argument("--runs", type=int, help="runs per (server, N); the table shows medians (default 3)")
@@ -1598,7 +1630,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep logs and raw files in bench/results/<ts>.tmp/")
     args = parser.parse_args()
     if args.report:
-        report(json.loads(Path(args.report).read_text()))
+        report(pooled([json.loads(Path(f).read_text()) for f in args.report]))
         return
 
     ns = [int(x) for x in args.ns.split(",")] if args.ns else (QUICK_NS if args.quick else FULL_NS)
