@@ -27,6 +27,18 @@ unwinding C frames, and C{nonblocking}, Python frames without pausing it),
 and reports the top functions by self time, overall and
 within the fan-out (below C{MemoryBroker.publish}, and the reactor's
 C{FileDescriptor.doWrite} that flushes what it queued).
+
+Redis mode (issue 11): the C{twistedsse-redis*} servers are a deployment,
+not one process: a C{redis-server} the harness starts on a free loopback
+port (a directory of its own under the run's logs, no persistence unless
+C{--redis-aof}), one C{--role worker} that runs the renders, and one or two
+C{--role web} instances that serve the streams (or one C{--role all}).
+Every process of it is pinned to the server core, as the in-memory server
+and its renderer are; the CPU counted is theirs, summed; each web instance
+gets its share of the N streams (a load client each); C{INFO commandstats}
+read before and after the event window gives the Redis commands per
+published event. C{--profile-modes cprofile} runs the twistd processes
+under C{bench/cprofiled.py} (cProfile for the event window only).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import selectors
 import shutil
@@ -51,6 +64,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 import numpy as np
 
 BENCH = Path(__file__).resolve().parent
@@ -71,11 +85,38 @@ SERVERS = {
     "twistedsse": "twistedsse (twistd)",
     # The same with --no-eager-send: Twisted's own TCP writes (opt-in).
     "twistedsse-no-eager": "twistedsse --no-eager-send",
+    # Redis mode (issue 11): redis-server + a worker + web instance(s).
+    "twistedsse-redis": "twistedsse Redis: web + worker",
+    "twistedsse-redis-2web": "twistedsse Redis: 2 web (N/2 each) + worker",
+    "twistedsse-redis-all": "twistedsse Redis: one --role all",
     "starlette": "sse-starlette + uvicorn",
     "express": "Express (Node.js)",
     "c-floor": "C epoll floor",
 }
 DEFAULT_SERVERS = "twistedsse,starlette,express,c-floor"
+
+
+
+@attrs.frozen
+class RedisLayout:
+    """
+    One Redis-mode deployment: how many web instances (each gets its share
+    of the N streams), their role, and whether a separate worker runs the
+    renders (with C{role="all"}, the one instance runs them itself).
+    """
+
+    webs: int
+    role: str
+    worker: bool
+
+
+REDIS_LAYOUTS = {
+    "twistedsse-redis": RedisLayout(webs=1, role="web", worker=True),
+    "twistedsse-redis-2web": RedisLayout(webs=2, role="web", worker=True),
+    "twistedsse-redis-all": RedisLayout(webs=1, role="all", worker=False),
+}
+#: Every server that runs under twistd (the cProfile wrapper can run these).
+TWISTD_KINDS = frozenset({"twistedsse", "twistedsse-no-eager", *REDIS_LAYOUTS})
 
 FULL_NS = [1, 100, 1000, 5000, 10000]
 QUICK_NS = [1, 100, 1000]
@@ -243,6 +284,8 @@ def missingServers(servers: list[str]) -> list[str]:
             problems.append("express: node is not installed")
         elif not (EXPRESS / "node_modules" / "express" / "package.json").exists():
             problems.append("express: bench/reference_express/node_modules is missing (bench/run runs npm ci)")
+    if any(s in REDIS_LAYOUTS for s in servers) and shutil.which("redis-server") is None:
+        problems.append("twistedsse-redis*: no redis-server on PATH (apt-get install redis-server)")
     if "c-floor" in servers and not os.access(FLOOR, os.X_OK):
         problems.append(f"c-floor: {FLOOR.relative_to(ROOT)} is not built (bench/run builds it)")
     return problems
@@ -254,14 +297,22 @@ class Server:
     with a descriptor limit for 10 000+ streams.
     """
 
-    def __init__(self, kind: str, workdir: Path, core: int | None, name: str) -> None:
+    def __init__(self, kind: str, workdir: Path, core: int | None, name: str, redis: str | None = None,
+                 role: str | None = None, outputDir: Path | None = None,
+                 cprofile: Path | None = None) -> None:  # fmt: skip
         self.kind = kind
+        self.role = role
         self.port = freePort()
         self.logPath = workdir / f"{name}.log"
+        #: Where the cProfile wrapper writes the event window's stats.
+        self.cprofile = cprofile
         emit = f"{PYTHON} -u {BENCH / 'emit.py'}"
-        if kind in ("twistedsse", "twistedsse-no-eager"):
-            argv = [
-                str(VENV / "bin" / "twistd"), "-n", "--pidfile=", "twistedsse",
+        if kind in TWISTD_KINDS:
+            # Under the cProfile wrapper (bench/cprofiled.py), which runs
+            # twistd's own entry point with the same arguments.
+            twistd = [str(PYTHON), str(BENCH / "cprofiled.py"), str(cprofile)] if cprofile else [str(VENV / "bin" / "twistd")]
+            argv = twistd + [
+                "-n", "--pidfile=", "twistedsse",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1:backlog={BACKLOG}",
                 "--renderer", f"emit={emit}",
                 # No caps (0): the descriptor limit raised above is the bound;
@@ -271,6 +322,10 @@ class Server:
             ]  # fmt: skip
             if kind == "twistedsse-no-eager":
                 argv.append("--no-eager-send")
+            if redis is not None:
+                # Redis mode: the same options plus the broker, the role and
+                # the output directory every instance and worker shares.
+                argv += ["--redis", redis, "--role", role or "all", "--output-dir", str(outputDir)]
         elif kind == "starlette":
             argv = [
                 str(PYTHON), str(BENCH / "reference_starlette.py"),
@@ -302,19 +357,37 @@ class Server:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.role}" if self.role else self.kind
+
     def waitReady(self, timeout: float = 60.0) -> None:
+        """
+        Wait until it answers C{GET /renderers} (a worker, which serves only
+        C{/healthz}: until that says it is connected to Redis).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited ({self.process.returncode}): {self.logTail()}")
+                raise RuntimeError(f"{self.label} exited ({self.process.returncode}): {self.logTail()}")
             try:
-                with urllib.request.urlopen(self.url("/renderers"), timeout=2) as response:
-                    if response.status == 200:
+                if self.role == "worker":
+                    health = self.get("/healthz")
+                    if (health.get("redis") or {}).get("connected", True):
                         return
-            except (OSError, urllib.error.URLError):
+                else:
+                    self.get("/renderers")
+                    return
+            except (OSError, urllib.error.URLError, ValueError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"{self.kind} not ready within {timeout:.0f} s: {self.logTail()}")
+        raise RuntimeError(f"{self.label} not ready within {timeout:.0f} s: {self.logTail()}")
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url(path), timeout=5) as response:
+            if response.status != 200:
+                raise ValueError(f"GET {path}: {response.status}")
+            return json.load(response)
 
     def post(self, path: str, body: Any) -> Any:
         request = urllib.request.Request(
@@ -334,28 +407,270 @@ class Server:
             return ""
 
     def stop(self) -> None:
-        stopProcess(self.process, self.kind, group=True)
+        stopProcess(self.process, self.label, group=True)
         self.logFile.close()
+
+
+class RedisProcess:
+    """
+    The deployment's C{redis-server} (Debian's, from C{PATH}): a free
+    loopback port, a directory of its own, no persistence unless C{aof}
+    (then C{appendonly yes}, C{appendfsync everysec}, Redis's default
+    policy); pinned to the server core; stopped by its PID.
+    """
+
+    def __init__(self, workdir: Path, core: int | None, name: str, aof: bool = False) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise RuntimeError("no redis-server on PATH (apt-get install redis-server)")
+        self.port = freePort()
+        self.directory = workdir / f"{name}.redis"
+        self.directory.mkdir()
+        argv = [
+            executable, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            "--dir", str(self.directory), "--save", "", "--daemonize", "no",
+            "--appendonly", "yes" if aof else "no", "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
+        if aof:
+            argv += ["--appendfsync", "everysec"]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, preexec_fn=pinned(core))  # fmt: skip
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 10
+        while True:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log_ = self.logTail()
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}: {log_}")
+            try:
+                if self.command("PING") == "PONG":
+                    break
+            except OSError:
+                pass
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self, *words: str, timeout: float = 5.0) -> str:
+        """
+        One command over a connection of its own; its reply if a simple or
+        bulk string (what C{PING} and C{INFO} answer).
+        """
+        request = f"*{len(words)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            s.sendall(request.encode())
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise OSError("redis-server closed the connection")
+                data += chunk
+            head, _, rest = data.partition(b"\r\n")
+            if head.startswith(b"+"):
+                return head[1:].decode()
+            if head.startswith(b"$"):
+                size = int(head[1:])
+                while len(rest) < size + 2:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise OSError("redis-server closed the connection")
+                    rest += chunk
+                return rest[:size].decode()
+            raise OSError(f"redis-server answered {head[:200]!r}")
+
+    def commandstats(self) -> dict[str, dict[str, int]]:
+        """
+        C{INFO commandstats}: per command (a script's commands are counted
+        under their own names as well as the C{EVALSHA}), its calls and
+        microseconds. The C{INFO} reading is counted from the next reading
+        on: callers drop C{info}.
+        """
+        stats = {}
+        for line in self.command("INFO", "commandstats").splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, fields = line[len("cmdstat_") :].partition(":")
+                values = dict(f.split("=", 1) for f in fields.split(","))
+                stats[name] = {"calls": int(values["calls"]), "usec": int(values["usec"])}
+        return stats
+
+    def version(self) -> str | None:
+        for line in self.command("INFO", "server").splitlines():
+            if line.startswith("redis_version:"):
+                return line.split(":", 1)[1].strip()
+        return None
+
+    def logTail(self) -> str:
+        try:
+            return (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        stopProcess(self.process, "redis-server", grace=10)
+
+
+class Deployment:
+    """
+    What one measured server is: one process (in memory, the references),
+    or in Redis mode, C{redis-server}, the worker and the web instances
+    (L{REDIS_LAYOUTS}). C{webs} serve the streams (the load is split among
+    them); C{cpuProcesses} are the processes whose CPU counts.
+    """
+
+    def __init__(self, kind: str, workdir: Path, core: int | None, name: str, args: argparse.Namespace,
+                 cprofile: bool = False) -> None:  # fmt: skip
+        self.kind = kind
+        self.redis: RedisProcess | None = None
+        self.worker: Server | None = None
+        self.webs: list[Server] = []
+
+        def profiled(label: str) -> Path | None:
+            return workdir / f"{name}.{label}.cprofile" if cprofile else None
+
+        try:
+            layout = REDIS_LAYOUTS.get(kind)
+            if layout is None:
+                self.webs.append(Server(kind, workdir, core, name, cprofile=profiled("web")))
+            else:
+                # --redis-pin: everything on the server core (default, as in
+                # memory); "split": redis-server and the worker on the
+                # client's core (a diagnostic: what sharing one core costs
+                # the latency); "none": wherever the scheduler puts them.
+                webCore = None if args.redis_pin == "none" else core
+                backCore = {"server": core, "split": CLIENT_CORE if core is not None else None}.get(args.redis_pin)
+                self.redis = RedisProcess(workdir, backCore, name, aof=args.redis_aof)
+                outputs = workdir / f"{name}.outputs"
+                outputs.mkdir()
+                common = {"redis": self.redis.url, "outputDir": outputs}
+                if layout.worker:
+                    self.worker = Server(kind, workdir, backCore, f"{name}.worker", role="worker",
+                                         cprofile=profiled("worker"), **common)  # fmt: skip
+                for i in range(layout.webs):
+                    label = "web" if layout.webs == 1 else f"web{i + 1}"
+                    self.webs.append(Server(kind, workdir, webCore, f"{name}.{label}", role=layout.role,
+                                            cprofile=profiled(label), **common))  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+
+    def twistds(self) -> list[tuple[str, Server]]:
+        """
+        The twistd (or other server) processes, labelled.
+        """
+        labelled = [("web" if len(self.webs) == 1 else f"web{i + 1}", web) for i, web in enumerate(self.webs)]
+        if self.worker is not None:
+            labelled.append(("worker", self.worker))
+        return labelled
+
+    def cpuProcesses(self) -> dict[str, int]:
+        """
+        Label -> PID of every process whose CPU time is the server's: the
+        one server; or the web instances, the worker and C{redis-server}.
+        """
+        if self.redis is None:
+            return {"server": self.webs[0].pid}
+        pids = {label: server.pid for label, server in self.twistds()}
+        pids["redis"] = self.redis.pid
+        return pids
+
+    def waitReady(self) -> None:
+        for _, server in self.twistds():
+            server.waitReady()
+
+    def logTail(self) -> str:
+        parts = [f"[{label}] {server.logTail()}" for label, server in self.twistds()]
+        if self.redis is not None:
+            parts.append(f"[redis-server] {self.redis.logTail()}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        # The web instances first (their streams end), then the worker,
+        # then Redis, each by its PID.
+        for server in self.webs:
+            server.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 # -- one measurement --------------------------------------------------------
 
 
+def shares(n: int, parts: int) -> list[int]:
+    """
+    N streams split among C{parts} web instances, as evenly as they go.
+    """
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def mergeClients(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    One load client's C{CONNECTED} or C{DONE} report from several (one per
+    web instance): counts and CPU summed, times the latest (the first
+    receive the earliest), flags any.
+    """
+    if len(reports) == 1:
+        return reports[0]
+    merged: dict[str, Any] = {}
+    for key in reports[0]:
+        values = [r[key] for r in reports]
+        if isinstance(values[0], bool):
+            merged[key] = any(values)
+        elif key == "first_recv_ns":
+            merged[key] = min(v for v in values if v) if any(values) else 0
+        elif key in ("connect_s", "wall_window_s", "last_recv_ns", "max_rss_kib", "events_seen"):
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(values)
+    merged["clients"] = reports
+    return merged
+
+
+def waitStarted(web: Server, job: dict[str, Any], timeout: float = 30.0) -> str:
+    """
+    Wait until the render is no longer C{queued} (in Redis mode a worker
+    must claim it first): its renderer is then waiting for the start file.
+    """
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = web.get(job["status_url"]).get("state")
+        if state != "queued":
+            return str(state)
+        time.sleep(0.02)
+    raise RuntimeError(f"the render stayed {state} for {timeout:.0f} s (no worker claimed it)")
+
+
+def toggleCProfile(deployment: Deployment) -> None:
+    """
+    Start (or stop and write) the cProfile of every twistd process of the
+    deployment (C{bench/cprofiled.py} toggles on C{SIGUSR2}).
+    """
+    for _, server in deployment.twistds():
+        os.kill(server.pid, signal.SIGUSR2)
+
+
 def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path,
             profile: str | None = None) -> dict[str, Any]:  # fmt: skip
     name = f"{kind}-n{n}-r{run}{'-profile-' + profile if profile else ''}"
-    result: dict[str, Any] = {"server": kind, "n": n, "run": run, "profile": profile}
+    result: dict[str, Any] = {"server": kind, "n": n, "run": run, "profile": profile, "loadavg": os.getloadavg()}
     cores = os.cpu_count() or 1
     serverCore = SERVER_CORE if cores >= 2 and not args.no_pin else None
     clientCore = CLIENT_CORE if cores >= 2 and not args.no_pin else None
     startFile = workdir / f"{name}.go"
-    binPath = workdir / f"{name}.bin"
-    server = Server(kind, workdir, serverCore, name)
-    client: subprocess.Popen[bytes] | None = None
+    cprofile = profile == "cprofile"
+    deployment: Deployment | None = None
+    clients: list[tuple[subprocess.Popen[bytes], LineReader, Path]] = []
     spy: subprocess.Popen[bytes] | None = None
-    reader: LineReader | None = None
+    monitor: subprocess.Popen[bytes] | None = None
     try:
-        server.waitReady()
+        deployment = Deployment(kind, workdir, serverCore, name, args, cprofile=cprofile)
+        deployment.waitReady()
+        webs = deployment.webs
+        server = webs[0]
         time.sleep(0.3)
         eventWindow = args.events * args.interval
         job = server.post("/renders", {
@@ -365,81 +680,228 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
                 "start_timeout": args.connect_timeout + 60,
             },
         })  # fmt: skip
+        if kind in TWISTD_KINDS:
+            result["job_state_before"] = waitStarted(server, job)
         time.sleep(0.3)
-        base = vmStatus(server.pid)
+        base = sum(vmStatus(web.pid)["VmRSS"] for web in webs)
         result["server_nofile"] = openFilesLimit(server.pid)
-        if profile:
+        if profile and not cprofile:
             # The connect phase first (the accept path), then the event window.
             spy = startSpy(server.pid, workdir / f"{name}.connect.pyspy.txt", clientCore, args, profile)
-        clientLog = open(workdir / f"{name}.client.log", "wb")
-        client = subprocess.Popen(
-            [
-                args.client, "--port", str(server.port), "--path", job["events_url"], "-n", str(n),
-                "--events", str(args.events), "--out", str(binPath),
-                "--concurrency", str(args.concurrency), "--connect-timeout", str(args.connect_timeout),
-                "--timeout", str(eventWindow + args.timeout),
-            ],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=clientLog, preexec_fn=pinned(clientCore),
-        )  # fmt: skip
-        reader = LineReader(client.stdout)
-        connected = json.loads(reader.expect("CONNECTED", args.connect_timeout + 30))
+        # One load client per web instance, each with its share of the N.
+        for i, (web, share) in enumerate(zip(webs, shares(n, len(webs)))):
+            if share == 0:
+                continue  # N=1 over two instances: the second has no stream (its CPU still counts)
+            binPath = workdir / f"{name}{'' if len(webs) == 1 else f'.c{i + 1}'}.bin"
+            clientLog = open(workdir / f"{name}{'' if len(webs) == 1 else f'.c{i + 1}'}.client.log", "wb")
+            client = subprocess.Popen(
+                [
+                    args.client, "--port", str(web.port), "--path", job["events_url"], "-n", str(share),
+                    "--events", str(args.events), "--out", str(binPath),
+                    "--concurrency", str(max(1, args.concurrency // len(webs))),
+                    "--connect-timeout", str(args.connect_timeout), "--timeout", str(eventWindow + args.timeout),
+                ],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=clientLog, preexec_fn=pinned(clientCore),
+            )  # fmt: skip
+            clientLog.close()
+            clients.append((client, LineReader(client.stdout), binPath))
+        connected = mergeClients([json.loads(r.expect("CONNECTED", args.connect_timeout + 30)) for _, r, _ in clients])
         if spy is not None:
             result["pyspy_connect"] = finishSpy(spy, workdir / f"{name}.connect.pyspy.txt")
             spy = None
         time.sleep(args.settle)
-        idle = vmStatus(server.pid)
-        if profile:
+        idle = sum(vmStatus(web.pid)["VmRSS"] for web in webs)
+        if profile and not cprofile:
             spy = startSpy(server.pid, workdir / f"{name}.pyspy.txt", clientCore, args, profile)
-        cpu0 = cpuTimes(server.pid)
-        client0 = cpuTimes(client.pid)
+        pids = deployment.cpuProcesses()
+        cpu0 = {label: cpuTimes(pid) for label, pid in pids.items()}
+        client0 = [cpuTimes(c.pid) for c, _, _ in clients]
+        stats0 = deployment.redis.commandstats() if deployment.redis is not None else None
+        if deployment.redis is not None and args.redis_monitor:
+            monitorPath = workdir / f"{name}.monitor.txt"
+            monitor = startMonitor(deployment.redis, monitorPath, clientCore)
+        if cprofile:
+            toggleCProfile(deployment)
         triggered = time.time_ns()
         startFile.touch()
-        done = json.loads(reader.expect("DONE", eventWindow + args.timeout + 30))
-        cpu1 = cpuTimes(server.pid)
-        client1 = cpuTimes(client.pid)
+        done = mergeClients([json.loads(r.expect("DONE", eventWindow + args.timeout + 30)) for _, r, _ in clients])
+        if monitor is not None:
+            stopProcess(monitor, "redis-cli monitor", grace=5)
+            monitor = None
+        if cprofile:
+            toggleCProfile(deployment)
+        cpu1 = {label: cpuTimes(pid) for label, pid in pids.items()}
+        client1 = [cpuTimes(c.pid) for c, _, _ in clients]
+        stats1 = deployment.redis.commandstats() if deployment.redis is not None else None
         result["cpu_read_ns"] = time.time_ns()
-        if "waited" in cpu0:
-            result["server_waited_ms"] = (cpu1["waited"] - cpu0["waited"]) * 1000
-            result["client_waited_ms"] = (client1["waited"] - client0["waited"]) * 1000
-        after = vmStatus(server.pid)
+        if all("waited" in c for c in cpu0.values()):
+            result["server_waited_ms"] = sum(cpu1[k]["waited"] - cpu0[k]["waited"] for k in pids) * 1000
+            result["client_waited_ms"] = sum(b["waited"] - a["waited"] for a, b in zip(client0, client1)) * 1000
+        after = [vmStatus(web.pid) for web in webs]
         if spy is not None:
             result["pyspy"] = finishSpy(spy, workdir / f"{name}.pyspy.txt")
             spy = None
-        reader.expect("WRITTEN", 60)
-        assert client.stdin is not None
-        client.stdin.write(b"quit\n")
-        client.stdin.close()
-        client.wait(30)
+        for client, reader, _ in clients:
+            reader.expect("WRITTEN", 60)
+            assert client.stdin is not None
+            client.stdin.write(b"quit\n")
+            client.stdin.close()
+            client.wait(30)
         result.update(connected=connected, done=done, triggered_ns=triggered)
         result.update(
-            rss_base_kib=base["VmRSS"], rss_idle_kib=idle["VmRSS"], rss_after_kib=after["VmRSS"],
-            rss_peak_kib=after["VmHWM"],
-            cpu_stat_s=cpu1["stat"] - cpu0["stat"],
-            cpu_sched_s=(cpu1["sched"] - cpu0["sched"]) if "sched" in cpu0 else None,
+            rss_base_kib=base, rss_idle_kib=idle, rss_after_kib=sum(a["VmRSS"] for a in after),
+            rss_peak_kib=sum(a["VmHWM"] for a in after),
+            cpu_stat_s=sum(cpu1[k]["stat"] - cpu0[k]["stat"] for k in pids),
+            cpu_sched_s=sum(cpu1[k]["sched"] - cpu0[k]["sched"] for k in pids)
+            if all("sched" in c for c in cpu0.values()) else None,
         )  # fmt: skip
-        result.update(analyse(binPath, n, args.events, result))
+        if deployment.redis is not None:
+            # Where the CPU went: each process of the deployment.
+            result["cpu_by_process_s"] = {
+                k: cpu1[k].get("sched", cpu1[k]["stat"]) - cpu0[k].get("sched", cpu0[k]["stat"]) for k in pids
+            }
+        result.update(analyse([b for _, _, b in clients], n, args.events, result))
+        if deployment.redis is not None and args.redis_monitor:
+            result.update(hops(monitorPath, [b for _, _, b in clients]))
+        if stats0 is not None and stats1 is not None:
+            result.update(redisPerEvent(stats0, stats1, args.events + 1))
+        if cprofile:
+            result["cprofile"] = {
+                label: summariseCProfile(server.cprofile, server.logPath)
+                for label, server in deployment.twistds() if server.cprofile is not None
+            }  # fmt: skip
     except Exception as e:  # one failed run must not end the matrix
         result["error"] = f"{type(e).__name__}: {e}"
-        log(f"  {name}: {result['error']}\n  server log tail:\n{server.logTail()}")
+        log(f"  {name}: {result['error']}\n  server log tail:\n{deployment.logTail() if deployment else ''}")
     finally:
         if spy is not None:
             stopProcess(spy, "py-spy", grace=10)
-        if client is not None and client.poll() is None:
-            stopProcess(client, "sseload", grace=10)
-        if reader is not None:
+        if monitor is not None:
+            stopProcess(monitor, "redis-cli monitor", grace=5)
+        for client, reader, binPath in clients:
+            if client.poll() is None:
+                stopProcess(client, "sseload", grace=10)
             reader.close()
-        server.stop()
+            if not args.keep:
+                binPath.unlink(missing_ok=True)
+        if deployment is not None:
+            deployment.stop()
         startFile.unlink(missing_ok=True)
-        if not args.keep:
-            binPath.unlink(missing_ok=True)
     return result
 
 
-def analyse(path: Path, n: int, k: int, result: dict[str, Any]) -> dict[str, Any]:
-    raw = np.fromfile(path, dtype=np.int64)
-    kSeen, nConns = int(raw[0]), int(raw[1])
-    tns = raw[2 : 2 + kSeen]
-    recv = raw[2 + kSeen :].reshape(kSeen, nConns)
+def startMonitor(redis: RedisProcess, output: Path, core: int | None) -> subprocess.Popen[bytes]:
+    """
+    C{redis-cli MONITOR} into C{output}, until stopped (by its PID): every
+    command Redis runs, with Redis's own time (the real-time clock, as the
+    renderer's C{t_ns} and the client's receive times).
+    """
+    executable = shutil.which("redis-cli")
+    if executable is None:
+        raise RuntimeError("--redis-monitor needs redis-cli on PATH")
+    with open(output, "wb") as out:
+        monitor = subprocess.Popen([executable, "-h", "127.0.0.1", "-p", str(redis.port), "monitor"],
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   preexec_fn=pinned(core))  # fmt: skip
+    deadline = time.monotonic() + 5
+    while output.stat().st_size == 0:  # "OK" once it monitors
+        if time.monotonic() > deadline or monitor.poll() is not None:
+            stopProcess(monitor, "redis-cli monitor", grace=5)
+            raise RuntimeError(f"redis-cli monitor did not start: {output.read_text(errors='replace')[-300:]}")
+        time.sleep(0.01)
+    return monitor
+
+
+MONITOR_LINE = re.compile(r'^(\d+)\.(\d{6}) \[\d+ ([^\]]+)\] "(\w+)"')
+T_NS = re.compile(r't_ns\\?"\s*:\s*(\d+)')
+
+
+def hops(monitorPath: Path, receipts: list[Path]) -> dict[str, Any]:
+    """
+    Each latency split where Redis ran the first command that carried the
+    event (the worker's publish, by its C{t_ns}): render line -> Redis (the
+    renderer's pipe, the worker, its round trip), then Redis -> client (the
+    web instance's read loop and fan-out, the client's socket).
+    """
+    seen: dict[int, int] = {}
+    for line in monitorPath.read_text(errors="replace").splitlines():
+        m = MONITOR_LINE.match(line)
+        if m is None or m.group(3) == "lua":
+            continue  # a script's own commands come with their EVALSHA
+        for t in T_NS.findall(line):
+            at = int(m.group(1)) * 1_000_000_000 + int(m.group(2)) * 1000
+            seen.setdefault(int(t), at)
+    tns, recv = readReceipts(receipts)
+    matched = np.array([t in seen for t in tns])
+    if not matched.any():
+        return {"hop_error": "no event found in the MONITOR output"}
+    atRedis = np.array([seen.get(int(t), 0) for t in tns])
+    first = (atRedis - tns)[matched] / 1e6
+    got = (recv > 0) & matched[:, None]
+    second = (recv - atRedis[:, None])[got] / 1e6
+    return {
+        "hop_events_matched": int(matched.sum()),
+        "hop_render_to_redis_p50_ms": float(np.percentile(first, 50)),
+        "hop_render_to_redis_p99_ms": float(np.percentile(first, 99)),
+        "hop_redis_to_client_p50_ms": float(np.percentile(second, 50)),
+        "hop_redis_to_client_p99_ms": float(np.percentile(second, 99)),
+    }
+
+
+def redisPerEvent(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]],
+                  events: int) -> dict[str, Any]:  # fmt: skip
+    """
+    Redis commands per published event over the event window, from two
+    C{INFO commandstats} readings: in total and by command (a script's own
+    commands, run inside it, are counted under their names besides the
+    C{EVALSHA}), and each command's microseconds (a script's include those
+    of the commands it ran, counted again under their names: not summed).
+    The harness's own C{INFO} and C{MONITOR} are left out.
+    """
+    calls: dict[str, int] = {}
+    usecs: dict[str, int] = {}
+    for name, stat in after.items():
+        if name in ("info", "monitor"):  # the harness's own
+            continue
+        delta = stat["calls"] - before.get(name, {}).get("calls", 0)
+        spent = stat["usec"] - before.get(name, {}).get("usec", 0)
+        if delta:
+            calls[name] = delta
+            usecs[name] = spent
+    return {
+        "redis_events": events,
+        "redis_calls": calls,
+        "redis_usec": usecs,
+        "redis_cmds_per_event": sum(calls.values()) / events,
+        "redis_per_event": {name: c / events for name, c in sorted(calls.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def readReceipts(paths: list[Path]) -> tuple[Any, Any]:
+    """
+    The load clients' files (L{bench/sseload.c}'s format), merged: every
+    event's C{t_ns} and, per event, the receive time of every stream of
+    every client (0: not received). Clients that saw an event the others
+    did not get columns of zeros for it.
+    """
+    parts = []
+    for path in paths:
+        raw = np.fromfile(path, dtype=np.int64)
+        kSeen, nConns = int(raw[0]), int(raw[1])
+        parts.append((raw[2 : 2 + kSeen], raw[2 + kSeen :].reshape(kSeen, nConns)))
+    if len(parts) == 1:
+        return parts[0]
+    tns = np.unique(np.concatenate([t for t, _ in parts]))
+    recv = np.zeros((tns.size, sum(r.shape[1] for _, r in parts)), dtype=np.int64)
+    column = 0
+    for t, r in parts:
+        recv[np.searchsorted(tns, t), column : column + r.shape[1]] = r
+        column += r.shape[1]
+    return tns, recv
+
+
+def analyse(paths: list[Path], n: int, k: int, result: dict[str, Any]) -> dict[str, Any]:
+    tns, recv = readReceipts(paths)
     order = np.argsort(tns)
     tns, recv = tns[order], recv[order]
     got = recv > 0
@@ -455,7 +917,7 @@ def analyse(path: Path, n: int, k: int, result: dict[str, Any]) -> dict[str, Any
         lat_min_ms=float(lat.min()),
     )
     # Spread: first to last subscriber getting the same event.
-    if nConns > 1:
+    if recv.shape[1] > 1:
         masked = np.where(got, recv, np.nan)
         counts = got.sum(axis=1)
         spread = (np.nanmax(masked, axis=1) - np.nanmin(masked, axis=1))[counts > 1] / 1e6
@@ -471,6 +933,14 @@ def analyse(path: Path, n: int, k: int, result: dict[str, Any]) -> dict[str, Any
     out["cpu_s"] = cpu
     # Microseconds of server CPU per delivery = milliseconds per 1000.
     out["cpu_ms_per_1000"] = cpu * 1e6 / received if cpu is not None else None
+    byProcess = result.get("cpu_by_process_s")
+    if byProcess:
+        # Redis mode: the same figure split into the web instances, the
+        # worker and redis-server.
+        for group in ("web", "worker", "redis"):
+            spent = sum(v for label, v in byProcess.items() if label.startswith(group))
+            if any(label.startswith(group) for label in byProcess):
+                out[f"cpu_{group}_ms_per_1000"] = spent * 1e6 / received
     # Both CPU readings bracket the event window: trigger to the server's
     # CPU reading after DONE (server) or to the last event received (client).
     serverWindow = (result["cpu_read_ns"] - result["triggered_ns"]) / 1e9
@@ -597,6 +1067,78 @@ def summariseProfile(path: Path, top: int = 40) -> dict[str, Any]:
     }
 
 
+EPOLL_WAIT = "<method 'poll' of 'select.epoll' objects>"
+#: Frames that only lead to the work (twistd, the reactor's loop and
+#: dispatch), left out of the inclusive-time table; they include the idle
+#: wait.
+CPROFILE_PLUMBING = frozenset({
+    "run", "runApp", "startReactor", "postApplication", "runReactorWithLogging", "mainLoop", "doPoll",
+    "callWithLogger", "callWithContext", "_doReadOrWrite", "doIteration",
+})  # fmt: skip
+
+
+def _cprofileName(key: tuple[str, int, str]) -> str:
+    filename, line, function = key
+    if filename == "~":
+        return function  # a builtin: "<method 'send' of '_socket.socket' objects>"
+    short = filename.replace(str(VENV) + "/lib/", "").replace("site-packages/", "").replace(str(ROOT) + "/", "")
+    return f"{function} ({short}:{line})"
+
+
+def summariseCProfile(path: Path | None, logPath: Path, top: int = 30, timeout: float = 30.0) -> dict[str, Any]:
+    """
+    From one process's event-window C{pstats} (L{bench/cprofiled.py}):
+    the top functions by own time and by inclusive time, with calls.
+    """
+    import pstats
+
+    deadline = time.monotonic() + timeout
+    while path is None or not path.exists():
+        if time.monotonic() > deadline:
+            return {"error": f"no profile written ({path}); log: {logPath.read_text(errors='replace')[-500:]}"}
+        time.sleep(0.05)
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    rows = [
+        {"function": _cprofileName(key), "calls": nc, "tottime_s": tt, "cumtime_s": ct}
+        for key, (cc, nc, tt, ct, callers) in stats.items()
+    ]
+    # cProfile's clock is wall time: the reactor waiting in epoll is idle,
+    # not work; the shares are of the rest.
+    idle = sum(r["tottime_s"] for r in rows if r["function"] == EPOLL_WAIT)
+    busy = [r for r in rows if r["function"] != EPOLL_WAIT]
+    total = sum(r["tottime_s"] for r in busy)
+    for r in busy:
+        r["share"] = r["tottime_s"] / total if total else 0.0
+    byOwn = sorted(busy, key=lambda r: -r["tottime_s"])[:top]
+    byTotal = sorted((r for r in busy if r["function"].split(" (", 1)[0] not in CPROFILE_PLUMBING),
+                     key=lambda r: -r["cumtime_s"])[:top]  # fmt: skip
+    return {"raw": str(path), "total_s": total, "idle_s": idle, "self_top": byOwn, "total_top": byTotal}
+
+
+def cprofileReport(run: dict[str, Any], top: int = 20) -> str:
+    """
+    The cProfile run's table per process: own time, then inclusive.
+    """
+    lines = [
+        f"cProfile, {SERVERS.get(run['server'], run['server'])}, N={run['n']}, EVENT window (perturbed by the profiler: "
+        f"p50 {fmt(run.get('lat_p50_ms'), '{:.2f}')} ms, CPU {fmt(run.get('cpu_ms_per_1000'), '{:.2f}')} us/delivery"
+        + (f", Redis commands/event {run['redis_cmds_per_event']:.2f}" if run.get("redis_cmds_per_event") else "")
+        + ")"
+    ]  # fmt: skip
+    for label, p in (run.get("cprofile") or {}).items():
+        if "error" in p:
+            lines.append(f"\n[{label}] {p['error']}")
+            continue
+        lines.append(f"\n[{label}] {p['total_s'] * 1000:.1f} ms busy in Python's view (and {p.get('idle_s', 0) * 1000:.0f} ms "
+                     "waiting in epoll); own time:")
+        for row in p["self_top"][:top]:
+            lines.append(f"  {row['share']:6.1%}  {row['tottime_s'] * 1000:8.2f} ms  {row['calls']:8d} calls  {row['function']}")
+        lines.append(f"[{label}] inclusive time:")
+        for row in p["total_top"][:top]:
+            lines.append(f"  {row['cumtime_s'] * 1000:8.2f} ms  {row['calls']:8d} calls  {row['function']}")
+    return "\n".join(lines)
+
+
 # -- summary, table, plot ---------------------------------------------------
 
 METRICS = [
@@ -610,13 +1152,26 @@ METRICS = [
     ("rss_idle_mib", "server RSS idle, N streams (MiB)", "{:.1f}"),
     ("rss_per_stream_kib", "RSS per stream (KiB)", "{:.1f}"),
     ("cpu_ms_per_1000", "server CPU per 1000 deliveries (ms) = us/delivery", "{:.2f}"),
+    ("cpu_web_ms_per_1000", "  of which Redis-mode web instance(s)", "{:.2f}"),
+    ("cpu_worker_ms_per_1000", "  of which Redis-mode worker", "{:.2f}"),
+    ("cpu_redis_ms_per_1000", "  of which redis-server", "{:.2f}"),
     ("server_busy", "server core busy in event window", "{:.0%}"),
     ("deliveries_per_s", "deliveries/s", "{:,.0f}"),
     ("connect_s", "connect time, N streams (s)", "{:.3f}"),
     ("client_busy", "load client core busy (its share)", "{:.0%}"),
     ("server_waited_ms", "server runnable, waiting for its core (ms; noise)", "{:.0f}"),
     ("client_waited_ms", "client runnable, waiting for its core (ms; noise)", "{:.0f}"),
+    ("hop_render_to_redis_p50_ms", "  (--redis-monitor) render line -> Redis ran the publish, p50 (ms)", "{:.2f}"),
+    ("hop_redis_to_client_p50_ms", "  (--redis-monitor) Redis ran the publish -> client, p50 (ms)", "{:.2f}"),
+    ("redis_cmds_per_event", "Redis commands per published event (all)", "{:.2f}"),
 ]
+#: Rows shown only when a server of the run has them (Redis mode).
+OPTIONAL_METRICS = frozenset({
+    "cpu_web_ms_per_1000", "cpu_worker_ms_per_1000", "cpu_redis_ms_per_1000", "redis_cmds_per_event",
+    "hop_render_to_redis_p50_ms", "hop_redis_to_client_p50_ms",
+})  # fmt: skip
+#: Per-command rows (C{redis_per_event}, flattened): "rcmd:evalsha", ...
+COMMAND_PREFIX = "rcmd:"
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
@@ -637,9 +1192,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]
         for key, *_ in METRICS:
             if run.get(key) is not None:
                 cell.setdefault("_values", {}).setdefault(key, []).append(run[key])
+        if "redis_per_event" in run:
+            cell.setdefault("_commands", []).append(run["redis_per_event"])
     for cells in summary.values():
         for cell in cells.values():
             values = cell.pop("_values", {})
+            # A command missing from a run's reading was called 0 times in it.
+            commands = cell.pop("_commands", [])
+            for name in sorted({name for c in commands for name in c}):
+                values[COMMAND_PREFIX + name] = [c.get(name, 0.0) for c in commands]
             if values.get("lost"):
                 cell["lost_max"] = max(values["lost"])
             for key, vs in values.items():
@@ -669,17 +1230,32 @@ def table(summary: dict[str, dict[int, dict[str, Any]]], ns: list[int], servers:
     """
     base = ratioBase(servers)
     others = [s for s in servers if s != base]
-    head = ["N", "metric"] + [SERVERS[s] for s in servers] + [f"ratio {base}/{s}" for s in others]
+    # Redis mode is read against in-memory: its ratios are Redis / in-memory.
+    inverse = {s for s in others if s in REDIS_LAYOUTS and base == "twistedsse"}
+    head = (["N", "metric"] + [SERVERS[s] for s in servers]
+            + [f"ratio {s}/{base}" if s in inverse else f"ratio {base}/{s}" for s in others])  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    commandKeys = sorted(
+        {k for cells in summary.values() for cell in cells.values() for k in cell
+         if k.startswith(COMMAND_PREFIX) and not k.endswith("_runs")},
+        key=lambda k: -max(cell.get(k) or 0 for cells in summary.values() for cell in cells.values()),
+    )  # fmt: skip
+    rows = list(METRICS) + [(k, f"  Redis {k[len(COMMAND_PREFIX):].upper()} per event", "{:.2f}") for k in commandKeys]
     for n in ns:
-        for key, label, pattern in METRICS:
-            row = [str(n), label]
+        for key, label, pattern in rows:
             values = {s: summary.get(s, {}).get(n, {}).get(key) for s in servers}
+            optional = key in OPTIONAL_METRICS or key.startswith(COMMAND_PREFIX)
+            if optional and all(v is None for v in values.values()):
+                continue
+            row = [str(n), label]
             row += [fmt(values[s], pattern) for s in servers]
             x = values[base]
             for s in others:
                 y = values[s]
+                if s in inverse:
+                    x, y = y, values[base]
                 row.append(f"{x / y:.2f}" if x is not None and y not in (None, 0) else "-")
+                x = values[base]
             lines.append("| " + " | ".join(row) + " |")
         errors = {s: summary.get(s, {}).get(n, {}).get("errors") for s in servers}
         for s, errs in errors.items():
@@ -749,6 +1325,57 @@ def targets(summary: dict[str, dict[int, dict[str, Any]]]) -> str:
     return "\n".join(["| target | twistedsse | |", "|---|---|---|"] + rows)
 
 
+def redisTargets(summary: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """
+    Issue 11's targets, checked on the medians: each Redis-mode layout
+    against in-memory twistedsse of the same run.
+    """
+    memory = summary.get("twistedsse", {})
+    rows = []
+
+    def check(name: str, value: str, ok: bool | None) -> None:
+        rows.append(f"| {name} | {value} | {'-' if ok is None else ('met' if ok else 'NOT met')} |")
+
+    for kind in REDIS_LAYOUTS:
+        cells = summary.get(kind)
+        if not cells:
+            continue
+        label = SERVERS[kind]
+        if 1 in cells and cells[1].get("lat_p50_ms") is not None:
+            p50, ref = cells[1]["lat_p50_ms"], memory.get(1, {}).get("lat_p50_ms")
+            check(f"{label}, N=1: p50 within +1 ms of in-memory",
+                  f"{p50:.2f} ms vs {fmt(ref, '{:.2f}')} ms" + (f" ({p50 - ref:+.2f} ms)" if ref is not None else ""),
+                  p50 <= ref + 1 if ref is not None else None)  # fmt: skip
+        for n in sorted(cells):
+            cpu, ref = cells[n].get("cpu_ms_per_1000"), memory.get(n, {}).get("cpu_ms_per_1000")
+            if n >= 1000 and cpu is not None:
+                check(f"{label}, N={n}: CPU/delivery within 1.2x of in-memory",
+                      f"{cpu:.2f} us vs {fmt(ref, '{:.2f}')} us" + (f" (x{cpu / ref:.2f})" if ref else ""),
+                      cpu <= 1.2 * ref if ref else None)  # fmt: skip
+        # Only the N at which every web instance has streams (and so reads
+        # the job): at N=1 the second of two instances has none.
+        counted = sorted(n for n in cells if cells[n].get("redis_cmds_per_event") is not None
+                         and n >= REDIS_LAYOUTS[kind].webs)  # fmt: skip
+        if len(counted) >= 2:
+            lo, hi = counted[0], counted[-1]
+            a, b = cells[lo]["redis_cmds_per_event"], cells[hi]["redis_cmds_per_event"]
+            check(f"{label}: Redis commands per event independent of N (N={hi} at most 1.1x N={lo})",
+                  f"{a:.2f} at N={lo}, {b:.2f} at N={hi} (x{b / a:.2f})", b <= 1.1 * a if a else None)  # fmt: skip
+        one = summary.get("twistedsse-redis", {})
+        if REDIS_LAYOUTS[kind].webs > 1 and one:
+            for n in sorted(cells):
+                a, b = one.get(n, {}).get("redis_cmds_per_event"), cells[n].get("redis_cmds_per_event")
+                if n >= REDIS_LAYOUTS[kind].webs and a is not None and b is not None:
+                    xa = one[n].get(COMMAND_PREFIX + "xread") or 0
+                    xb = cells[n].get(COMMAND_PREFIX + "xread") or 0
+                    check(f"{label}, N={n}: Redis work per event grows with instances, not streams (against one web instance)",
+                          f"{b:.2f} vs {a:.2f} commands/event ({b - a:+.2f}); XREAD {xb:.2f} vs {xa:.2f}", None)  # fmt: skip
+        lost = [c.get("lost_max", c.get("lost")) for c in cells.values() if c.get("lost") is not None]
+        if lost:
+            check(f"{label}: every event delivered (every run, every N)", f"{max(lost):.0f} lost (worst run)", max(lost) == 0)
+    return "\n".join(["| target (issue 11) | Redis mode vs in-memory (medians) | |", "|---|---|---|"] + rows)
+
+
 def plot(summary: dict[str, dict[int, dict[str, Any]]], servers: list[str], paths: list[Path], title: str) -> None:
     import matplotlib
 
@@ -756,7 +1383,9 @@ def plot(summary: dict[str, dict[int, dict[str, Any]]], servers: list[str], path
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colours = {"twistedsse": "tab:blue", "twistedsse-no-eager": "tab:purple", "starlette": "tab:orange", "express": "tab:green", "c-floor": "tab:gray"}
+    colours = {"twistedsse": "tab:blue", "twistedsse-no-eager": "tab:purple", "starlette": "tab:orange", "express": "tab:green",
+               "c-floor": "tab:gray", "twistedsse-redis": "tab:red", "twistedsse-redis-2web": "tab:brown",
+               "twistedsse-redis-all": "tab:pink"}  # fmt: skip
     for s in servers:
         cells = summary.get(s, {})
         ns = sorted(n for n in cells if cells[n].get("lat_p50_ms") is not None)
@@ -834,6 +1463,8 @@ def machine() -> dict[str, Any]:
         "node": output([nodePath(), "--version"]),
         "express": express,
         "gcc": output(["gcc", "-dumpfullversion"]),
+        "redis_server": output([shutil.which("redis-server") or "redis-server", "--version"]),
+        "txredisapi": version("txredisapi"),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "loadavg_start": os.getloadavg(),
     }
@@ -847,6 +1478,7 @@ def machineLine(m: dict[str, Any]) -> str:
         f"(uvloop {m['uvloop']}, httptools {m['httptools']}); "
         + (f"Node.js {m['node']}, Express {m.get('express')}; " if m.get("node") else "")
         + (f"C floor built by gcc {m['gcc']} -O2; " if m.get("gcc") else "")
+        + (f"{m['redis_server']}; txredisapi {m.get('txredisapi')}; " if m.get("redis_server") else "")
         + f"load average at start {m['loadavg_start'][0]:.2f}, at end {m.get('loadavg_end', (0,))[0]:.2f}"
     )
 
@@ -908,21 +1540,58 @@ def report(document: dict[str, Any], plotTo: list[Path] | None = None) -> None:
     if summary:
         print(table(summary, ns, servers))
         base = ratioBase(servers)
-        print(f"\nratio = {base} / each other server (below 1: {base} lower).\n" if len(servers) > 1 else "")
+        redisColumns = base == "twistedsse" and any(s in REDIS_LAYOUTS for s in servers)
+        print(f"\nratio = {base} / each other server (below 1: {base} lower)"
+              + ("; for a Redis-mode server, Redis mode / in-memory (above 1: Redis mode higher)" if redisColumns else "")
+              + ".\n" if len(servers) > 1 else "")  # fmt: skip
         if "twistedsse" in summary:
             print(targets(summary))
+        if any(s in summary for s in REDIS_LAYOUTS):
+            print(redisTargets(summary))
         if plotTo:
             title = f"{document['stamp']}: {every}, median of {runs}; {info['cpu']}, load {info['loadavg_start'][0]:.1f}"
             plot(summary, servers, plotTo, title)
             print(f"\nplot: {', '.join(str(p.relative_to(ROOT)) for p in plotTo)}")
     for profile in document.get("profiles") or []:
-        print("\n" + profileReport(profile))
+        print("\n" + (cprofileReport(profile) if profile.get("mode") == "cprofile" else profileReport(profile)))
+
+
+def pooled(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    One results document from several runs of the same matrix (same
+    events, interval, N and servers): every run, the medians over all of
+    them, the first machine's description with the lowest start and the
+    highest end load average.
+    """
+    if len(documents) == 1:
+        return documents[0]
+    first = documents[0]
+    same = ("events", "interval_s")
+    for d in documents[1:]:
+        if any(d["config"][k] != first["config"][k] for k in same):
+            raise SystemExit(f"--report: {d['stamp']} is not the same matrix as {first['stamp']} ({', '.join(same)})")
+    runs = [r for d in documents for r in d["runs"]]
+    servers = list(dict.fromkeys(s for d in documents for s in d["config"]["servers"]))
+    ns = sorted({n for d in documents for n in d["config"]["ns"]})
+    summary = summarise([r for r in runs if not r.get("profile")])
+    info = dict(first["machine"])
+    info["loadavg_start"] = min((d["machine"]["loadavg_start"] for d in documents), key=lambda l: l[0])
+    info["loadavg_end"] = max((d["machine"].get("loadavg_end", (0,)) for d in documents), key=lambda l: l[0])
+    config = {**first["config"], "servers": servers, "ns": ns,
+              "runs": sum(d["config"]["runs"] for d in documents)}  # fmt: skip
+    return {
+        "stamp": " + ".join(d["stamp"] for d in documents), "machine": info, "config": config,
+        "summary": {s: {str(n): cell for n, cell in cells.items()} for s, cells in summary.items()},
+        "runs": runs, "profiles": [p for d in documents for p in d.get("profiles") or []],
+    }  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="twistedsse fan-out benchmark (issue 5); see bench/README.md")
     parser.add_argument("--client", required=True, help="the built load client (bench/run passes it)")
-    parser.add_argument("--report", metavar="JSON", help="only print the table and profiles of a results file")
+    parser.add_argument("--report", metavar="JSON", nargs="+",
+                        help="only print the table and profiles of a results file; of several (runs of the same "
+                        "matrix), the medians over all their runs")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="N = 1,100,1000, 1 run, no profile")
     parser.add_argument("--ns", help="comma-separated subscriber counts (default: 1,100,1000,5000,10000)")
     parser.add_argument("--runs", type=int, help="runs per (server, N); the table shows medians (default 3)")
@@ -942,13 +1611,26 @@ def main() -> None:
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s (default 200)")
     parser.add_argument("--profile-modes", default="native,nonblocking",
                         help="py-spy runs, each a separate server run: native (pauses the server per sample, C frames "
-                        "too), python (pauses, Python frames), nonblocking (never pauses, Python frames); "
-                        "default native,nonblocking")  # fmt: skip
+                        "too), python (pauses, Python frames), nonblocking (never pauses, Python frames); or cprofile "
+                        "(every twistd process of the server under bench/cprofiled.py, the event window only; where "
+                        "py-spy cannot attach); default native,nonblocking")  # fmt: skip
+    parser.add_argument("--profile-servers", default="twistedsse",
+                        help="which servers the profile runs are of (twistd ones; py-spy attaches to the first web "
+                        "instance, cprofile profiles every twistd process); default twistedsse")  # fmt: skip
+    parser.add_argument("--redis-pin", choices=("server", "split", "none"), default="server",
+                        help="Redis mode: every process on the server core (server, default, as in memory); "
+                        "redis-server and the worker on the client's core (split); unpinned (none)")  # fmt: skip
+    parser.add_argument("--redis-monitor", action="store_true",
+                        help="Redis mode: record the event window with MONITOR (redis-cli, on the client core) to "
+                        "split each latency at the moment Redis ran the publish: render line -> Redis (the worker), "
+                        "Redis -> client (the web instance). MONITOR costs Redis work: a diagnostic")  # fmt: skip
+    parser.add_argument("--redis-aof", action="store_true",
+                        help="Redis mode: redis-server with AOF (appendfsync everysec); default no persistence")  # fmt: skip
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and client to cores 0 and 1")
     parser.add_argument("--keep", action="store_true", help="keep logs and raw files in bench/results/<ts>.tmp/")
     args = parser.parse_args()
     if args.report:
-        report(json.loads(Path(args.report).read_text()))
+        report(pooled([json.loads(Path(f).read_text()) for f in args.report]))
         return
 
     ns = [int(x) for x in args.ns.split(",")] if args.ns else (QUICK_NS if args.quick else FULL_NS)
@@ -959,7 +1641,11 @@ def main() -> None:
             parser.error(f"unknown server {s!r} (known: {', '.join(SERVERS)})")
     if not servers:
         parser.error("--servers names none")
-    problems = missingServers(servers)
+    profileServers = [s.strip() for s in args.profile_servers.split(",") if s.strip()]
+    for s in profileServers:
+        if s not in TWISTD_KINDS:
+            parser.error(f"--profile-servers: {s!r} is not a twistd server (known: {', '.join(sorted(TWISTD_KINDS))})")
+    problems = missingServers(servers + profileServers)
     if problems:
         parser.error("; ".join(problems))
     doProfile = args.profile_only or (args.profile or not args.quick) and not args.no_profile
@@ -974,7 +1660,7 @@ def main() -> None:
     info = machine()
     log(f"machine: {machineLine({**info, 'loadavg_end': os.getloadavg()})}")
     log(f"matrix: N={ns}, {runs} run(s), servers {servers}, {args.events} events every {args.interval * 1000:g} ms"
-        f"{'; then a py-spy profile at N=' + str(args.profile_n) if doProfile else ''}")  # fmt: skip
+        f"{'; then profiles (' + args.profile_modes + ') at N=' + str(args.profile_n) if doProfile else ''}")  # fmt: skip
 
     results: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -992,37 +1678,52 @@ def main() -> None:
                         f"p50 {fmt(r.get('lat_p50_ms'), '{:.2f}')} ms, p99 {fmt(r.get('lat_p99_ms'), '{:.2f}')} ms, "
                         f"lost {r.get('lost')}, CPU {fmt(r.get('cpu_ms_per_1000'), '{:.2f}')} us/delivery, "
                         f"{fmt(r.get('rss_per_stream_kib'), '{:.1f}')} KiB/stream, connect {fmt(r.get('connect_s'), '{:.3f}')} s, "
-                        f"client busy {fmt(r.get('client_busy'), '{:.0%}')} ({time.monotonic() - t:.0f} s)"
+                        f"client busy {fmt(r.get('client_busy'), '{:.0%}')}"
+                        + (f", Redis {r['redis_cmds_per_event']:.2f} commands/event" if "redis_cmds_per_event" in r else "")
+                        + f"; load {r['loadavg'][0]:.2f} ({time.monotonic() - t:.0f} s)"
                     ))  # fmt: skip
                     time.sleep(1)
 
     profiles: list[dict[str, Any]] = []
     if doProfile:
-        for mode in [m.strip() for m in args.profile_modes.split(",") if m.strip()]:
-            if mode not in PROFILE_MODES:
-                log(f"unknown profile mode {mode!r} (known: {', '.join(PROFILE_MODES)})")
-                continue
-            log(f"profiling twistedsse at N={args.profile_n} with py-spy ({mode})")
-            r = measure("twistedsse", args.profile_n, 0, args, workdir, profile=mode)
-            results.append(r)
-            profile = r.get("pyspy")
-            if profile is None:
-                log(f"  profile failed: {r.get('error')}")
-                continue
-            keep = RESULTS / f"{stamp}.pyspy-{profile['mode']}.txt"
-            shutil.copy(profile["raw"], keep)
-            profile["raw"] = str(keep.relative_to(ROOT))
-            profile["run"] = {k: r.get(k) for k in ("lat_p50_ms", "lat_p99_ms", "cpu_ms_per_1000", "server_busy", "connect_s")}
-            profiles.append(profile)
-            connect = r.get("pyspy_connect")
-            if connect is not None:
-                keep = RESULTS / f"{stamp}.pyspy-{connect['mode']}-connect.txt"
-                shutil.copy(connect["raw"], keep)
-                connect["raw"] = str(keep.relative_to(ROOT))
-                connect["phase"] = "connect"
-                connect["run"] = profile["run"]
-                profiles.append(connect)
-            time.sleep(1)
+        for kind in profileServers:
+            for mode in [m.strip() for m in args.profile_modes.split(",") if m.strip()]:
+                if mode not in PROFILE_MODES and mode != "cprofile":
+                    log(f"unknown profile mode {mode!r} (known: {', '.join(PROFILE_MODES)}, cprofile)")
+                    continue
+                log(f"profiling {kind} at N={args.profile_n} with {'cProfile' if mode == 'cprofile' else 'py-spy'} ({mode})")
+                r = measure(kind, args.profile_n, 0, args, workdir, profile=mode)
+                results.append(r)
+                if mode == "cprofile":
+                    if "cprofile" not in r:
+                        log(f"  profile failed: {r.get('error')}")
+                        continue
+                    for label, p in r["cprofile"].items():
+                        if "raw" in p:
+                            keep = RESULTS / f"{stamp}.cprofile-{kind}-{label}.pstats"
+                            shutil.copy(p["raw"], keep)
+                            p["raw"] = str(keep.relative_to(ROOT))
+                    profiles.append({"mode": "cprofile", **{k: v for k, v in r.items() if k not in ("connected", "done")}})
+                    time.sleep(1)
+                    continue
+                profile = r.get("pyspy")
+                if profile is None:
+                    log(f"  profile failed: {r.get('error')}")
+                    continue
+                keep = RESULTS / f"{stamp}.pyspy-{profile['mode']}.txt"
+                shutil.copy(profile["raw"], keep)
+                profile["raw"] = str(keep.relative_to(ROOT))
+                profile["run"] = {k: r.get(k) for k in ("lat_p50_ms", "lat_p99_ms", "cpu_ms_per_1000", "server_busy", "connect_s")}
+                profiles.append(profile)
+                connect = r.get("pyspy_connect")
+                if connect is not None:
+                    keep = RESULTS / f"{stamp}.pyspy-{connect['mode']}-connect.txt"
+                    shutil.copy(connect["raw"], keep)
+                    connect["raw"] = str(keep.relative_to(ROOT))
+                    connect["phase"] = "connect"
+                    connect["run"] = profile["run"]
+                    profiles.append(connect)
+                time.sleep(1)
 
     info["loadavg_end"] = os.getloadavg()
     info["took_s"] = round(time.monotonic() - started, 1)
