@@ -123,8 +123,7 @@ class RedisEndpoint:
         )  # fmt: skip
         factory.reconnect = reconnect
         factory.maxDelay = MAX_RECONNECT_DELAY
-        if protocol is not None:
-            factory.protocol = protocol
+        factory.protocol = _unpaused(protocol or txredisapi.RedisProtocol)
         # The global reactor, as txredisapi's own connections use; commands
         # leave in the write, not at the reactor's next turn.
         tcp = HostnameEndpoint(EagerSendReactor(reactor), self.host, self.port, timeout=CONNECT_TIMEOUT)
@@ -139,6 +138,50 @@ class RedisEndpoint:
         from twisted.internet import ssl
 
         return ssl.optionsForClientTLS(self.host)
+
+
+class _ParseInOneGo:
+    """
+    Parse a reply in the call that received it. txredisapi's line reader
+    pauses its transport after each bulk string of a reply and goes on at
+    the reactor's next turn (C{setLineMode}: C{pauseProducing}, then
+    C{callLater(0)}): an C{XREAD} reply of one event is five turns, each
+    with two C{epoll_ctl}s, on the path of every event to its clients
+    (measured by the benchmark: docs/performance.md, Redis mode). Here the
+    rest of the data is parsed at once, in a loop (not recursively: a
+    history of a thousand events is thousands of bulk strings).
+    """
+
+    _rest: bytes = b""
+    _parsing: bool = False
+
+    def setLineMode(self, extra: bytes = b"") -> None:
+        self.line_mode = 1
+        if extra:
+            self._rest += extra
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> Any:
+        if self._parsing:
+            # (Not reached from the reactor; a reentrant call appends.)
+            self._rest += data
+            return None
+        self._parsing = True
+        try:
+            why = super().dataReceived(data)  # type: ignore[misc]
+            while self._rest and not why and not (self.transport and self.transport.disconnecting):  # type: ignore[attr-defined]
+                rest, self._rest = self._rest, b""
+                why = super().dataReceived(rest)  # type: ignore[misc]
+            return why
+        finally:
+            self._parsing = False
+
+
+def _unpaused(protocol: type) -> type:
+    """
+    C{protocol} (txredisapi's, or a subclass such as a subscriber) with
+    L{_ParseInOneGo}.
+    """
+    return type(f"Unpaused{protocol.__name__}", (_ParseInOneGo, protocol), {})
 
 
 def readPassword(path: str | Path) -> str:

@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from tests._support.fixtures import Recorder, snapshot
 from tests._support.redis import RedisServer
+from tests._support.waiting import whenTrue
 from twistedsse import _json
 from twistedsse._broker import MemoryBroker
 from twistedsse._frames import encodeEvent
@@ -850,6 +851,11 @@ class RestartWithoutAOFTests(RedisTestCase):
         yield log.publish("k", "progress", {"epoch": 1})
         reader.watch("k", 1, fromID, fromID.reset)
         yield live.waitFor(30)
+        # The loop has read the entry at k's position before Redis goes: it
+        # cannot tell a lost stream from the one it had otherwise (this
+        # test's race until it waited for it: the loop's learning pass
+        # could come after the restart, and take the new 0-1 for the old).
+        yield whenTrue(reactor, lambda: reader._jobs["k"].known, 5, "k's position read")
         yield self.restart(reader)
         ids = yield log.publishMany("j", "progress", [{"epoch": 2, "i": i} for i in range(1, 4)])
         self.assertEqual(ids, ["0-1", "0-2", "0-3"])
