@@ -274,6 +274,19 @@ class AppTests(SynchronousTestCase):
         _, _, body = self.call("GET", "/renderers")
         self.assertEqual(body, {"renderers": [{"name": "card"}, {"name": "ticks"}]})
 
+    def test_openAPIDocument(self) -> None:
+        """
+        C{GET /openapi.json} serves the document the package ships (which
+        documents this route too), as JSON; other methods are 405.
+        """
+        from importlib import resources
+
+        status, head, body = self.call("GET", "/openapi.json")
+        shipped = json.loads((resources.files("twistedsse") / "openapi.json").read_bytes())
+        self.assertEqual((status, head[b"content-type"], body), (200, b"application/json", shipped))
+        self.assertIn("/openapi.json", body["paths"])
+        self.assertError(self.call("DELETE", "/openapi.json"), 405, "method_not_allowed")
+
     def test_mountedUnderAParent(self) -> None:
         """
         Mounted under a parent resource at a sub-path, the API's URLs carry

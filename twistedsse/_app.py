@@ -69,6 +69,10 @@ _STATIC_TYPES = {
 }
 
 
+def _loadOpenAPI() -> bytes:
+    return (resources.files("twistedsse") / "openapi.json").read_bytes()
+
+
 def _loadStatic() -> dict[str, bytes]:
     folder = resources.files("twistedsse") / "_static"
     return {name: (folder / name).read_bytes() for name in _STATIC_TYPES}
@@ -226,6 +230,7 @@ class TwistedSSEApp:
     hosts: HostPolicy = HostPolicy()
     connections: ConnectionCounter | None = None
     _static: Mapping[str, bytes] = attrs.field(factory=_loadStatic)
+    _openapi: bytes = attrs.field(factory=_loadOpenAPI)
     _keepalives: Keepalives = attrs.field(
         default=attrs.Factory(lambda self: Keepalives(self.clock, self.settings.keepalive), takes_self=True),
         init=False,
@@ -358,6 +363,16 @@ class TwistedSSEApp:
                 **({"connections": self.connections.toJSON()} if self.connections is not None else {}),
             },
         )
+
+    @router.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        """
+        The OpenAPI description of this API, as shipped in the package.
+        """
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"no-cache")
+        return self._openapi
 
     @router.route("/renderers", methods=["GET"])
     def renderers(self, request: IRequest) -> bytes:
