@@ -214,6 +214,46 @@ class ServiceTests(SynchronousTestCase):
         self.assertRaises(OutputNotReady, self.service.outputPath, jobID)
         self.assertFalse((self.dir / f"{jobID}.scratch").exists())
 
+    def test_logsTheRenderNotItsEvents(self) -> None:
+        """
+        A render's life is logged with its id, one line each: submitted,
+        started (its pid), ended (state, seconds, exit status), and a
+        cancel; nothing per progress event.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        jobID = self.submit()
+        process = self.spawner.processes[-1]
+        for i in range(20):
+            process.stdout(b'{"progress": %d}\n' % i)
+        self.clock.advance(2)
+        process.exit(0)
+        cancelled = self.submit()
+        self.service.cancel(cancelled)
+        self.spawner.processes[-1].exit(signal="TERM")
+        mine = [formatEvent(e) for e in events if e.get("jobID") == jobID]
+        self.assertEqual(
+            mine,
+            [
+                f"render {jobID} submitted (file)",
+                f"render {jobID} started: pid 4242",
+                f"render {jobID} ended succeeded after 2.0 s (exit status 0)",
+            ],
+        )
+        theirs = [formatEvent(e) for e in events if e.get("jobID") == cancelled]
+        self.assertEqual(
+            theirs,
+            [
+                f"render {cancelled} submitted (file)",
+                f"render {cancelled} started: pid 4242",
+                f"render {cancelled} cancelled while running: stopping it",
+                f"render {cancelled} ended cancelled after 0.0 s (SIGTERM)",
+            ],
+        )
+
     def test_cancelRunning(self) -> None:
         """
         Cancelling a running render sends TERM, then KILL after the grace

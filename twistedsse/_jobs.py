@@ -137,6 +137,7 @@ class JobTracker:
         if self._stopping:
             self.ledger.end(jobID, interrupted())
         else:
+            _log.info("render {jobID} submitted ({renderer})", jobID=jobID, renderer=renderer)
             self.queue.enqueue(QueuedRender(jobID, outputURL))
         return self.broker.get(jobID)
 
@@ -152,8 +153,10 @@ class JobTracker:
         if snapshot.state.terminal:
             raise JobFinished(f"render {jobID} has already {snapshot.state.value}")
         if self.queue.withdraw(jobID):
+            _log.info("render {jobID} cancelled while queued", jobID=jobID)
             self.ledger.end(jobID, CANCELLED_QUEUED)
         else:
+            _log.info("render {jobID} cancelled while running: stopping it", jobID=jobID)
             self.queue.cancelRunning(jobID)
         return self.broker.get(jobID)
 

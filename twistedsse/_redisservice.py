@@ -211,6 +211,7 @@ class RedisRenderService(Service):
                 renderTimeout=self.renderTimeout,
                 killGrace=self.killGrace,
                 renderEnv=self.renderEnv,
+                name=self.consumerName,
             )
             self._worker = claims.worker = RedisWorker(
                 command,

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from ._api import IRenderAPI
@@ -28,6 +29,8 @@ from ._redisbroker import RedisBroker
 from ._redisledger import endJob
 from ._redisqueue import RedisJobQueue
 from ._redisstate import RedisJobState, unavailable
+
+_log = Logger()
 
 
 @implementer(IRenderAPI)
@@ -85,6 +88,7 @@ class RedisJobs:
             createdAt=self.clock.seconds(),
         )
         await self.state.create(snapshot, outputURL)
+        _log.info("render {jobID} submitted ({renderer})", jobID=jobID, renderer=renderer)
         try:
             await self.queue.enqueue(QueuedRender(jobID, outputURL)).addErrback(unavailable)
         except BaseException:
@@ -107,9 +111,11 @@ class RedisJobs:
             raise JobFinished(f"render {jobID} has already {snapshot.state.value}")
         if await self.queue.withdraw(jobID).addErrback(unavailable):
             # No worker has it, and none ever will.
+            _log.info("render {jobID} cancelled while queued", jobID=jobID)
             await endJob(self.state, self.broker.events, self.clock, jobID, CANCELLED_QUEUED)
         else:
             # The worker holding it stops it and publishes "cancelled".
+            _log.info("render {jobID} cancelled while running: telling its worker", jobID=jobID)
             await self.queue.cancelRunning(jobID).addErrback(unavailable)
         return await self.state.get(jobID)
 

@@ -8,6 +8,7 @@ output), keeping the outputs within their disk budget.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Mapping
 
@@ -60,6 +61,8 @@ class RenderRunner:
     renderTimeout: float = 3600.0
     killGrace: float = 5.0
     renderEnv: Mapping[str, str] = attrs.field(factory=dict)
+    #: This worker's name in the log (Redis mode: its consumer name).
+    name: str = ""
     _active: dict[str, _Active] = attrs.field(factory=dict, init=False)
     _beginning: set[str] = attrs.field(factory=set, init=False)
     _abandoned: set[str] = attrs.field(factory=set, init=False)
@@ -206,6 +209,11 @@ class RenderRunner:
                     unlink(path)
             self._record(jobID, spawnFailed(e))
             return False
+        _log.info(
+            "render {jobID} started: pid {pid}{worker}",
+            jobID=jobID, pid=getattr(render.protocol.transport, "pid", None),
+            worker=f" on worker {self.name}" if self.name else "",
+        )  # fmt: skip
         timeout = None
         if self.renderTimeout > 0:
             timeout = self.clock.callLater(self.renderTimeout, render.stop, "timeout")
@@ -246,8 +254,16 @@ class RenderRunner:
         plan = active.plan
         outcome = None
         try:
-            if not active.abandoned:
+            if active.abandoned:
+                _log.info("render {jobID} given up, not recorded: no longer this worker's", jobID=jobID)
+            else:
                 outcome = self._conclude(active, status)
+                began = active.snapshot.startedAt or active.snapshot.createdAt
+                _log.info(
+                    "render {jobID} ended {state} after {seconds:.1f} s ({exit})",
+                    jobID=jobID, state=outcome.state.value, seconds=self.clock.seconds() - began,
+                    exit=_exitText(status),
+                )  # fmt: skip
                 self._record(jobID, outcome)
         finally:
             for path in plan.scratch:
@@ -279,6 +295,18 @@ class RenderRunner:
         if size is not None:
             self.disk.add(jobID, size)
         return outcome
+
+
+def _exitText(status: ExitStatus) -> str:
+    """
+    How the process ended, for the log: C{exit status 0}, C{SIGKILL}.
+    """
+    if status.signal is None:
+        return f"exit status {status.exitCode}"
+    try:
+        return signal.Signals(status.signal).name
+    except ValueError:
+        return f"signal {status.signal}"
 
 
 def _finalize(plan: RenderPlan, share: int | None) -> int | None:
