@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Iterable, TypedDict, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -185,30 +185,34 @@ def buildService(
         if renderer.name in table:
             raise ValueError(f"renderer {renderer.name!r} is defined twice")
         table[renderer.name] = renderer
+    # What a service takes in either mode.
+    common: dict[str, Any] = dict(
+        clock=reactor,
+        spawner=_spawner(reactor),
+        renderers=table,
+        maxRenders=maxRenders if maxRenders is not None else (os.cpu_count() or 1),
+        renderTimeout=renderTimeout,
+        killGrace=killGrace,
+        maxQueued=maxQueued,
+        expireAfter=expireAfter,
+        maxOutputBytes=maxOutputBytes,
+        minFreeBytes=minFreeBytes,
+        renderEnv=extraEnv,
+    )
     if redis is not None:
         if stateDir is not None:
             raise ValueError("a state directory is for jobs kept in this process; with Redis, Redis keeps them")
         if outputDir is None:
             raise ValueError("with Redis, an output directory is required: one every instance and worker shares")
         return RedisRenderService(
-            clock=reactor,
-            spawner=_spawner(reactor),
             endpoint=redis if isinstance(redis, RedisEndpoint) else RedisEndpoint.fromURL(redis),
             role=role,
-            renderers=table,
             outputDir=Path(outputDir),
-            maxRenders=maxRenders if maxRenders is not None else (os.cpu_count() or 1),
-            renderTimeout=renderTimeout,
-            killGrace=killGrace,
-            maxQueued=maxQueued,
-            expireAfter=expireAfter,
-            maxOutputBytes=maxOutputBytes,
-            minFreeBytes=minFreeBytes,
-            renderEnv=extraEnv,
             history=history,
             claimTimeout=claimTimeout,
             maxAttempts=maxAttempts,
             drainTimeout=drainTimeout,
+            **common,
         )
     if role != "all":
         raise ValueError(f"role {role!r} needs Redis: without it one process does everything")
@@ -222,20 +226,10 @@ def buildService(
         # A placeholder until startService makes the real directory.
         kind, outputDir = _TemporaryOutputService, Path(os.devnull)
     return kind(
-        clock=reactor,
-        spawner=_spawner(reactor),
         broker=broker if broker is not None else MemoryBroker(history=history, clock=reactor),
-        renderers=table,
         outputDir=Path(outputDir),
-        maxRenders=maxRenders if maxRenders is not None else (os.cpu_count() or 1),
-        renderTimeout=renderTimeout,
-        killGrace=killGrace,
-        maxQueued=maxQueued,
         store=store,
-        expireAfter=expireAfter,
-        maxOutputBytes=maxOutputBytes,
-        minFreeBytes=minFreeBytes,
-        renderEnv=extraEnv,
+        **common,
     )
 
 
