@@ -364,11 +364,10 @@ class RedisRestartTests(TestCase):
     timeout = 90
 
     @inlineCallbacks
-    def test_loopSurvivesRestart(self) -> Any:
+    def started(self, claimTimeout: float, timeout: float) -> Any:
         """
-        Redis restarted under a running worker: its loop backs off and
-        resumes (no crash, no spin); with AOF, a render queued before the
-        restart is still there and starts; the held render's claim is kept.
+        A queue and a started worker (one slot) on a Redis with AOF, for
+        restarting: (server, queue, worker, renders).
         """
         server = RedisServer(appendOnly=True)
         self.addCleanup(server.stop)
@@ -377,16 +376,26 @@ class RedisRestartTests(TestCase):
         for c in connections:
             self.addCleanup(c.disconnect)
         yield ready(connections[0], reactor)
-        queue = RedisJobQueue(connections[0], reactor, timeout=1.0)
+        queue = RedisJobQueue(connections[0], reactor, timeout=timeout)
         renders = Renders()
-        # (A claim timeout well above the outage: the claim outlives it.)
         worker = RedisWorker(
             connections[1], connections[2], endpoint, reactor, renders, name="w", maxRenders=1,
-            claimTimeout=30, block=0.2, timeout=1.0,
+            claimTimeout=claimTimeout, block=0.2, timeout=timeout,
         )  # fmt: skip
         renders.worker = worker
         self.addCleanup(worker.stop)
         yield worker.start()
+        return server, queue, worker, renders
+
+    @inlineCallbacks
+    def test_loopSurvivesRestart(self) -> Any:
+        """
+        Redis restarted under a running worker: its loop backs off and
+        resumes (no crash, no spin); with AOF, a render queued before the
+        restart is still there and starts; the held render's claim is kept.
+        """
+        # (A claim timeout well above the outage: the claim outlives it.)
+        server, queue, worker, renders = yield self.started(claimTimeout=30, timeout=1.0)
         yield queue.enqueue(QueuedRender("first"))
         yield queue.enqueue(QueuedRender("second"))
         yield whenTrue(reactor, lambda: renders.of("start") == ["first"], 5, "first start")
@@ -420,23 +429,8 @@ class RedisRestartTests(TestCase):
         back the render, still pending, is taken over and run again
         (attempt 2): never two runs at once.
         """
-        server = RedisServer(appendOnly=True)
-        self.addCleanup(server.stop)
-        endpoint = RedisEndpoint.fromURL(server.url)
-        connections = [endpoint.connect() for _ in range(3)]
-        for c in connections:
-            self.addCleanup(c.disconnect)
-        yield ready(connections[0], reactor)
-        queue = RedisJobQueue(connections[0], reactor, timeout=0.5)
-        renders = Renders()
         claimTimeout = 1.5
-        worker = RedisWorker(
-            connections[1], connections[2], endpoint, reactor, renders, name="w", maxRenders=1,
-            claimTimeout=claimTimeout, block=0.2, timeout=0.5,
-        )  # fmt: skip
-        renders.worker = worker
-        self.addCleanup(worker.stop)
-        yield worker.start()
+        server, queue, worker, renders = yield self.started(claimTimeout=claimTimeout, timeout=0.5)
         yield queue.enqueue(QueuedRender("job"))
         yield whenTrue(reactor, lambda: renders.of("start") == ["job"], 5, "start")
         server.stop(remove=False)
