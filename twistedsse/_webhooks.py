@@ -144,7 +144,10 @@ class CallbackPolicy:
         # percent-encoded, the host in punycode).
         if not url.isascii() or any(not c.isprintable() or c in " \\" for c in url):
             raise InvalidCallback("callback_url must be printable ASCII, without spaces or backslashes")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:  # (an unbalanced IPv6 bracket)
+            raise InvalidCallback(f"callback_url is not a URL: {e}") from None
         if parts.scheme not in _DEFAULT_PORTS or not url.lower().startswith(parts.scheme + "://"):
             raise InvalidCallback(f"callback_url must be an http:// or https:// URL, got {url!r}")
         if "@" in parts.netloc:
