@@ -70,6 +70,30 @@ class SignatureTests(SynchronousTestCase):
         for bad in (b"", b"t=1000", b"v1=00", b"t=abc,v1=00", b"t=-1000,v1=00", "t=1000,v1=\u00e9".encode(), b"\xff"):
             self.assertFalse(verifySignature(SECRET, bad, body, now=1000), bad)
 
+    def test_readmeRecipe(self) -> None:
+        """
+        The receiver's recipe in the README (section Webhooks) verifies
+        what L{sign} makes, and refuses another body, another secret and
+        an old timestamp.
+        """
+        import re
+        import time
+
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        section = readme[readme.index("## Webhooks") :]
+        [code] = re.findall(r"```python\n(.*?)```", section[: section.index("\n## ", 5)], re.S)
+        namespace: dict[str, object] = {}
+        exec(code, namespace)
+        verify = namespace["verify"]
+        body = b'{"id":"abc"}'
+        header = sign(SECRET, int(time.time()), body).decode()
+        self.assertTrue(verify(SECRET, header, body))  # type: ignore[operator]
+        self.assertFalse(verify(SECRET, header, body + b"x"))  # type: ignore[operator]
+        self.assertFalse(verify(SECRET[1:], header, body))  # type: ignore[operator]
+        old = sign(SECRET, int(time.time()) - 400, body).decode()
+        self.assertFalse(verify(SECRET, old, body))  # type: ignore[operator]
+        self.assertFalse(verify(SECRET, "garbage", body))  # type: ignore[operator]
+
     def test_payload(self) -> None:
         """
         The body is the job's JSON, its C{callback_url} included.
