@@ -7,7 +7,9 @@ driven by a L{Clock} and a fake C{post}.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
+
+import attrs
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -465,6 +467,130 @@ class DeliveryTests(SynchronousTestCase):
         hooks = self.webhooks()
         self.successResultOf(hooks.stop())
         self.assertEqual(self.closed, 1)
+
+
+class ServiceTests(SynchronousTestCase):
+    """
+    A L{RenderService} with webhooks (memory mode): the ledger sends each
+    ended job with a C{callback_url}; the tracker refuses hosts not
+    allowed; a restart ends an interrupted job and sends it.
+    """
+
+    def setUp(self) -> None:
+        from twistedsse._broker import MemoryBroker
+        from twistedsse.testing import FakeSpawner
+
+        from tests.test_service import FileRenderer
+
+        self.clock = Clock()
+        self.post = _Receiver()
+        self.closed = 0
+        self.spawner = FakeSpawner()
+        self.dir = Path(self.mktemp())
+        self.store = SQLiteJobStore(self.dir / "jobs.sqlite3")
+        self.broker = MemoryBroker()
+        self.renderers = {"file": FileRenderer()}
+        self.MemoryBroker = MemoryBroker
+
+    def service(self, store: SQLiteJobStore | None = None) -> Any:
+        from twistedsse._service import RenderService
+
+        def close() -> Deferred[None]:
+            self.closed += 1
+            return succeed(None)
+
+        hooks = Webhooks(self.clock, SECRET, CallbackPolicy.of(["hooks.example"]), self.post, close, random=lambda: 0.5)
+        service = RenderService(
+            clock=self.clock, spawner=self.spawner, broker=self.MemoryBroker(), renderers=self.renderers,
+            outputDir=self.dir / "out", maxRenders=1, expireAfter=0, store=store or self.store, webhooks=hooks,
+        )  # fmt: skip
+        service.startService()
+        return service
+
+    def test_sentWhenEnded(self) -> None:
+        """
+        A render that succeeds, and a queued one cancelled, are each sent
+        once, in their final state; a job without a C{callback_url} is not.
+        """
+        import json
+
+        service = self.service()
+        url = "https://hooks.example/in"
+        running = service.submit("file", {}, callbackURL=url)
+        queued = service.submit("file", {}, callbackURL=url)
+        service.submit("file", {})
+        self.assertEqual(running.callbackURL, url)
+        self.assertEqual(service.broker.get(queued.id).toJSON()["callback_url"], url)
+        service.cancel(queued.id)
+        self.assertEqual(json.loads(self.post.calls[-1][1])["state"], "cancelled")
+        self.post.answer(200)
+        self.spawner.processes[0].exit(0)
+        [_, (_, body, _, _)] = self.post.calls
+        self.assertEqual((json.loads(body)["id"], json.loads(body)["state"]), (running.id, "succeeded"))
+        self.post.answer(200)
+        self.spawner.processes[1].exit(0)  # no callback_url
+        self.assertEqual(len(self.post.calls), 2)
+        self.successResultOf(service.stopService())
+        self.assertEqual(self.closed, 1)
+
+    def test_refusedAtSubmit(self) -> None:
+        """
+        A host not allowed, or no allow list at all, refuses the render
+        before any job exists.
+        """
+        from twistedsse._service import RenderService
+
+        service = self.service()
+        with self.assertRaises(CallbackNotAllowed):
+            service.submit("file", {}, callbackURL="https://other.example/in")
+        with self.assertRaises(InvalidCallback):
+            service.submit("file", {}, callbackURL="ftp://hooks.example/in")
+        plain = RenderService(
+            clock=self.clock, spawner=self.spawner, broker=self.MemoryBroker(), renderers=self.renderers,
+            outputDir=self.dir / "out2", expireAfter=0,
+        )  # fmt: skip
+        plain.startService()
+        with self.assertRaises(CallbackNotAllowed):
+            plain.submit("file", {}, callbackURL="https://hooks.example/in")
+        self.assertEqual(self.spawner.processes, [])
+        self.successResultOf(plain.stopService())
+        self.successResultOf(service.stopService())
+
+    def test_interruptedByARestart(self) -> None:
+        """
+        With a store, a job that was running when its process went away
+        ends "interrupted" at the next start, and its callback is sent.
+        """
+        import json
+
+        self.store.save(attrs.evolve(ended("lost"), state=JobState.RUNNING, endedAt=None, result=None))
+        service = self.service()
+        [(url, body, _, _)] = self.post.calls
+        self.assertEqual(url, "http://hooks.example/in")
+        self.assertEqual((json.loads(body)["id"], json.loads(body)["state"]), ("lost", "failed"))
+        self.post.answer(200)
+        self.successResultOf(service.stopService())
+
+    def test_notAllowedAnyMore(self) -> None:
+        """
+        A job created under an allow list that no longer holds its host
+        (a restart with other options) is not sent, and that is logged.
+        """
+        logged: list[LogEvent] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.store.save(
+            attrs.evolve(ended("old", url="https://gone.example/"), state=JobState.RUNNING, endedAt=None, result=None)
+        )
+        service = self.service()
+        self.assertEqual(self.post.calls, [])
+        from twisted.logger import formatEvent
+
+        self.assertIn(
+            "callback for render old not sent: callback host 'gone.example' is not one the operator allows",
+            [formatEvent(e) for e in logged],
+        )
+        self.successResultOf(service.stopService())
 
 
 class KeptTests(SynchronousTestCase):

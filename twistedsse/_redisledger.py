@@ -93,6 +93,12 @@ async def _endJob(
             return False
         if webhooks is not None:
             webhooks.ended(final)
+        elif final.callbackURL is not None:
+            _log.warn(
+                "callback for render {jobID} not sent: this process has no --callback-allow "
+                "(give every instance and worker the same callback options)",
+                jobID=jobID,
+            )
     try:
         await events.publish(jobID, outcome.event, outcome.payload)
     except ValueError:

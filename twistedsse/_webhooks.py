@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -299,6 +300,13 @@ class Webhooks:
         if self._stopping:
             _log.warn("callback for render {jobID} not sent: the service is stopping", jobID=snapshot.id)
             return
+        try:
+            # Again: the job may have been created under another allow list
+            # (before a restart with --state-dir, or by another instance).
+            self.policy.check(snapshot.callbackURL)
+        except (CallbackNotAllowed, InvalidCallback) as e:
+            _log.warn("callback for render {jobID} not sent: {e}", jobID=snapshot.id, e=e)
+            return
         if len(self._pending) >= self.maxPending:
             _log.warn(
                 "callback for render {jobID} dropped: {n} deliveries are pending already, the limit",
@@ -427,6 +435,46 @@ class Webhooks:
         return idle.addCallback(lambda _: self.close())
 
 
+#: Bytes of a receiver's answer read (and discarded); past it the
+#: connection is closed: the status is all that counts.
+MAX_ANSWER_BYTES = 64 * 1024
+
+
+class _Discard(Protocol):
+    """
+    Reads an answer's body into nothing. C{done} fires once it has ended,
+    or once C{limit} bytes came (the connection is then closed); cancelling
+    C{done} (the attempt's timeout) closes the connection too: a receiver
+    that trickles an endless body holds it no longer than the attempt.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.done: Deferred[None] = Deferred(lambda _: self._close())
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.left < 0 and not self.done.called:
+            self.done.callback(None)
+            self._close()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # (twisted.web imported here, as in treqPost: the job modules that
+        # import this one need none of it.)
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+
+        if not self.done.called:
+            if reason.check(ResponseDone, PotentialDataLoss):
+                self.done.callback(None)
+            else:
+                self.done.errback(reason)
+
+
 def treqPost(reactor: IReactorTime, timeout: float = ATTEMPT_TIMEOUT) -> tuple[Post, Callable[[], Deferred[None]]]:
     """
     L{Webhooks.post} over treq with its own connection pool (closed by the
@@ -449,7 +497,9 @@ def treqPost(reactor: IReactorTime, timeout: float = ATTEMPT_TIMEOUT) -> tuple[P
 
         def read(response: IResponse) -> Deferred[int]:
             code: int = response.code
-            return treq.collect(response, lambda data: None).addCallback(lambda _: code)
+            body = _Discard(MAX_ANSWER_BYTES)
+            response.deliverBody(body)
+            return body.done.addCallback(lambda _: code)
 
         return d.addCallback(read)
 

@@ -20,7 +20,7 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -57,16 +57,19 @@ def sleep(seconds: float) -> Any:
 class Receiver(Resource):
     """
     Records each POST (headers, body, when) and answers with the next
-    status of C{script} (C{None}: hangs, never answers), then 200.
+    status of C{script} (C{None}: hangs, never answers; C{"trickle"}: 200
+    and a body that never ends, a byte every 50 ms; C{"big"}: 200 and a
+    4 MiB body), then 200.
     """
 
     isLeaf = True
 
-    def __init__(self, script: list[int | None]) -> None:
+    def __init__(self, script: list[int | str | None]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.script = list(script)
         self.received: list[tuple[dict[bytes, bytes], bytes, float]] = []
         self.hanging: list[Request] = []
+        self.trickles: list[LoopingCall] = []
 
     def render_POST(self, request: Request) -> bytes | int:
         headers = {k.lower(): v[0] for k, v in request.requestHeaders.getAllRawHeaders()}
@@ -76,6 +79,16 @@ class Receiver(Resource):
         if status is None:
             self.hanging.append(request)
             return NOT_DONE_YET
+        if status == "big":
+            return b"x" * (4 << 20)
+        if status == "trickle":
+            self.hanging.append(request)
+            trickle = LoopingCall(request.write, b"x")
+            trickle.clock = reactor
+            self.trickles.append(trickle)
+            trickle.start(0.05)
+            request.notifyFinish().addBoth(lambda _: trickle.stop())
+            return NOT_DONE_YET
         request.setResponseCode(status)
         return b"ok"
 
@@ -83,7 +96,7 @@ class Receiver(Resource):
 class WebhookTests(TestCase):
     timeout = 60
 
-    def startReceiver(self, script: list[int | None]) -> Receiver:
+    def startReceiver(self, script: list[int | str | None]) -> Receiver:
         receiver = Receiver(script)
         site = Site(receiver)
         site.timeOut = None
@@ -217,6 +230,26 @@ class WebhookTests(TestCase):
         yield until(lambda: len(self.service.webhooks) == 0, timeout=5)
         # The hung request's connection was closed by the sender.
         yield until(lambda: receiver.hanging[0].channel is None or receiver.hanging[0]._disconnected, timeout=5)
+
+    @inlineCallbacks
+    def test_endlessAnswer(self) -> Any:
+        """
+        A receiver whose answer's body never ends holds its attempt no
+        longer than the timeout: the connection is closed and the
+        delivery retried; a big answer is read only up to a bound (its
+        status counts) and its connection closed.
+        """
+        receiver = self.startReceiver(["trickle", "big"])
+        self.startService(timeout=0.5)
+        code, job = yield self.create(
+            {"renderer": "ticks", "params": {"count": 2, "interval": 0.01}, "callback_url": self.receiverURL}
+        )
+        self.assertEqual(code, 202, job)
+        yield until(lambda: len(receiver.received) == 2, 20, "two attempts")
+        yield until(lambda: not receiver.trickles[0].running, 5, "the trickling answer to be cut")
+        yield until(lambda: len(self.service.webhooks) == 0, 5, "the delivery to end")
+        yield sleep(0.3)
+        self.assertEqual(len(receiver.received), 2)
 
     @inlineCallbacks
     def test_refused(self) -> Any:
