@@ -269,15 +269,15 @@ class Webhooks:
     _pending: set[_Delivery] = attrs.field(factory=set, init=False)
     _slots: DeferredSemaphore = attrs.field(init=False)
     _stopping: bool = attrs.field(default=False, init=False)
-    _closed: Deferred[None] | None = attrs.field(default=None, init=False)
     _idle: list[Deferred[None]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._slots = DeferredSemaphore(self.maxConcurrent)
 
-    def __len__(self) -> int:
+    def pendingCount(self) -> int:
         """
-        Deliveries not yet ended.
+        Deliveries not yet ended (in flight, waiting for a slot, or
+        waiting to retry).
         """
         return len(self._pending)
 

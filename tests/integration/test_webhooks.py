@@ -161,7 +161,7 @@ class WebhookTests(TestCase):
         response = yield treq.get(self.base + job["status_url"], pool=self.pool)
         status = yield response.json()
         self.assertEqual(status["callback_url"], self.receiverURL)
-        self.assertEqual(len(self.service.webhooks), 0)
+        self.assertEqual(self.service.webhooks.pendingCount(), 0)
 
     @inlineCallbacks
     def test_failedAndCancelled(self) -> Any:
@@ -199,7 +199,7 @@ class WebhookTests(TestCase):
         )
         self.assertEqual(code, 202, job)
         yield until(lambda: len(receiver.received) >= 3, timeout=20)
-        yield until(lambda: len(self.service.webhooks) == 0, timeout=5)
+        yield until(lambda: self.service.webhooks.pendingCount() == 0, timeout=5)
         yield sleep(0.5)
         self.assertEqual(len(receiver.received), 3)
         bodies = {body for _, body, _ in receiver.received}
@@ -227,7 +227,7 @@ class WebhookTests(TestCase):
         yield until(lambda: len(receiver.received) == 2, timeout=10)
         first, second = receiver.received[0][2], receiver.received[1][2]
         self.assertGreaterEqual(second - first, 0.5)
-        yield until(lambda: len(self.service.webhooks) == 0, timeout=5)
+        yield until(lambda: self.service.webhooks.pendingCount() == 0, timeout=5)
         # The hung request's connection was closed by the sender.
         yield until(lambda: receiver.hanging[0].channel is None or receiver.hanging[0]._disconnected, timeout=5)
 
@@ -247,7 +247,7 @@ class WebhookTests(TestCase):
         self.assertEqual(code, 202, job)
         yield until(lambda: len(receiver.received) == 2, 20, "two attempts")
         yield until(lambda: not receiver.trickles[0].running, 5, "the trickling answer to be cut")
-        yield until(lambda: len(self.service.webhooks) == 0, 5, "the delivery to end")
+        yield until(lambda: self.service.webhooks.pendingCount() == 0, 5, "the delivery to end")
         yield sleep(0.3)
         self.assertEqual(len(receiver.received), 2)
 
@@ -315,10 +315,10 @@ class WebhookTests(TestCase):
         )
         self.assertEqual(code, 202, job)
         yield until(lambda: receiver.received, timeout=20)
-        yield until(lambda: len(self.service.webhooks) == 1 and not any(
+        yield until(lambda: self.service.webhooks.pendingCount() == 1 and not any(
             d.queued for d in self.service.webhooks._pending) and all(
             d.waiting for d in self.service.webhooks._pending), timeout=5)
         yield self.service.stopService()
-        self.assertEqual(len(self.service.webhooks), 0)
+        self.assertEqual(self.service.webhooks.pendingCount(), 0)
         yield sleep(0.2)
         self.assertEqual(len(receiver.received), 1)
