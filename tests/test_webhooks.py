@@ -679,6 +679,24 @@ class OptionsTests(SynchronousTestCase):
                 self.parse(*argv)
             self.assertIn(argv[0], str(caught.exception))
 
+    def test_buildService(self) -> None:
+        """
+        L{buildService} takes the hosts and the secret together, or
+        neither (then no sender, and a C{callback_url} is refused).
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twistedsse import buildService
+
+        reactor = MemoryReactorClock()
+        self.assertIsNone(buildService(reactor).webhooks)
+        for kw in ({"callbackAllow": ["hooks.example"]}, {"callbackSecret": SECRET}, {"callbackAllow": ["h"], "callbackSecret": b""}):
+            with self.assertRaises(ValueError):
+                buildService(reactor, **kw)  # type: ignore[arg-type]
+        service = buildService(reactor, callbackAllow=["hooks.example"], callbackSecret=SECRET)
+        assert service.webhooks is not None
+        self.assertEqual(service.webhooks.policy, CallbackPolicy.of(["hooks.example"]))
+
     def test_makeService(self) -> None:
         """
         The service built from the options refuses hosts not allowed and

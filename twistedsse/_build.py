@@ -178,6 +178,9 @@ def buildService(
     @param callbackAllow: hosts (C{HOST} or C{HOST:PORT}) a render's
         C{callback_url} may name (see L{twistedsse._webhooks}); needs
         C{callbackSecret}, the key its POSTs are signed with.
+    @param callbackSecret: the key callbacks are signed with
+        (HMAC-SHA256, see L{twistedsse.verifySignature}); needs
+        C{callbackAllow}.
     @raise ValueError: a bad C{renderEnv} entry, or C{renderThreads} < 1,
         or options that do not go together.
     """
