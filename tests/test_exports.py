@@ -30,6 +30,7 @@ PUBLIC = {
     "TwistedSSEError", "URITooLong", "Unauthorized", "UnknownJob", "UnknownRenderer", "Unprocessable",
     "UnsupportedMediaType", "buildResource", "buildService", "buildSite", "encodeComment", "encodeEvent",
     "mintToken", "redactedLogFormatter",
+    "CallbackNotAllowed", "CallbackPolicy", "InvalidCallback", "Webhooks", "verifySignature",
 }  # fmt: skip
 
 

@@ -21,11 +21,13 @@ from ._connections import ConnectionCounter, ConnectionLimits
 from ._decoder import EventStreamDecoder
 from ._errors import (
     BadRequest,
+    CallbackNotAllowed,
     Conflict,
     Forbidden,
     HeaderTooLarge,
     InsufficientStorage,
     InvalidBody,
+    InvalidCallback,
     InvalidParams,
     JobExpired,
     JobFinished,
@@ -61,6 +63,7 @@ from ._service import RenderService
 from ._site import DrainingSite
 from ._store import NullJobStore, SQLiteJobStore
 from ._transport import EagerSendReactor
+from ._webhooks import CallbackPolicy, Webhooks, verifySignature
 
 # The shape, deliberately: the builders (what twistd uses, with twistd's
 # limits by default), the service and site they return with what their
@@ -121,6 +124,8 @@ __all__ = [
     "InvalidBody",
     "UnknownRenderer",
     "InvalidParams",
+    "InvalidCallback",
+    "CallbackNotAllowed",
     "NotFound",
     "UnknownJob",
     "JobExpired",
@@ -136,4 +141,8 @@ __all__ = [
     "JobFinished",
     "OutputNotReady",
     "RenderProtocolError",
+    # webhooks
+    "Webhooks",
+    "CallbackPolicy",
+    "verifySignature",
 ]

@@ -38,9 +38,12 @@ class IRenderAPI(Interface):
         A new job id (to name the job's URLs before it is submitted).
         """
 
-    def submit(renderer: object, params: object, outputURL: str | None, jobID: str) -> Deferred[JobSnapshot]:
+    def submit(
+        renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object = None
+    ) -> Deferred[JobSnapshot]:
         """
-        Validate and queue a render (L{RenderService.submit}).
+        Validate and queue a render (L{RenderService.submit}); C{callbackURL}
+        is the client's C{callback_url} (any JSON value), or C{None}.
         """
 
     def get(jobID: str) -> Deferred[JobSnapshot]:
@@ -92,8 +95,10 @@ class MemoryRenderAPI:
     def newJobID(self) -> str:
         return self.service.newJobID()
 
-    def submit(self, renderer: object, params: object, outputURL: str | None, jobID: str) -> Deferred[JobSnapshot]:
-        return maybeDeferred(self.service.submit, renderer, params, outputURL, jobID=jobID)
+    def submit(
+        self, renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object = None
+    ) -> Deferred[JobSnapshot]:
+        return maybeDeferred(self.service.submit, renderer, params, outputURL, jobID=jobID, callbackURL=callbackURL)
 
     def get(self, jobID: str) -> Deferred[JobSnapshot]:
         return maybeDeferred(self.service.broker.get, jobID)

@@ -312,7 +312,9 @@ class TwistedSSEApp:
         body.update(self._links(request, snapshot.id))
         return body
 
-    def _submit(self, request: IRequest, renderer: object, params: object) -> Deferred[JobSnapshot]:
+    def _submit(
+        self, request: IRequest, renderer: object, params: object, callbackURL: object = None
+    ) -> Deferred[JobSnapshot]:
         """
         Submit a render, giving the service the URL its output will have
         (for the C{complete} event), which names its id: so the id is made
@@ -320,7 +322,7 @@ class TwistedSSEApp:
         """
         jobID = self.api.newJobID()
         outputURL = IKleinRequest(request).url_for("output", {"jobID": jobID})
-        return self.api.submit(renderer, params, outputURL, jobID)
+        return self.api.submit(renderer, params, outputURL, jobID, callbackURL)
 
     def _stream(self, jobID: str, **kw: Any) -> EventStreamResource:
         self.limits.check(jobID)
@@ -387,11 +389,13 @@ class TwistedSSEApp:
         body = _readJSON(request)
         if not isinstance(body, dict):
             raise InvalidBody('the body must be a JSON object like {"renderer": NAME, "params": {...}}')
-        unknown = sorted(set(body) - {"renderer", "params"})
+        unknown = sorted(set(body) - {"renderer", "params", "callback_url"})
         if unknown:
-            raise InvalidBody(f"unknown field {unknown[0]!r}; a render request has only renderer and params")
+            raise InvalidBody(
+                f"unknown field {unknown[0]!r}; a render request has only renderer, params and callback_url"
+            )
         grant.need("create", str(body.get("renderer")))
-        snapshot = await self._submit(request, body.get("renderer"), body.get("params", {}))
+        snapshot = await self._submit(request, body.get("renderer"), body.get("params", {}), body.get("callback_url"))
         description = self._describe(request, snapshot)
         request.setHeader(b"location", str(description["status_url"]).encode("ascii"))
         return _respond(request, 202, description)

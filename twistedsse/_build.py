@@ -36,6 +36,7 @@ from ._jobs import MAX_QUEUED
 from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
+from ._webhooks import CallbackPolicy, Webhooks, treqPost
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -133,6 +134,8 @@ def buildService(
     claimTimeout: float = 60.0,
     maxAttempts: int = 2,
     drainTimeout: float = 60.0,
+    callbackAllow: Iterable[str] = (),
+    callbackSecret: bytes | None = None,
 ) -> RenderService | RedisRenderService:
     """
     A L{RenderService} with the built-in C{card} renderer (ffmpeg from
@@ -172,6 +175,12 @@ def buildService(
         before it fails C{worker_lost}.
     @param drainTimeout: with C{redis}: seconds a stopping worker lets its
         renders finish before handing them back to the queue.
+    @param callbackAllow: hosts (C{HOST} or C{HOST:PORT}) a render's
+        C{callback_url} may name (see L{twistedsse._webhooks}); needs
+        C{callbackSecret}, the key its POSTs are signed with.
+    @param callbackSecret: the key callbacks are signed with
+        (HMAC-SHA256, see L{twistedsse.verifySignature}); needs
+        C{callbackAllow}.
     @raise ValueError: a bad C{renderEnv} entry, or C{renderThreads} < 1,
         or options that do not go together.
     """
@@ -185,6 +194,7 @@ def buildService(
         if renderer.name in table:
             raise ValueError(f"renderer {renderer.name!r} is defined twice")
         table[renderer.name] = renderer
+    webhooks = _webhooks(reactor, tuple(callbackAllow), callbackSecret)
     # What a service takes in either mode.
     common: dict[str, Any] = dict(
         clock=reactor,
@@ -198,6 +208,7 @@ def buildService(
         maxOutputBytes=maxOutputBytes,
         minFreeBytes=minFreeBytes,
         renderEnv=extraEnv,
+        webhooks=webhooks,
     )
     if redis is not None:
         if stateDir is not None:
@@ -231,6 +242,20 @@ def buildService(
         store=store,
         **common,
     )
+
+
+def _webhooks(reactor: IReactorTime, allow: tuple[str, ...], secret: bytes | None) -> Webhooks | None:
+    """
+    The callbacks' sender, with its own connection pool; C{None} if none
+    is configured. Allowed hosts and the secret go together: one without
+    the other is a configuration mistake, refused.
+    """
+    if not allow and secret is None:
+        return None
+    if not allow or not secret:
+        raise ValueError("callbacks need both allowed hosts and a secret to sign them with")
+    post, close = treqPost(reactor)
+    return Webhooks(reactor, secret, CallbackPolicy.of(allow), post, close)
 
 
 def buildResource(

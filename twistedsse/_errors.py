@@ -18,7 +18,9 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     ├── Unprocessable (422)                 ValueError
     │   ├── InvalidBody                     "invalid_body"
     │   ├── UnknownRenderer                 "unknown_renderer"
-    │   └── InvalidParams                   "invalid_params" (names the field)
+    │   ├── InvalidParams                   "invalid_params" (names the field)
+    │   ├── InvalidCallback                 "invalid_callback_url"
+    │   └── CallbackNotAllowed              "callback_not_allowed" (host not in --callback-allow)
     ├── NotFound (404)                      LookupError
     │   └── UnknownJob                      "unknown_job"
     │       └── JobExpired (410)            "job_expired" (deleted after --expire-after)
@@ -151,6 +153,24 @@ class InvalidParams(Unprocessable):
     def __init__(self, field: str, detail: str) -> None:
         super().__init__(f"params: {detail}" if field == "params" else f"params.{field}: {detail}")
         self.field = field
+
+
+class InvalidCallback(Unprocessable):
+    """
+    A C{callback_url} that is not an http(s) URL this server may send to
+    (too long, userinfo, a fragment, not printable ASCII).
+    """
+
+    code = "invalid_callback_url"
+
+
+class CallbackNotAllowed(Unprocessable):
+    """
+    A C{callback_url} whose host (and port) the operator does not allow
+    (C{--callback-allow}): no request forgery into the operator's network.
+    """
+
+    code = "callback_not_allowed"
 
 
 class NotFound(TwistedSSEError, LookupError):

@@ -51,6 +51,9 @@ class JobSnapshot:
     @ivar progress: the payload of the latest C{progress} event, or C{None}.
     @ivar result: the payload of the C{complete} event, once succeeded.
     @ivar error: the payload of the C{failed} event, once failed.
+    @ivar callbackURL: where its end is POSTed (the client's
+        C{callback_url}, checked against the operator's allow list), or
+        C{None}.
     """
 
     id: str
@@ -63,6 +66,7 @@ class JobSnapshot:
     progress: JSONObject | None = None
     result: JSONObject | None = None
     error: JSONObject | None = None
+    callbackURL: str | None = None
 
     def transition(self, state: JobState, now: float, **changes: Any) -> JobSnapshot:
         """
@@ -81,9 +85,10 @@ class JobSnapshot:
 
     def toJSON(self) -> dict[str, Any]:
         """
-        The job as clients see it (URLs are added by the HTTP layer).
+        The job as clients see it (URLs are added by the HTTP layer);
+        C{callback_url} only if the client gave one.
         """
-        return {
+        data: dict[str, Any] = {
             "id": self.id,
             "renderer": self.renderer,
             "params": dict(self.params),
@@ -95,6 +100,9 @@ class JobSnapshot:
             "result": None if self.result is None else dict(self.result),
             "error": None if self.error is None else dict(self.error),
         }
+        if self.callbackURL is not None:
+            data["callback_url"] = self.callbackURL
+        return data
 
 
 @attrs.frozen

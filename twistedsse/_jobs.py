@@ -32,6 +32,7 @@ from ._json import JSONObject
 from ._ledger import JobLedger
 from ._outcome import CANCELLED_QUEUED, interrupted
 from ._store import STORE_ERRORS
+from ._webhooks import CallbackPolicy
 
 _log = Logger()
 
@@ -78,6 +79,7 @@ class JobTracker:
     newID: Callable[[], str]
     maxQueued: int = 0
     expireAfter: float = 86400.0
+    callbacks: CallbackPolicy = CallbackPolicy()
     _deadlines: Deadlines[_Due] = attrs.field(init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _restored: bool = attrs.field(default=False, init=False)
@@ -96,7 +98,12 @@ class JobTracker:
     # -- the API -------------------------------------------------------
 
     def submit(
-        self, renderer: object, params: object, outputURL: str | None = None, jobID: str | None = None
+        self,
+        renderer: object,
+        params: object,
+        outputURL: str | None = None,
+        jobID: str | None = None,
+        callbackURL: object = None,
     ) -> JobSnapshot:
         """
         Validate and queue a render.
@@ -105,13 +112,20 @@ class JobTracker:
             C{complete} event's C{output_url}), opaque here.
         @param jobID: the job's id, if the caller made it (with C{newID})
             to name the job's URLs first; by default a new one.
+        @param callbackURL: where to POST the job when it ends (the
+            client's C{callback_url}, any JSON value), or C{None}.
         @raise UnknownRenderer: no renderer by that name.
         @raise twistedsse._errors.InvalidParams: C{params} do not suit it.
+        @raise twistedsse._errors.InvalidCallback: a bad C{callbackURL}.
+        @raise twistedsse._errors.CallbackNotAllowed: its host is not
+            allowed.
         @raise QueueFull: too many renders wait already.
         @raise InsufficientStorage: the output filesystem is nearly full,
             or the job store cannot be written.
         """
         renderer, normalized = validated(self.renderers, renderer, params)
+        if callbackURL is not None:
+            callbackURL = self.callbacks.check(callbackURL)
         if self.maxQueued and len(self.queue) >= self.maxQueued and self.queue.busy():
             raise QueueFull(f"{len(self.queue)} renders are waiting already, the limit", retryAfter=10)
         lacking = self.queue.refusal()
@@ -125,6 +139,7 @@ class JobTracker:
             params=normalized,
             state=JobState.QUEUED,
             createdAt=self.clock.seconds(),
+            callbackURL=callbackURL,
         )
         self.broker.create(snapshot)
         try:

@@ -20,6 +20,7 @@ from ._job import JobSnapshot, JobState
 from ._json import JSONObject
 from ._outcome import Outcome, storageFailed
 from ._store import STORE_ERRORS, StoredEvent
+from ._webhooks import Webhooks
 
 _log = Logger()
 
@@ -34,12 +35,15 @@ class JobLedger:
     """
     @ivar onEnded: called with each job's final snapshot once it is
         recorded (the web side schedules its expiry).
+    @ivar webhooks: sends each ended job with a C{callback_url} there
+        (C{None}: no callbacks are configured).
     """
 
     clock: IReactorTime
     broker: IJobBroker
     store: IJobStore
     onEnded: Callable[[JobSnapshot], None] = _nothing
+    webhooks: Webhooks | None = None
 
     def started(self, jobID: str) -> JobSnapshot | None:
         """
@@ -103,3 +107,5 @@ class JobLedger:
         except Exception:
             _log.failure("could not store the end of render {jobID}", jobID=jobID)
         self.onEnded(final)
+        if self.webhooks is not None:
+            self.webhooks.ended(final)

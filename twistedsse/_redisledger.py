@@ -31,6 +31,7 @@ from ._json import JSONObject
 from ._outcome import Outcome, retrying
 from ._redisevents import RedisEventLog
 from ._redisstate import RedisJobState, isOutage
+from ._webhooks import Webhooks
 
 _log = Logger()
 
@@ -43,7 +44,12 @@ _NOT_ENDED = frozenset(state for state in JobState if not state.terminal)
 
 
 def endJob(
-    state: RedisJobState, events: RedisEventLog, clock: IReactorTime, jobID: str, outcome: Outcome
+    state: RedisJobState,
+    events: RedisEventLog,
+    clock: IReactorTime,
+    jobID: str,
+    outcome: Outcome,
+    webhooks: Webhooks | None = None,
 ) -> Deferred[bool]:
     """
     Record a job's end: its final state (compare-and-set: of two writers
@@ -51,12 +57,21 @@ def endJob(
     Fires with whether it won. Safe to repeat after a lost reply: a job
     already in C{outcome}'s state gets its event if it lacks it (the
     stream refuses a second terminal event).
+
+    @param webhooks: sends the job to its C{callback_url} if this call's
+        compare-and-set ended it: exactly one process sends each callback
+        (none, if the reply to the write that ended it was lost).
     """
-    return Deferred.fromCoroutine(_endJob(state, events, clock, jobID, outcome))
+    return Deferred.fromCoroutine(_endJob(state, events, clock, jobID, outcome, webhooks))
 
 
 async def _endJob(
-    state: RedisJobState, events: RedisEventLog, clock: IReactorTime, jobID: str, outcome: Outcome
+    state: RedisJobState,
+    events: RedisEventLog,
+    clock: IReactorTime,
+    jobID: str,
+    outcome: Outcome,
+    webhooks: Webhooks | None = None,
 ) -> bool:
     try:
         snapshot = await state.get(jobID)
@@ -76,6 +91,14 @@ async def _endJob(
         if not moved.applied:
             # Another writer ended it first (a cancel): its event stands.
             return False
+        if webhooks is not None:
+            webhooks.ended(final)
+        elif final.callbackURL is not None:
+            _log.warn(
+                "callback for render {jobID} not sent: this process has no --callback-allow "
+                "(give every instance and worker the same callback options)",
+                jobID=jobID,
+            )
     try:
         await events.publish(jobID, outcome.event, outcome.payload)
     except ValueError:
@@ -112,6 +135,7 @@ class RedisLedger:
     clock: IReactorTime
     maxAttempts: int = 2
     keep: int = 1000
+    webhooks: Webhooks | None = None
     _progress: dict[str, _Progress] = attrs.field(factory=dict, init=False)
     _sleeping: set[Deferred[None]] = attrs.field(factory=set, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
@@ -247,7 +271,7 @@ class RedisLedger:
         await self._persist(jobID, lambda: self._end(jobID, outcome))
 
     def _end(self, jobID: str, outcome: Outcome) -> Deferred[bool]:
-        return endJob(self.state, self.events, self.clock, jobID, outcome)
+        return endJob(self.state, self.events, self.clock, jobID, outcome, self.webhooks)
 
     # -- while Redis is down -----------------------------------------
 

@@ -49,6 +49,7 @@ from ._redisweb import RedisJobs
 from ._runner import RenderRunner
 from ._responses import respondError, respondJSON
 from ._service import newJobID
+from ._webhooks import Webhooks
 
 _log = Logger()
 
@@ -71,6 +72,8 @@ def workerName() -> str:
 @implementer(IRenderAPI)
 class RedisRenderService(Service):
     """
+    @param webhooks: sends ended jobs to their C{callback_url}s (the
+        process whose write ended the job sends it); C{None}: none allowed.
     @param role: C{web}, C{worker} or C{all} (L{ROLES}).
     @param claimTimeout: seconds after which a worker's claim not renewed
         is taken over by another worker.
@@ -111,6 +114,7 @@ class RedisRenderService(Service):
         consumerName: str | None = None,
         prefix: str = "twistedsse:",
         sweepInterval: float = OUTPUT_SWEEP,
+        webhooks: Webhooks | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -135,6 +139,7 @@ class RedisRenderService(Service):
         self.consumerName = consumerName or workerName()
         self.prefix = prefix
         self.sweepInterval = sweepInterval
+        self.webhooks = webhooks
         self.disk = OutputDisk(Path(outputDir), maxRenders, maxOutputBytes or None, minFreeBytes, statvfs)
         self._connections: list[Any] = []
         self._web: RedisJobs | None = None
@@ -168,6 +173,8 @@ class RedisRenderService(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # (see RenderService)
         self.disk.directory.mkdir(parents=True, exist_ok=True)
+        if self.webhooks is not None:
+            self.webhooks.start()
         command = self._command = self._connect()
         state = RedisJobState(command, self.clock, prefix=self.prefix, expireAfter=self.expireAfter)
         events = self._events = RedisEventLog(
@@ -190,6 +197,7 @@ class RedisRenderService(Service):
                 running=self.activeCount,
                 describe=self.endpoint.describe(),
                 role=self.role,
+                webhooks=self.webhooks,
             )
             if self.expireAfter > 0:
                 self._sweeper = LoopingCall(self._sweep, state)
@@ -198,7 +206,9 @@ class RedisRenderService(Service):
                     lambda f: _log.failure("deleting expired outputs", f)
                 )
         if self.worker:
-            self._ledger = RedisLedger(state, events, self.clock, maxAttempts=self.maxAttempts, keep=self.history)
+            self._ledger = RedisLedger(
+                state, events, self.clock, maxAttempts=self.maxAttempts, keep=self.history, webhooks=self.webhooks
+            )
             claims = ClaimedRenders(self._ledger)
             self._runner = RenderRunner(
                 self.clock,
@@ -277,6 +287,9 @@ class RedisRenderService(Service):
                 await connection.disconnect()
             except Exception:
                 pass
+        if self.webhooks is not None:
+            # No retry from now on; attempts in flight end (their timeout).
+            await self.webhooks.stop()
 
     async def _sweep(self, state: RedisJobState) -> None:
         """
@@ -331,8 +344,10 @@ class RedisRenderService(Service):
     def newJobID(self) -> str:
         return self.newID()
 
-    def submit(self, renderer: object, params: object, outputURL: str | None, jobID: str) -> Deferred[JobSnapshot]:
-        return self._jobs().submit(renderer, params, outputURL, jobID)
+    def submit(
+        self, renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object = None
+    ) -> Deferred[JobSnapshot]:
+        return self._jobs().submit(renderer, params, outputURL, jobID, callbackURL)
 
     def get(self, jobID: str) -> Deferred[JobSnapshot]:
         return self._jobs().get(jobID)

@@ -120,6 +120,13 @@ def _optionalNumber(data: Mapping[str, Any], name: str) -> float | None:
     return value
 
 
+def _optionalString(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"stored job: {name} is not a string: {value!r}")
+    return value
+
+
 def _optionalObject(value: object, name: str) -> JSONObject | None:
     if value is None:
         return None
@@ -163,6 +170,7 @@ def snapshotFromJSON(data: Mapping[str, Any]) -> JobSnapshot:
         progress=_optionalObject(data.get("progress"), "progress"),
         result=_optionalObject(data.get("result"), "result"),
         error=_optionalObject(data.get("error"), "error"),
+        callbackURL=_optionalString(data, "callback_url"),
     )
 
 

@@ -29,6 +29,7 @@ from ._redisbroker import RedisBroker
 from ._redisledger import endJob
 from ._redisqueue import RedisJobQueue
 from ._redisstate import RedisJobState, unavailable
+from ._webhooks import CallbackPolicy, Webhooks
 
 _log = Logger()
 
@@ -42,6 +43,9 @@ class RedisJobs:
     @ivar running: how many renders this process runs (a web instance
         that is a worker too: C{--role all}), for C{/healthz}.
     @ivar describe: what C{/healthz} says of Redis (its URL, no password).
+    @ivar webhooks: the C{callback_url}s clients may give, and what sends
+        the callback of a queued render this instance cancels (C{None}:
+        none allowed).
     """
 
     clock: IReactorTime
@@ -56,6 +60,7 @@ class RedisJobs:
     running: Callable[[], int] = lambda: 0
     describe: str = ""
     role: str = "web"
+    webhooks: Webhooks | None = None
 
     @property
     def streams(self) -> IAsyncJobBroker:
@@ -68,11 +73,18 @@ class RedisJobs:
     def newJobID(self) -> str:
         return self.newID()
 
-    def submit(self, renderer: object, params: object, outputURL: str | None, jobID: str) -> Deferred[JobSnapshot]:
-        return Deferred.fromCoroutine(self._submit(renderer, params, outputURL, jobID))
+    def submit(
+        self, renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object = None
+    ) -> Deferred[JobSnapshot]:
+        return Deferred.fromCoroutine(self._submit(renderer, params, outputURL, jobID, callbackURL))
 
-    async def _submit(self, renderer: object, params: object, outputURL: str | None, jobID: str) -> JobSnapshot:
+    async def _submit(
+        self, renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object
+    ) -> JobSnapshot:
         renderer, normalized = validated(self.renderers, renderer, params)
+        if callbackURL is not None:
+            policy = self.webhooks.policy if self.webhooks is not None else CallbackPolicy()
+            callbackURL = policy.check(callbackURL)
         if self.maxQueued:
             waiting = await self.queue.depth().addErrback(unavailable)
             if waiting >= self.maxQueued:
@@ -86,6 +98,7 @@ class RedisJobs:
             params=normalized,
             state=JobState.QUEUED,
             createdAt=self.clock.seconds(),
+            callbackURL=callbackURL,
         )
         await self.state.create(snapshot, outputURL)
         _log.info("render {jobID} submitted ({renderer})", jobID=jobID, renderer=renderer)
@@ -112,7 +125,7 @@ class RedisJobs:
         if await self.queue.withdraw(jobID).addErrback(unavailable):
             # No worker has it, and none ever will.
             _log.info("render {jobID} cancelled while queued", jobID=jobID)
-            await endJob(self.state, self.broker.events, self.clock, jobID, CANCELLED_QUEUED)
+            await endJob(self.state, self.broker.events, self.clock, jobID, CANCELLED_QUEUED, self.webhooks)
         else:
             # The worker holding it stops it and publishes "cancelled".
             _log.info("render {jobID} cancelled while running: telling its worker", jobID=jobID)

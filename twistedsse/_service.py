@@ -33,6 +33,7 @@ from ._queue import MemoryQueue
 from ._render import removeWorkDirs
 from ._runner import RenderRunner
 from ._store import NullJobStore
+from ._webhooks import CallbackPolicy, Webhooks
 
 
 def newJobID() -> str:
@@ -74,6 +75,8 @@ class RenderService(Service):
     @param statvfs: C{os.statvfs}, or a stand-in for tests.
     @param renderEnv: variables added to every render's environment (the
         operator's C{--render-env}, the thread budget).
+    @param webhooks: sends ended jobs to their C{callback_url}s; C{None}:
+        a C{callback_url} is refused (none is allowed).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class RenderService(Service):
         minFreeBytes: int = 0,
         statvfs: Callable[[str], Any] = os.statvfs,
         renderEnv: Mapping[str, str] | None = None,
+        webhooks: Webhooks | None = None,
     ) -> None:
         if maxRenders < 1:
             raise ValueError(f"maxRenders must be at least 1, got {maxRenders!r}")
@@ -104,10 +108,12 @@ class RenderService(Service):
         self.maxRenders = maxRenders
         self.store: IJobStore = store if store is not None else NullJobStore()
         self._disk = OutputDisk(Path(outputDir), maxRenders, maxOutputBytes or None, minFreeBytes, statvfs)
-        self._ledger = JobLedger(clock, broker, self.store)
+        self.webhooks = webhooks
+        self._ledger = JobLedger(clock, broker, self.store, webhooks=webhooks)
         queue = MemoryQueue()
         self._jobs = JobTracker(
-            clock, self.renderers, self._ledger, queue, self._disk, newID, maxQueued=maxQueued, expireAfter=expireAfter
+            clock, self.renderers, self._ledger, queue, self._disk, newID, maxQueued=maxQueued, expireAfter=expireAfter,
+            callbacks=webhooks.policy if webhooks is not None else CallbackPolicy(),
         )
         self._ledger.onEnded = self._jobs.ended
         self._runner = RenderRunner(
@@ -178,7 +184,13 @@ class RenderService(Service):
         return self._jobs.newID()
 
     def submit(
-        self, renderer: object, params: object, outputURL: str | None = None, *, jobID: str | None = None
+        self,
+        renderer: object,
+        params: object,
+        outputURL: str | None = None,
+        *,
+        jobID: str | None = None,
+        callbackURL: object = None,
     ) -> JobSnapshot:
         """
         Validate and queue a render.
@@ -190,6 +202,8 @@ class RenderService(Service):
             makes a file.
         @param jobID: the id to give the job, from L{newJobID}; by default
             a new one.
+        @param callbackURL: where to POST the job when it ends (see
+            L{twistedsse._webhooks}).
         @raise ValueError: a job with that C{jobID} exists already.
         @raise twistedsse._errors.UnknownRenderer: no renderer by that name.
         @raise twistedsse._errors.InvalidParams: C{params} do not suit it.
@@ -197,7 +211,7 @@ class RenderService(Service):
         @raise twistedsse._errors.InsufficientStorage: no room on disk, or
             the job store cannot be written.
         """
-        return self._jobs.submit(renderer, params, outputURL, jobID)
+        return self._jobs.submit(renderer, params, outputURL, jobID, callbackURL)
 
     def cancel(self, jobID: str) -> JobSnapshot:
         """
@@ -240,6 +254,8 @@ class RenderService(Service):
     def startService(self) -> None:
         # No render runs yet: any working directory is a dead one's.
         removeWorkDirs(self.outputDir)
+        if self.webhooks is not None:
+            self.webhooks.start()
         self._jobs.start()
         self._disk.evict(0)
         # Service.startService/stopService are unannotated, and
@@ -258,15 +274,16 @@ class RenderService(Service):
         self._jobs.stop()
         ended = self._runner.stop()
 
-        def closeStore(result: object) -> None:
+        def closeStore(result: object) -> Deferred[None]:
             # Every stream's final frame is written before the connections
             # are closed (the fan-out may be mid-pass).
             self.broker.flush()
             self.store.close()
+            # Callbacks: no retry from now on; attempts in flight end.
+            return self.webhooks.stop() if self.webhooks is not None else succeed(None)
 
         if not ended:
-            closeStore(None)
-            return succeed(None)
+            return closeStore(None)
         return DeferredList(ended, consumeErrors=True).addCallback(closeStore)
 
 

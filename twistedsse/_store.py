@@ -70,6 +70,8 @@ def snapshotFromRecord(record: Mapping[str, Any]) -> JobSnapshot:
         progress=record["progress"],
         result=record["result"],
         error=record["error"],
+        # (Absent from the records of earlier versions.)
+        callbackURL=record.get("callback_url"),
     )
 
 

@@ -40,6 +40,7 @@ from ._server import ServerService
 from ._command import CommandRenderer, checkRenderEnv
 from ._listen import loopbackOnly
 from ._security import HostPolicy, readSecret, readTokens
+from ._webhooks import allowEntry
 from ._transport import EagerSendReactor
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -131,6 +132,8 @@ class Options(usage.Options):
         self["jwt-secret"] = None
         self["public-names"] = []
         self["render-env"] = []
+        self["callback-allow"] = []
+        self["callback-secret"] = None
 
     def opt_listen(self, description: str) -> None:
         """
@@ -198,6 +201,29 @@ class Options(usage.Options):
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"--jwt-secret-file: {e}") from None
 
+    def opt_callback_allow(self, entry: str) -> None:
+        """
+        HOST or HOST:PORT (IPv6 in brackets) that a render's callback_url
+        may name (repeatable; default: none, and callback_url is refused).
+        Needs --callback-secret-file.
+        """
+        try:
+            allowEntry(entry)
+        except ValueError as e:
+            raise usage.UsageError(f"--callback-allow: {e}") from None
+        self["callback-allow"].append(entry)
+
+    def opt_callback_secret_file(self, path: str) -> None:
+        """
+        A file holding the secret (at least 32 bytes) that callbacks are
+        signed with (HMAC-SHA256, header Twistedsse-Signature). Needs
+        --callback-allow.
+        """
+        try:
+            self["callback-secret"] = readSecret(path)
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--callback-secret-file: {e}") from None
+
     def opt_public_name(self, name: str) -> None:
         """
         A host name browsers use to reach this service (repeatable).
@@ -222,6 +248,11 @@ class Options(usage.Options):
                     f"--listen {description}: no socket passed by systemd (LISTEN_FDS unset)"
                 )
         self.checkRedis()
+        if bool(self["callback-allow"]) != (self["callback-secret"] is not None):
+            raise usage.UsageError(
+                "--callback-allow and --callback-secret-file go together: callbacks are sent only to "
+                "allowed hosts, and always signed"
+            )
         # Secure by default: never open to the network without a token (a
         # worker serves its health only).
         authenticated = bool(self["auth-tokens"]) or self["jwt-secret"] is not None
@@ -333,6 +364,8 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         claimTimeout=options["claim-timeout"],
         maxAttempts=options["max-attempts"],
         drainTimeout=options["drain-timeout"],
+        callbackAllow=options["callback-allow"],
+        callbackSecret=options["callback-secret"],
     )
     site = buildSite(
         service,
