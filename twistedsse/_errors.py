@@ -18,7 +18,9 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     ├── Unprocessable (422)                 ValueError
     │   ├── InvalidBody                     "invalid_body"
     │   ├── UnknownRenderer                 "unknown_renderer"
-    │   └── InvalidParams                   "invalid_params" (names the field)
+    │   ├── InvalidParams                   "invalid_params" (names the field)
+    │   └── InvalidJobs                     "invalid_jobs" (GET /events: no job, or a bad one)
+    │       └── TooManyJobs                 "too_many_jobs" (GET /events: over 100 jobs)
     ├── NotFound (404)                      LookupError
     │   └── UnknownJob                      "unknown_job"
     │       └── JobExpired (410)            "job_expired" (deleted after --expire-after)
@@ -151,6 +153,23 @@ class InvalidParams(Unprocessable):
     def __init__(self, field: str, detail: str) -> None:
         super().__init__(f"params: {detail}" if field == "params" else f"params.{field}: {detail}")
         self.field = field
+
+
+class InvalidJobs(Unprocessable):
+    """
+    C{GET /events} names no job, or a job id that cannot be one (empty,
+    not UTF-8).
+    """
+
+    code = "invalid_jobs"
+
+
+class TooManyJobs(InvalidJobs):
+    """
+    C{GET /events} names more jobs than one stream may watch.
+    """
+
+    code = "too_many_jobs"
 
 
 class NotFound(TwistedSSEError, LookupError):
