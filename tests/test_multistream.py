@@ -12,17 +12,32 @@ import json
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from twistedsse._asyncbroker import AsyncMemoryBroker, IAsyncJobBroker
+from twistedsse._broker import MemoryBroker
 
 from twistedsse._build import buildSite
-from twistedsse._multistream import MAX_JOBS, combinedID, jobsTag, parseJobs, parsePositions
-from twistedsse._errors import InvalidJobs, TooManyJobs
+from twistedsse._multistream import (
+    MAX_JOBS,
+    MultiEventStreamResource,
+    combinedID,
+    jobsTag,
+    parseJobs,
+    parsePositions,
+    planStream,
+)
+from twistedsse._errors import InvalidJobs, RedisUnavailable, TooManyJobs
+from twistedsse._stream import StreamLimits, StreamSettings
 from twistedsse._security import mintToken
 from twistedsse.testing import FakeSpawner
 
-from tests._support.fixtures import ticksService
+from tests._support.fixtures import snapshot, ticksService
 from tests._support.web import BufferTransport, Connection, TCPStringTransport, chunks, decode, splitResponse
 
 SECRET = b"s" * 32
@@ -287,9 +302,9 @@ class ValidationTests(_Base):
 
     def test_atMostAHundredJobs(self) -> None:
         """
-        101 different jobs are 422 C{too_many_jobs} (before any is looked
-        up); 100 are a stream (each unknown id past the first two aside:
-        here 404 names the first unknown one).
+        101 different jobs are 422 C{too_many_jobs}, before any is looked
+        up; 100 are looked up (404 names the first unknown one), and 100
+        known ones are a stream.
         """
         many = [f"job{i}" for i in range(MAX_JOBS + 1)]
         status, body = self.answer(self.url(*many))
@@ -505,3 +520,144 @@ class SlowClientTests(_Base):
         self.clock.advance(0.1)
         self.assertTrue(transport.disconnecting)
         self.assertNothingLeft()
+
+
+@implementer(IAsyncJobBroker)
+class HeldBroker:
+    """
+    An L{AsyncMemoryBroker} whose C{subscribe}s wait (as Redis' do while a
+    job's history loads) until the test releases or fails them.
+    """
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self._async = AsyncMemoryBroker(broker)
+        self.held: list[tuple[str, str | None, Any, Deferred[Any]]] = []
+        self.cancelled = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._async, name)
+
+    def subscribe(self, jobID: str, lastEventID: str | None, subscriber: Any) -> Deferred[Any]:
+        def cancel(d: Deferred[Any]) -> None:
+            self.cancelled += 1
+
+        d: Deferred[Any] = Deferred(cancel)
+        self.held.append((jobID, lastEventID, subscriber, d))
+        return d
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for jobID, last, subscriber, d in held:
+            if not d.called:
+                self._async.subscribe(jobID, last, subscriber).chainDeferred(d)
+
+    def fail(self, error: Exception) -> None:
+        held, self.held = self.held, []
+        for *_, d in held:
+            if not d.called:  # (cancelled: as Redis' waiters, never fired after)
+                d.errback(error)
+
+
+class AsynchronousBrokerTests(SynchronousTestCase):
+    """
+    The stream over a broker whose subscriptions take time (Redis), driven
+    directly: L{MultiEventStreamResource} with a L{StreamPlan}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.memory = MemoryBroker(history=100)
+        for jobID in ("a", "b"):
+            self.memory.create(snapshot(jobID))
+        self.broker = HeldBroker(self.memory)
+        self.limits = StreamLimits()
+
+    def open(self, lastEventID: str | None = None) -> Connection:
+        plan = self.successResultOf(Deferred.fromCoroutine(planStream(self.broker, ["a", "b"], lastEventID)))
+        resource = MultiEventStreamResource(
+            self.broker, plan, self.clock, StreamSettings(keepalive=15.0, retry=0, writeTimeout=30.0), self.limits
+        )
+        conn = Connection(Site(resource, reactor=self.clock))
+        conn.request("GET", "/", {"Last-Event-ID": lastEventID} if lastEventID else {})
+        return conn
+
+    def test_clientLeavesWhileSubscribing(self) -> None:
+        """
+        A client that leaves before the broker has answered cancels its
+        subscriptions: nothing is subscribed or left running.
+        """
+        conn = self.open()
+        self.assertEqual(splitResponse(conn.take())[2], b": open\n\n")
+        self.assertEqual(len(self.broker.held), 2)
+        conn.disconnect()
+        self.assertEqual(self.broker.cancelled, 2)
+        self.assertEqual((self.memory.subscriberCount(), self.limits.open, ours(self.clock)), (0, 0, []))
+
+    def test_replayWhenTheBrokerAnswers(self) -> None:
+        """
+        Each job's history comes when its subscription does, then live
+        events.
+        """
+        self.memory.publish("a", "progress", {"i": 1})
+        self.memory.publish("b", "complete", {})
+        conn = self.open()
+        conn.take()
+        self.broker.release()
+        self.memory.publish("a", "progress", {"i": 2})
+        got = events(b"".join(chunks(conn.take())))
+        tag = jobsTag(["a", "b"])
+        self.assertEqual(
+            [(n, i, d["job"]) for n, i, d in got],
+            [("progress", f"{tag}:1,", "a"), ("complete", f"{tag}:1,1", "b"), ("progress", f"{tag}:2,1", "a")],
+        )
+        self.memory.publish("a", "failed", {"message": "x"})
+        self.assertTrue(conn.take().endswith(b"0\r\n\r\n"))
+        self.assertEqual((self.memory.subscriberCount(), self.limits.open), (0, 0))
+
+    def test_brokerUnavailableEndsTheStream(self) -> None:
+        """
+        When the broker cannot answer (Redis down), the stream ends, and
+        the client's reconnect (its last id) resumes every job.
+        """
+        self.memory.publish("a", "progress", {"i": 1})
+        conn = self.open()
+        conn.take()
+        self.broker.release()
+        last = events(b"".join(chunks(conn.take())))[-1][1]
+        conn.disconnect()
+        again = self.open(last)
+        again.take()
+        self.broker.fail(RedisUnavailable("redis is down"))
+        self.assertTrue(again.take().endswith(b"0\r\n\r\n"))
+        self.assertEqual(self.limits.open, 0)
+        self.memory.publish("a", "progress", {"i": 2})
+        third = self.open(last)
+        third.take()
+        self.broker.release()
+        self.assertEqual([d["i"] for _, _, d in events(b"".join(chunks(third.take())))], [2])
+        third.disconnect()
+
+    def test_jobGoneWhileBehind(self) -> None:
+        """
+        A job that expires while the client is not reading (its terminal
+        event was dropped meanwhile) gets its C{expired} event when the
+        client reads again; the stream goes on for the others.
+        """
+        transport = BufferTransport(limit=10)
+        plan = self.successResultOf(Deferred.fromCoroutine(planStream(self.broker, ["a", "b"], None)))
+        resource = MultiEventStreamResource(self.broker, plan, self.clock, StreamSettings(keepalive=0, retry=0))
+        conn = Connection(Site(resource, reactor=self.clock), transport)
+        conn.request("GET", "/")
+        self.broker.release()
+        self.assertTrue(transport.full)
+        self.memory.publish("a", "complete", {})
+        self.memory.expire("a")
+        transport.drain()
+        self.broker.release()
+        got = events(b"".join(chunks(transport.drain())))
+        self.assertEqual([(n, d["job"], d.get("error")) for n, _, d in got], [("expired", "a", "job_expired")])
+        self.memory.publish("b", "complete", {})
+        wire = transport.drain()
+        self.assertEqual([n for n, _, _ in events(b"".join(chunks(wire)))], ["complete"])
+        self.assertTrue(wire.endswith(b"0\r\n\r\n"))
+        conn.disconnect()
