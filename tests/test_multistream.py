@@ -105,6 +105,18 @@ class _Base(SynchronousTestCase):
         return int(json.loads(body)["streams"])
 
 
+def assertDocumented(case: SynchronousTestCase, name: str, data: Any) -> None:
+    """
+    C{data} validates against C{openapi.json}'s schema C{name}.
+    """
+    import jsonschema
+
+    from tests.test_openapi import loadSpec
+
+    root = {**loadSpec(), "$ref": f"#/components/schemas/{name}"}
+    case.assertEqual(list(jsonschema.Draft202012Validator(root).iter_errors(data)), [], f"{name}: {data!r}")
+
+
 def events(body: bytes) -> list[tuple[str | None, str | None, Any]]:
     """
     (event, id, data) of each event of an event-stream body.
@@ -354,6 +366,7 @@ class ValidationTests(_Base):
         conn = self.open()
         ((name, eventID, data),) = events(splitResponse(conn.take())[2])
         self.assertEqual((name, data["job"], data["error"]), ("expired", a, "job_expired"))
+        assertDocumented(self, "ExpiredEvent", data)
         self.assertEqual(eventID, f"{jobsTag(self.ids)}:!,")
         conn.disconnect()
         again = self.open(lastEventID=eventID)
