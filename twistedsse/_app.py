@@ -50,6 +50,7 @@ from ._job import JobSnapshot
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
 from ._output import OutputResource
+from ._multistream import MultiEventStreamResource, checkWatch, parseJobs, planStream
 from ._stream import EventStreamResource, StreamLimits, StreamSettings, lastEventID, startStreamHeaders
 
 _log = Logger()
@@ -414,6 +415,28 @@ class TwistedSSEApp:
         # (Not a coroutine: _EventsFirst takes the answer in this call when
         # the jobs are in memory.)
         return self.api.get(jobID).addCallback(lambda _: self._stream(jobID))
+
+    @router.route("/events", methods=["GET"])
+    async def manyEvents(self, request: IRequest) -> MultiEventStreamResource | bytes:
+        """
+        One stream for many jobs (L{twistedsse._multistream}):
+        C{?job=A&job=B...}, through Klein (a dashboard's one stream is not
+        the route thousands open at once).
+        """
+        jobs = parseJobs(request.args.get(b"job", []))
+        checkWatch(self.auth, request, self.clock.seconds(), jobs)
+        plan = await planStream(self.api.streams, jobs, lastEventID(request))
+        if plan.done:
+            # The client has seen every job's end: EventSource stops.
+            request.setResponseCode(204)
+            return b""
+        if request.method == b"HEAD":
+            startStreamHeaders(request)
+            return b""
+        self.limits.checkMany(plan.live)
+        return MultiEventStreamResource(
+            self.api.streams, plan, self.clock, self.settings, self.limits, self._keepalives
+        )
 
     @router.route("/renders/<string:jobID>/output", methods=["GET"])
     async def output(self, request: IRequest, jobID: str) -> OutputResource:

@@ -20,7 +20,9 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     │   ├── UnknownRenderer                 "unknown_renderer"
     │   ├── InvalidParams                   "invalid_params" (names the field)
     │   ├── InvalidCallback                 "invalid_callback_url"
-    │   └── CallbackNotAllowed              "callback_not_allowed" (host not in --callback-allow)
+    │   ├── CallbackNotAllowed              "callback_not_allowed" (host not in --callback-allow)
+    │   └── InvalidJobs                     "invalid_jobs" (GET /events: no job, or a bad one)
+    │       └── TooManyJobs                 "too_many_jobs" (GET /events: over 100 jobs)
     ├── NotFound (404)                      LookupError
     │   └── UnknownJob                      "unknown_job"
     │       └── JobExpired (410)            "job_expired" (deleted after --expire-after)
@@ -171,6 +173,21 @@ class CallbackNotAllowed(Unprocessable):
     """
 
     code = "callback_not_allowed"
+class InvalidJobs(Unprocessable):
+    """
+    C{GET /events} names no job, or a job id that cannot be one (empty,
+    not UTF-8).
+    """
+
+    code = "invalid_jobs"
+
+
+class TooManyJobs(InvalidJobs):
+    """
+    C{GET /events} names more jobs than one stream may watch.
+    """
+
+    code = "too_many_jobs"
 
 
 class NotFound(TwistedSSEError, LookupError):

@@ -156,6 +156,40 @@ class StreamLimits:
         else:
             del self._perJob[jobID]
 
+    def checkMany(self, jobIDs: Sequence[str]) -> None:
+        """
+        As L{check}, for one stream that watches every job of C{jobIDs}
+        (C{GET /events}): it counts once towards the global limit and once
+        towards each job's.
+        """
+        self.check(None)
+        if self.maxPerJob:
+            for jobID in jobIDs:
+                if self._perJob.get(jobID, 0) >= self.maxPerJob:
+                    raise TooManyStreams(
+                        f"render {jobID} has {self.maxPerJob} open streams, its limit", self.retryAfter
+                    )
+
+    def openedMany(self, jobIDs: Sequence[str]) -> None:
+        self._open += 1
+        for jobID in jobIDs:
+            self._perJob[jobID] = self._perJob.get(jobID, 0) + 1
+
+    def closedMany(self, jobIDs: Sequence[str]) -> None:
+        self._open -= 1
+        for jobID in jobIDs:
+            left = self._perJob[jobID] - 1
+            if left:
+                self._perJob[jobID] = left
+            else:
+                del self._perJob[jobID]
+
+    def perJob(self, jobID: str) -> int:
+        """
+        How many open streams watch C{jobID}.
+        """
+        return self._perJob.get(jobID, 0)
+
     @property
     def open(self) -> int:
         return self._open
