@@ -47,6 +47,7 @@ from ._responses import respondError as _error
 from ._responses import respondJSON as _respond
 from ._api import IRenderAPI, renderAPI
 from ._job import JobSnapshot
+from ._jobs import paramsSchema
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
 from ._output import OutputResource
@@ -376,8 +377,11 @@ class TwistedSSEApp:
 
     @router.route("/renderers", methods=["GET"])
     def renderers(self, request: IRequest) -> bytes:
+        table = self.api.renderers
         return _respond(
-            request, 200, {"renderers": [{"name": name} for name in sorted(self.api.renderers)]}
+            request,
+            200,
+            {"renderers": [{"name": name, "params_schema": paramsSchema(table[name])} for name in sorted(table)]},
         )
 
     @router.route("/renders", methods=["POST"])

@@ -9,7 +9,7 @@ worker side only through the L{IRenderQueue}.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Concatenate, Literal, Mapping, ParamSpec
+from typing import Any, Callable, Concatenate, Literal, Mapping, ParamSpec
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -59,6 +59,21 @@ def validated(renderers: Mapping[str, IRenderer], renderer: object, params: obje
         known = ", ".join(sorted(renderers)) or "none"
         raise UnknownRenderer(f"no renderer named {renderer!r} (known: {known})")
     return renderer, impl.validate(params)
+
+
+#: The C{params} schema of a renderer that says nothing of its own.
+_ANY_OBJECT: Mapping[str, Any] = {"type": "object"}
+
+
+def paramsSchema(renderer: IRenderer) -> Mapping[str, Any]:
+    """
+    The JSON Schema of C{renderer}'s C{params}, for C{GET /renderers}: its
+    C{paramsSchema} (the card's, made with its validator; a command
+    renderer's from the operator), or, for a renderer without one (an
+    embedding application's), any JSON object.
+    """
+    schema: Mapping[str, Any] = getattr(renderer, "paramsSchema", _ANY_OBJECT)
+    return schema
 
 
 @attrs.define
