@@ -180,7 +180,7 @@ class CommandSchemaTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.renderer = CommandRenderer("ticks", ["/bin/ticks"], schema=ParamsSchema.fromJSON(TICKS_SCHEMA))
+        self.renderer = CommandRenderer("ticks", ["/bin/ticks"], schema=TICKS_SCHEMA)
 
     def refusal(self, params: object) -> InvalidParams:
         return self.assertRaises(InvalidParams, self.renderer.validate, params)
@@ -244,7 +244,7 @@ class CommandSchemaTests(SynchronousTestCase):
         self.assertLess(time.perf_counter() - started, 3.0)
 
         deep = ParamsSchema.fromJSON({"$defs": {"n": {"items": {"$ref": "#/$defs/n"}}}, "properties": {"x": {"$ref": "#/$defs/n"}}})
-        renderer = CommandRenderer("deep", ["/bin/true"], schema=deep)
+        renderer = CommandRenderer("deep", ["/bin/true"], schema=deep.schema)
         nested: Any = []
         for _ in range(900):
             nested = [nested]
@@ -258,7 +258,7 @@ class CommandSchemaTests(SynchronousTestCase):
         """
         schema = ParamsSchema.fromJSON({"properties": {"s": {"type": "integer"}}})
         error = self.assertRaises(
-            InvalidParams, CommandRenderer("s", ["/bin/true"], schema=schema).validate, {"s": "\ud800" + "x" * 10000}
+            InvalidParams, CommandRenderer("s", ["/bin/true"], schema=schema.schema).validate, {"s": "\ud800" + "x" * 10000}
         )
         self.assertLess(len(str(error)), 300)
         str(error).encode("utf-8")
@@ -280,6 +280,8 @@ class CommandSchemaTests(SynchronousTestCase):
         for schema, words in cases:
             error = self.assertRaises(ValueError, ParamsSchema.fromJSON, schema)
             self.assertIn(words, str(error), schema)
+        # A renderer is made with a schema that is one, or not at all.
+        self.assertRaises(ValueError, CommandRenderer, "x", ["/bin/true"], schema={"type": "nope"})
         # Another draft, named by $schema, is checked as that draft.
         ParamsSchema.fromJSON({"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"})
         self.assertRaises(
@@ -363,7 +365,7 @@ class RoutesTests(SynchronousTestCase):
             renderers={
                 "card": CardRenderer(ffmpeg="/opt/ffmpeg"),
                 "ticks": CommandRenderer("ticks", ["/bin/ticks"]),
-                "strict": CommandRenderer("strict", ["/bin/strict"], schema=ParamsSchema.fromJSON(TICKS_SCHEMA)),
+                "strict": CommandRenderer("strict", ["/bin/strict"], schema=TICKS_SCHEMA),
             },
             outputDir=Path(self.mktemp()),
             maxRenders=2,

@@ -409,9 +409,10 @@ class CommandRenderer:
     """
     @ivar argv: the operator's command, split as a shell would split it,
         run without one.
-    @ivar schema: the operator's schema for C{params}
-        (C{--renderer-schema}), which L{validate} checks them against;
-        C{None}: any JSON object.
+    @ivar schema: the operator's JSON Schema for C{params}
+        (C{--renderer-schema}), which L{validate} checks them against (see
+        L{ParamsSchema} for what it may hold: a bad one is a C{ValueError}
+        here); C{None}: any JSON object.
     @ivar env: the child's environment (before its C{TWISTEDSSE_*}
         variables); by default the allow-listed part of the service's own
         (L{allowedEnvironment}): the operator's command is trusted, but the
@@ -422,7 +423,13 @@ class CommandRenderer:
     name: str = attrs.field(validator=lambda self, a, v: checkRendererName(v))
     argv: tuple[str, ...] = attrs.field(converter=_argvTuple)
     env: Mapping[str, str] | None = None
-    schema: ParamsSchema | None = None
+    schema: Mapping[str, Any] | None = None
+    _checker: ParamsSchema | None = attrs.field(init=False, eq=False, repr=False)
+
+    @_checker.default
+    def _check(self) -> ParamsSchema | None:
+        # (ValueError for a schema that is not one: see ParamsSchema.)
+        return None if self.schema is None else ParamsSchema.fromJSON(self.schema)
 
     @property
     def paramsSchema(self) -> Mapping[str, Any]:
@@ -430,7 +437,7 @@ class CommandRenderer:
         The C{params} schema clients see in C{GET /renderers}: the
         operator's (C{--renderer-schema}), or L{OPEN_SCHEMA}.
         """
-        return OPEN_SCHEMA if self.schema is None else self.schema.schema
+        return OPEN_SCHEMA if self.schema is None else self.schema
 
     @argv.validator
     def _checkArgv(self, attribute: object, value: tuple[str, ...]) -> None:
@@ -469,8 +476,8 @@ class CommandRenderer:
             problem = _strictProblem(key) or _strictProblem(value)
             if problem is not None:
                 raise InvalidParams(_escape(str(key)), f"must be strict JSON, got {problem}")
-        if self.schema is not None:
-            self.schema.check(params)
+        if self._checker is not None:
+            self._checker.check(params)
         return params
 
     def plan(self, params: JSONObject, workdir: Path, stem: str) -> RenderPlan:

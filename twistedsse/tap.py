@@ -266,7 +266,7 @@ class Options(usage.Options):
             if not any(r.name == name for r in self["renderers"]):
                 raise usage.UsageError(f"--renderer-schema {name}: no --renderer {name}=COMMAND")
         self["renderers"] = [
-            attrs.evolve(r, schema=schemas[r.name]) if r.name in schemas else r for r in self["renderers"]
+            attrs.evolve(r, schema=schemas[r.name].schema) if r.name in schemas else r for r in self["renderers"]
         ]
 
     def checkRedis(self) -> None:
