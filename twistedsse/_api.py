@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from ._asyncbroker import AsyncMemoryBroker, IAsyncJobBroker
+from ._idempotency import Once
 from ._job import JobSnapshot
 from ._json import JSONObject
 
@@ -38,9 +39,13 @@ class IRenderAPI(Interface):
         A new job id (to name the job's URLs before it is submitted).
         """
 
-    def submit(renderer: object, params: object, outputURL: str | None, jobID: str) -> Deferred[JobSnapshot]:
+    def submit(
+        renderer: object, params: object, outputURL: str | None, jobID: str, once: Once | None = None
+    ) -> Deferred[JobSnapshot]:
         """
-        Validate and queue a render (L{RenderService.submit}).
+        Validate and queue a render (L{RenderService.submit}); with
+        C{once} (an C{Idempotency-Key}), the job an earlier create with
+        that key made, as it is now, if there is one.
         """
 
     def get(jobID: str) -> Deferred[JobSnapshot]:
@@ -92,8 +97,10 @@ class MemoryRenderAPI:
     def newJobID(self) -> str:
         return self.service.newJobID()
 
-    def submit(self, renderer: object, params: object, outputURL: str | None, jobID: str) -> Deferred[JobSnapshot]:
-        return maybeDeferred(self.service.submit, renderer, params, outputURL, jobID=jobID)
+    def submit(
+        self, renderer: object, params: object, outputURL: str | None, jobID: str, once: Once | None = None
+    ) -> Deferred[JobSnapshot]:
+        return maybeDeferred(self.service.submit, renderer, params, outputURL, jobID=jobID, once=once)
 
     def get(self, jobID: str) -> Deferred[JobSnapshot]:
         return maybeDeferred(self.service.broker.get, jobID)

@@ -46,6 +46,8 @@ from ._json import JSON
 from ._responses import respondError as _error
 from ._responses import respondJSON as _respond
 from ._api import IRenderAPI, renderAPI
+from ._idempotency import Once, callerScope, parseKey
+from ._idempotency import once as makeOnce
 from ._job import JobSnapshot
 from ._jobs import paramsSchema
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
@@ -313,7 +315,9 @@ class TwistedSSEApp:
         body.update(self._links(request, snapshot.id))
         return body
 
-    def _submit(self, request: IRequest, renderer: object, params: object) -> Deferred[JobSnapshot]:
+    def _submit(
+        self, request: IRequest, renderer: object, params: object, once: Once | None = None
+    ) -> Deferred[JobSnapshot]:
         """
         Submit a render, giving the service the URL its output will have
         (for the C{complete} event), which names its id: so the id is made
@@ -321,7 +325,7 @@ class TwistedSSEApp:
         """
         jobID = self.api.newJobID()
         outputURL = IKleinRequest(request).url_for("output", {"jobID": jobID})
-        return self.api.submit(renderer, params, outputURL, jobID)
+        return self.api.submit(renderer, params, outputURL, jobID, once)
 
     def _stream(self, jobID: str, **kw: Any) -> EventStreamResource:
         self.limits.check(jobID)
@@ -395,7 +399,13 @@ class TwistedSSEApp:
         if unknown:
             raise InvalidBody(f"unknown field {unknown[0]!r}; a render request has only renderer and params")
         grant.need("create", str(body.get("renderer")))
-        snapshot = await self._submit(request, body.get("renderer"), body.get("params", {}))
+        # A retry with the same key: the job the first create made, as it
+        # is now (202 again, whatever its state).
+        key = parseKey(request.requestHeaders.getRawHeaders(b"idempotency-key"))
+        once = None
+        if key is not None:
+            once = makeOnce(callerScope(grant, self.auth.given(request, allowQuery=False)), key, body)
+        snapshot = await self._submit(request, body.get("renderer"), body.get("params", {}), once)
         description = self._describe(request, snapshot)
         request.setHeader(b"location", str(description["status_url"]).encode("ascii"))
         return _respond(request, 202, description)

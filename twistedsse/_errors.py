@@ -7,7 +7,8 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
 
     TwistedSSEError
     ├── BadRequest (400)                    ValueError
-    │   └── MalformedJSON                   "malformed_json"
+    │   ├── MalformedJSON                   "malformed_json"
+    │   └── InvalidIdempotencyKey           "invalid_idempotency_key"
     ├── PayloadTooLarge (413)               "body_too_large"
     ├── URITooLong (414)                    "uri_too_long"
     ├── HeaderTooLarge (431)                "header_too_large"
@@ -18,7 +19,8 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     ├── Unprocessable (422)                 ValueError
     │   ├── InvalidBody                     "invalid_body"
     │   ├── UnknownRenderer                 "unknown_renderer"
-    │   └── InvalidParams                   "invalid_params" (names the field)
+    │   ├── InvalidParams                   "invalid_params" (names the field)
+    │   └── IdempotencyKeyReused            "idempotency_key_reused"
     ├── NotFound (404)                      LookupError
     │   └── UnknownJob                      "unknown_job"
     │       └── JobExpired (410)            "job_expired" (deleted after --expire-after)
@@ -122,6 +124,15 @@ class MisdirectedRequest(TwistedSSEError):
     status = 421
 
 
+class InvalidIdempotencyKey(BadRequest):
+    """
+    An C{Idempotency-Key} header that is not 1 to 255 printable ASCII
+    characters (as a Structured Fields string or bare), or more than one.
+    """
+
+    code = "invalid_idempotency_key"
+
+
 class Unprocessable(TwistedSSEError, ValueError):
     code = "unprocessable"
     status = 422
@@ -137,6 +148,16 @@ class InvalidBody(Unprocessable):
 
 class UnknownRenderer(Unprocessable):
     code = "unknown_renderer"
+
+
+class IdempotencyKeyReused(Unprocessable):
+    """
+    An C{Idempotency-Key} came back with another request (another
+    renderer, other params): a client's bug, not a retry (the IETF
+    draft's 422).
+    """
+
+    code = "idempotency_key_reused"
 
 
 class InvalidParams(Unprocessable):

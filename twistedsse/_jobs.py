@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from ._disk import OutputDisk
 from ._errors import (
+    IdempotencyKeyReused,
     InsufficientStorage,
     JobFinished,
     OutputExpired,
@@ -26,6 +27,7 @@ from ._errors import (
     UnknownRenderer,
 )
 from ._expiry import Deadlines
+from ._idempotency import Once
 from ._interfaces import IJobBroker, IJobStore, IRenderer, IRenderQueue, QueuedRender
 from ._job import JobSnapshot, JobState
 from ._json import JSONObject
@@ -94,6 +96,10 @@ class JobTracker:
     maxQueued: int = 0
     expireAfter: float = 86400.0
     _deadlines: Deadlines[_Due] = attrs.field(init=False)
+    #: Idempotency: the job and body fingerprint of each slot, and the
+    #: slot of each such job (to drop it when the job expires).
+    _onces: dict[str, tuple[str, str]] = attrs.field(factory=dict, init=False)
+    _slots: dict[str, str] = attrs.field(factory=dict, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _restored: bool = attrs.field(default=False, init=False)
 
@@ -111,7 +117,12 @@ class JobTracker:
     # -- the API -------------------------------------------------------
 
     def submit(
-        self, renderer: object, params: object, outputURL: str | None = None, jobID: str | None = None
+        self,
+        renderer: object,
+        params: object,
+        outputURL: str | None = None,
+        jobID: str | None = None,
+        once: Once | None = None,
     ) -> JobSnapshot:
         """
         Validate and queue a render.
@@ -120,12 +131,23 @@ class JobTracker:
             C{complete} event's C{output_url}), opaque here.
         @param jobID: the job's id, if the caller made it (with C{newID})
             to name the job's URLs first; by default a new one.
+        @param once: the request's idempotency key, if it has one: the
+            job an earlier create with it made (as it is now), if there is
+            one, else a new one, kept with the key until it expires.
+        @raise IdempotencyKeyReused: C{once}'s key came with another body.
         @raise UnknownRenderer: no renderer by that name.
         @raise twistedsse._errors.InvalidParams: C{params} do not suit it.
         @raise QueueFull: too many renders wait already.
         @raise InsufficientStorage: the output filesystem is nearly full,
             or the job store cannot be written.
         """
+        if once is not None and (earlier := self._onces.get(once.slot)) is not None:
+            earlierID, fingerprint = earlier
+            if fingerprint != once.fingerprint:
+                raise IdempotencyKeyReused(
+                    f"this Idempotency-Key made render {earlierID} from another request body"
+                )
+            return self.broker.get(earlierID)
         renderer, normalized = validated(self.renderers, renderer, params)
         if self.maxQueued and len(self.queue) >= self.maxQueued and self.queue.busy():
             raise QueueFull(f"{len(self.queue)} renders are waiting already, the limit", retryAfter=10)
@@ -149,6 +171,9 @@ class JobTracker:
             self.broker.remove(jobID)
             _log.warn("could not store a new render: {e!r}", e=e)
             raise InsufficientStorage(f"the job store cannot be written ({e})") from None
+        if once is not None:
+            self._onces[once.slot] = (jobID, once.fingerprint)
+            self._slots[jobID] = once.slot
         if self._stopping:
             self.ledger.end(jobID, interrupted())
         else:
@@ -289,6 +314,9 @@ class JobTracker:
         forgetAt = (now if ended is None else ended + self.expireAfter) + self.expireAfter
         self.disk.delete(jobID)
         self.broker.expire(jobID)
+        slot = self._slots.pop(jobID, None)
+        if slot is not None:
+            del self._onces[slot]
         self._expireStored(jobID, forgetAt, now)
 
     def _expireStored(self, jobID: str, forgetAt: float, now: float) -> None:

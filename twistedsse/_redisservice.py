@@ -34,6 +34,7 @@ from ._api import IRenderAPI
 from ._asyncbroker import IAsyncJobBroker
 from ._disk import OutputDisk
 from ._errors import RedisUnavailable
+from ._idempotency import Once
 from ._interfaces import IRenderer
 from ._job import JobSnapshot
 from ._json import JSONObject
@@ -331,8 +332,10 @@ class RedisRenderService(Service):
     def newJobID(self) -> str:
         return self.newID()
 
-    def submit(self, renderer: object, params: object, outputURL: str | None, jobID: str) -> Deferred[JobSnapshot]:
-        return self._jobs().submit(renderer, params, outputURL, jobID)
+    def submit(
+        self, renderer: object, params: object, outputURL: str | None, jobID: str, once: Once | None = None
+    ) -> Deferred[JobSnapshot]:
+        return self._jobs().submit(renderer, params, outputURL, jobID, once)
 
     def get(self, jobID: str) -> Deferred[JobSnapshot]:
         return self._jobs().get(jobID)

@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
 from ._disk import OutputDisk
+from ._idempotency import Once
 from ._interfaces import IJobBroker, IJobStore, IRenderer
 from ._job import JobSnapshot
 from ._jobs import JobTracker
@@ -178,7 +179,13 @@ class RenderService(Service):
         return self._jobs.newID()
 
     def submit(
-        self, renderer: object, params: object, outputURL: str | None = None, *, jobID: str | None = None
+        self,
+        renderer: object,
+        params: object,
+        outputURL: str | None = None,
+        *,
+        jobID: str | None = None,
+        once: Once | None = None,
     ) -> JobSnapshot:
         """
         Validate and queue a render.
@@ -190,6 +197,7 @@ class RenderService(Service):
             makes a file.
         @param jobID: the id to give the job, from L{newJobID}; by default
             a new one.
+        @param once: its C{Idempotency-Key} (L{JobTracker.submit}).
         @raise ValueError: a job with that C{jobID} exists already.
         @raise twistedsse._errors.UnknownRenderer: no renderer by that name.
         @raise twistedsse._errors.InvalidParams: C{params} do not suit it.
@@ -197,7 +205,7 @@ class RenderService(Service):
         @raise twistedsse._errors.InsufficientStorage: no room on disk, or
             the job store cannot be written.
         """
-        return self._jobs.submit(renderer, params, outputURL, jobID)
+        return self._jobs.submit(renderer, params, outputURL, jobID, once)
 
     def cancel(self, jobID: str) -> JobSnapshot:
         """
