@@ -22,7 +22,8 @@ from twistedsse import _broker, _build, _connections, _errors, _frames
 PUBLIC = {
     "BadRequest", "CardRenderer", "CommandRenderer", "Conflict", "ConnectionCounter", "ConnectionLimits",
     "DrainingSite", "EagerSendReactor", "Event", "EventStreamDecoder", "Forbidden", "HeaderTooLarge",
-    "IJobBroker", "IJobStore", "IProgressParser", "IRenderer", "ISubscriber", "InsufficientStorage",
+    "IJobBroker", "IJobStore", "IProgressParser", "IRenderer", "ISubscriber", "IdempotencyKeyReused",
+    "InsufficientStorage", "InvalidIdempotencyKey",
     "InvalidBody", "InvalidJobs", "InvalidParams", "JobExpired", "JobFinished", "JobSnapshot", "JobState", "MalformedJSON",
     "MemoryBroker", "MethodNotAllowed", "MisdirectedRequest", "NotFound", "NullJobStore", "OutputExpired",
     "OutputNotReady", "PayloadTooLarge", "QueueFull", "RedisConfigError", "RedisEndpoint", "RedisRenderService", "RedisUnavailable", "RangeNotSatisfiable", "RenderPlan", "RenderProtocolError",

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from ._asyncbroker import AsyncMemoryBroker, IAsyncJobBroker
+from ._idempotency import Once
 from ._job import JobSnapshot
 from ._json import JSONObject
 
@@ -39,11 +40,18 @@ class IRenderAPI(Interface):
         """
 
     def submit(
-        renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object = None
+        renderer: object,
+        params: object,
+        outputURL: str | None,
+        jobID: str,
+        callbackURL: object = None,
+        once: Once | None = None,
     ) -> Deferred[JobSnapshot]:
         """
         Validate and queue a render (L{RenderService.submit}); C{callbackURL}
-        is the client's C{callback_url} (any JSON value), or C{None}.
+        is the client's C{callback_url} (any JSON value), or C{None}; with
+        C{once} (an C{Idempotency-Key}), the job an earlier create with
+        that key made, as it is now, if there is one.
         """
 
     def get(jobID: str) -> Deferred[JobSnapshot]:
@@ -96,9 +104,17 @@ class MemoryRenderAPI:
         return self.service.newJobID()
 
     def submit(
-        self, renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object = None
+        self,
+        renderer: object,
+        params: object,
+        outputURL: str | None,
+        jobID: str,
+        callbackURL: object = None,
+        once: Once | None = None,
     ) -> Deferred[JobSnapshot]:
-        return maybeDeferred(self.service.submit, renderer, params, outputURL, jobID=jobID, callbackURL=callbackURL)
+        return maybeDeferred(
+            self.service.submit, renderer, params, outputURL, jobID=jobID, callbackURL=callbackURL, once=once
+        )
 
     def get(self, jobID: str) -> Deferred[JobSnapshot]:
         return maybeDeferred(self.service.broker.get, jobID)

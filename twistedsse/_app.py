@@ -46,7 +46,10 @@ from ._json import JSON
 from ._responses import respondError as _error
 from ._responses import respondJSON as _respond
 from ._api import IRenderAPI, renderAPI
+from ._idempotency import Once, callerScope, parseKey
+from ._idempotency import once as makeOnce
 from ._job import JobSnapshot
+from ._jobs import paramsSchema
 from ._security import BearerTokens, CORSPolicy, CORSResource, HostPolicy, RequestGuard
 from ._keepalive import Keepalives
 from ._output import OutputResource
@@ -314,7 +317,12 @@ class TwistedSSEApp:
         return body
 
     def _submit(
-        self, request: IRequest, renderer: object, params: object, callbackURL: object = None
+        self,
+        request: IRequest,
+        renderer: object,
+        params: object,
+        callbackURL: object = None,
+        once: Once | None = None,
     ) -> Deferred[JobSnapshot]:
         """
         Submit a render, giving the service the URL its output will have
@@ -323,7 +331,7 @@ class TwistedSSEApp:
         """
         jobID = self.api.newJobID()
         outputURL = IKleinRequest(request).url_for("output", {"jobID": jobID})
-        return self.api.submit(renderer, params, outputURL, jobID, callbackURL)
+        return self.api.submit(renderer, params, outputURL, jobID, callbackURL, once)
 
     def _stream(self, jobID: str, **kw: Any) -> EventStreamResource:
         self.limits.check(jobID)
@@ -379,8 +387,11 @@ class TwistedSSEApp:
 
     @router.route("/renderers", methods=["GET"])
     def renderers(self, request: IRequest) -> bytes:
+        table = self.api.renderers
         return _respond(
-            request, 200, {"renderers": [{"name": name} for name in sorted(self.api.renderers)]}
+            request,
+            200,
+            {"renderers": [{"name": name, "params_schema": paramsSchema(table[name])} for name in sorted(table)]},
         )
 
     @router.route("/renders", methods=["POST"])
@@ -396,7 +407,15 @@ class TwistedSSEApp:
                 f"unknown field {unknown[0]!r}; a render request has only renderer, params and callback_url"
             )
         grant.need("create", str(body.get("renderer")))
-        snapshot = await self._submit(request, body.get("renderer"), body.get("params", {}), body.get("callback_url"))
+        # A retry with the same key: the job the first create made, as it
+        # is now (202 again, whatever its state).
+        key = parseKey(request.requestHeaders.getRawHeaders(b"idempotency-key"))
+        once = None
+        if key is not None:
+            once = makeOnce(callerScope(grant, self.auth.given(request, allowQuery=False)), key, body)
+        snapshot = await self._submit(
+            request, body.get("renderer"), body.get("params", {}), body.get("callback_url"), once
+        )
         description = self._describe(request, snapshot)
         request.setHeader(b"location", str(description["status_url"]).encode("ascii"))
         return _respond(request, 202, description)

@@ -47,7 +47,7 @@ import os
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import attrs
 from zope.interface import implementer
@@ -62,18 +62,6 @@ MIN_DURATION, MAX_DURATION = 1, 60
 MIN_WIDTH, MAX_WIDTH = 64, 1920
 MIN_HEIGHT, MAX_HEIGHT = 64, 1080
 MIN_FPS, MAX_FPS = 1, 60
-
-#: Every parameter a client may give, with its default.
-DEFAULTS: Mapping[str, Any] = {
-    "title": "twistedsse",
-    "subtitle": "",
-    "duration": 5,
-    "size": "1280x720",
-    "fps": 30,
-    "background": "#1e293b",
-    "foreground": "#f8fafc",
-    "accent": "#38bdf8",
-}
 
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 _COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
@@ -241,6 +229,172 @@ def _checkFPS(value: object) -> int:
     return value
 
 
+def _digits(low: str, high: str) -> str:
+    """
+    A regular expression for the decimal numbers from C{low} to C{high},
+    two strings of digits of the same length, as written with that many
+    digits.
+    """
+    if low == high:
+        return low
+    width = len(low) - 1
+    if width == 0:
+        return f"[{low}-{high}]"
+    if low == "0" * (width + 1) and high == "9" * (width + 1):
+        return f"[0-9]{{{width + 1}}}"
+    if low[0] == high[0]:
+        return low[0] + f"(?:{_digits(low[1:], high[1:])})"
+    parts = [low[0] + f"(?:{_digits(low[1:], '9' * width)})"]
+    if int(high[0]) - int(low[0]) > 1:
+        parts.append(f"[{int(low[0]) + 1}-{int(high[0]) - 1}][0-9]{{{width}}}")
+    parts.append(high[0] + f"(?:{_digits('0' * width, high[1:])})")
+    return "|".join(parts)
+
+
+def _evenDigit(low: int, high: int) -> str:
+    return "[" + "".join(str(d) for d in range(low, high + 1) if d % 2 == 0) + "]"
+
+
+def _evenPattern(low: int, high: int, places: int) -> str:
+    """
+    A regular expression (no anchors) for the even integers from C{low}
+    to C{high} (both even, at least 10) written in at most C{places}
+    digits, leading zeros allowed, as L{_SIZE} reads them.
+
+    Generated from the limits, so that the schema's size pattern cannot
+    drift from L{_checkSize}; the tests compare the two over every string
+    of up to C{places} digits.
+    """
+    alternatives = []
+    for length in range(len(str(low)), len(str(high)) + 1):
+        # (10**length - 2: the greatest even number of that length.)
+        first, last = max(low, 10 ** (length - 1)), min(high, 10**length - 2)
+        tens, lastTens = first // 10, last // 10
+        zeros = f"0{{0,{places - length}}}" if places > length else ""
+        if tens == lastTens:
+            body = f"{tens}{_evenDigit(first % 10, last % 10)}"
+        else:
+            body = f"{tens}{_evenDigit(first % 10, 8)}"
+            if lastTens - tens > 1:
+                middle = _digits(str(tens + 1), str(lastTens - 1).zfill(len(str(tens + 1))))
+                body += f"|(?:{middle})[02468]"
+            body += f"|{lastTens}{_evenDigit(0, last % 10)}"
+        alternatives.append(f"{zeros}(?:{body})")
+    return "|".join(alternatives)
+
+
+#: The end of the subject, in both Python's C{re} and ECMA-262 (JSON
+#: Schema's dialect): Python's C{$} also matches before a final newline.
+_END = r"$(?!\n)"
+
+#: Code points a title may not hold: control characters (category Cc)
+#: other than tab and newline, and lone surrogates (category Cs, which
+#: JSON's C{\\ud800} escapes can encode), as L{_checkText} refuses them.
+_TEXT_PATTERN = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F\uD800-\uDFFF]*$"
+
+
+@attrs.frozen
+class Field:
+    """
+    One parameter of the card: its name, its default, the check that
+    L{CardRenderer.validate} applies (it returns the value normalized), and
+    the JSON Schema that accepts exactly what the check accepts. Both come
+    from the same limits (L{MAX_TEXT}, L{MIN_DURATION}, ...), next to each
+    other, and the tests compare them value by value.
+    """
+
+    name: str
+    default: object
+    check: Callable[[object], Any]
+    schema: Mapping[str, Any]
+
+
+def _textField(name: str, default: str, minimum: int, description: str) -> Field:
+    return Field(
+        name,
+        default,
+        lambda value: _checkText(name, value, minimum),
+        {
+            "type": "string",
+            "minLength": minimum,
+            "maxLength": MAX_TEXT,
+            "pattern": _TEXT_PATTERN,
+            "description": description,
+        },
+    )
+
+
+def _colourField(name: str, default: str, description: str) -> Field:
+    return Field(
+        name,
+        default,
+        lambda value: _checkColour(name, value),
+        # maxLength: Python's "$" would let a final newline through.
+        {"type": "string", "pattern": "^#[0-9a-fA-F]{6}$", "maxLength": 7, "description": description},
+    )
+
+
+#: Every parameter a client may give, in order.
+FIELDS: tuple[Field, ...] = (
+    _textField("title", "twistedsse", 1, "The title; newline and tab are the only control characters allowed."),
+    _textField("subtitle", "", 0, "The subtitle (empty: none)."),
+    Field(
+        "duration",
+        5,
+        _checkDuration,
+        {
+            "type": "number",
+            "minimum": MIN_DURATION,
+            "maximum": MAX_DURATION,
+            "description": "Length in seconds.",
+        },
+    ),
+    Field(
+        "size",
+        "1280x720",
+        _checkSize,
+        {
+            "type": "string",
+            "pattern": "^[0-9]{1,5}x[0-9]{1,5}$",
+            # The form above; this one, generated from the limits, says
+            # the ranges and evenness too.
+            "allOf": [
+                {
+                    "pattern": f"^(?:{_evenPattern(MIN_WIDTH, MAX_WIDTH, 5)})"
+                    f"x(?:{_evenPattern(MIN_HEIGHT, MAX_HEIGHT, 5)}){_END}"
+                }
+            ],
+            "x-size-limits": {
+                "width": {"minimum": MIN_WIDTH, "maximum": MAX_WIDTH, "multipleOf": 2},
+                "height": {"minimum": MIN_HEIGHT, "maximum": MAX_HEIGHT, "multipleOf": 2},
+            },
+            "description": "WIDTHxHEIGHT in pixels, both even.",
+        },
+    ),
+    Field(
+        "fps",
+        30,
+        _checkFPS,
+        {"type": "integer", "minimum": MIN_FPS, "maximum": MAX_FPS, "description": "Frames per second."},
+    ),
+    _colourField("background", "#1e293b", "The background colour, #rrggbb."),
+    _colourField("foreground", "#f8fafc", "The text colour, #rrggbb."),
+    _colourField("accent", "#38bdf8", "The progress bar's colour, #rrggbb."),
+)
+
+#: Every parameter a client may give, with its default.
+DEFAULTS: Mapping[str, Any] = {field.name: field.default for field in FIELDS}
+
+#: The card's C{params} as a JSON Schema (2020-12), for C{GET /renderers}:
+#: made of L{FIELDS}, as the validator is.
+PARAMS_SCHEMA: Mapping[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {field.name: {**field.schema, "default": field.default} for field in FIELDS},
+}
+
+
 def _checkStem(stem: str) -> None:
     """
     The stem names files inside the working directory: it must be a plain
@@ -346,6 +500,7 @@ class CardRenderer:
     """
 
     name: ClassVar[str] = "card"
+    paramsSchema: ClassVar[Mapping[str, Any]] = PARAMS_SCHEMA
 
     _ffmpeg: str | None = None
     _fontfile: str | None = None
@@ -375,17 +530,7 @@ class CardRenderer:
                     name if len(name) <= 60 else name[:57] + "...",
                     f"is not a parameter of the card renderer, which takes {', '.join(DEFAULTS)}",
                 )
-        values = {**DEFAULTS, **params}
-        return {
-            "title": _checkText("title", values["title"], 1),
-            "subtitle": _checkText("subtitle", values["subtitle"], 0),
-            "duration": _checkDuration(values["duration"]),
-            "size": _checkSize(values["size"]),
-            "fps": _checkFPS(values["fps"]),
-            "background": _checkColour("background", values["background"]),
-            "foreground": _checkColour("foreground", values["foreground"]),
-            "accent": _checkColour("accent", values["accent"]),
-        }
+        return {field.name: field.check(params.get(field.name, field.default)) for field in FIELDS}
 
     def plan(self, params: JSONObject, workdir: Path, stem: str) -> RenderPlan:
         """

@@ -7,7 +7,8 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
 
     TwistedSSEError
     ├── BadRequest (400)                    ValueError
-    │   └── MalformedJSON                   "malformed_json"
+    │   ├── MalformedJSON                   "malformed_json"
+    │   └── InvalidIdempotencyKey           "invalid_idempotency_key"
     ├── PayloadTooLarge (413)               "body_too_large"
     ├── URITooLong (414)                    "uri_too_long"
     ├── HeaderTooLarge (431)                "header_too_large"
@@ -21,8 +22,9 @@ C{{"error": code, "detail": str(error)}} at one place. The tree::
     │   ├── InvalidParams                   "invalid_params" (names the field)
     │   ├── InvalidCallback                 "invalid_callback_url"
     │   ├── CallbackNotAllowed              "callback_not_allowed" (host not in --callback-allow)
-    │   └── InvalidJobs                     "invalid_jobs" (GET /events: no job, or a bad one)
-    │       └── TooManyJobs                 "too_many_jobs" (GET /events: over 100 jobs)
+    │   ├── InvalidJobs                     "invalid_jobs" (GET /events: no job, or a bad one)
+    │   │   └── TooManyJobs                 "too_many_jobs" (GET /events: over 100 jobs)
+    │   └── IdempotencyKeyReused            "idempotency_key_reused"
     ├── NotFound (404)                      LookupError
     │   └── UnknownJob                      "unknown_job"
     │       └── JobExpired (410)            "job_expired" (deleted after --expire-after)
@@ -126,6 +128,15 @@ class MisdirectedRequest(TwistedSSEError):
     status = 421
 
 
+class InvalidIdempotencyKey(BadRequest):
+    """
+    An C{Idempotency-Key} header that is not 1 to 255 printable ASCII
+    characters (as a Structured Fields string or bare), or more than one.
+    """
+
+    code = "invalid_idempotency_key"
+
+
 class Unprocessable(TwistedSSEError, ValueError):
     code = "unprocessable"
     status = 422
@@ -141,6 +152,16 @@ class InvalidBody(Unprocessable):
 
 class UnknownRenderer(Unprocessable):
     code = "unknown_renderer"
+
+
+class IdempotencyKeyReused(Unprocessable):
+    """
+    An C{Idempotency-Key} came back with another request (another
+    renderer, other params): a client's bug, not a retry (the IETF
+    draft's 422).
+    """
+
+    code = "idempotency_key_reused"
 
 
 class InvalidParams(Unprocessable):

@@ -9,7 +9,7 @@ worker side only through the L{IRenderQueue}.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Concatenate, Literal, Mapping, ParamSpec
+from typing import Any, Callable, Concatenate, Literal, Mapping, ParamSpec
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from ._disk import OutputDisk
 from ._errors import (
+    IdempotencyKeyReused,
     InsufficientStorage,
     JobFinished,
     OutputExpired,
@@ -26,6 +27,7 @@ from ._errors import (
     UnknownRenderer,
 )
 from ._expiry import Deadlines
+from ._idempotency import Once
 from ._interfaces import IJobBroker, IJobStore, IRenderer, IRenderQueue, QueuedRender
 from ._job import JobSnapshot, JobState
 from ._json import JSONObject
@@ -62,6 +64,21 @@ def validated(renderers: Mapping[str, IRenderer], renderer: object, params: obje
     return renderer, impl.validate(params)
 
 
+#: The C{params} schema of a renderer that says nothing of its own.
+_ANY_OBJECT: Mapping[str, Any] = {"type": "object"}
+
+
+def paramsSchema(renderer: IRenderer) -> Mapping[str, Any]:
+    """
+    The JSON Schema of C{renderer}'s C{params}, for C{GET /renderers}: its
+    C{paramsSchema} (the card's, made with its validator; a command
+    renderer's from the operator), or, for a renderer without one (an
+    embedding application's), any JSON object.
+    """
+    schema: Mapping[str, Any] = getattr(renderer, "paramsSchema", _ANY_OBJECT)
+    return schema
+
+
 @attrs.define
 class JobTracker:
     """
@@ -81,6 +98,10 @@ class JobTracker:
     expireAfter: float = 86400.0
     callbacks: CallbackPolicy = CallbackPolicy()
     _deadlines: Deadlines[_Due] = attrs.field(init=False)
+    #: Idempotency: the job and body fingerprint of each slot, and the
+    #: slot of each such job (to drop it when the job expires).
+    _onces: dict[str, tuple[str, str]] = attrs.field(factory=dict, init=False)
+    _slots: dict[str, str] = attrs.field(factory=dict, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _restored: bool = attrs.field(default=False, init=False)
 
@@ -104,6 +125,7 @@ class JobTracker:
         outputURL: str | None = None,
         jobID: str | None = None,
         callbackURL: object = None,
+        once: Once | None = None,
     ) -> JobSnapshot:
         """
         Validate and queue a render.
@@ -114,6 +136,10 @@ class JobTracker:
             to name the job's URLs first; by default a new one.
         @param callbackURL: where to POST the job when it ends (the
             client's C{callback_url}, any JSON value), or C{None}.
+        @param once: the request's idempotency key, if it has one: the
+            job an earlier create with it made (as it is now), if there is
+            one, else a new one, kept with the key until it expires.
+        @raise IdempotencyKeyReused: C{once}'s key came with another body.
         @raise UnknownRenderer: no renderer by that name.
         @raise twistedsse._errors.InvalidParams: C{params} do not suit it.
         @raise twistedsse._errors.InvalidCallback: a bad C{callbackURL}.
@@ -123,6 +149,13 @@ class JobTracker:
         @raise InsufficientStorage: the output filesystem is nearly full,
             or the job store cannot be written.
         """
+        if once is not None and (earlier := self._onces.get(once.slot)) is not None:
+            earlierID, fingerprint = earlier
+            if fingerprint != once.fingerprint:
+                raise IdempotencyKeyReused(
+                    f"this Idempotency-Key made render {earlierID} from another request body"
+                )
+            return self.broker.get(earlierID)
         renderer, normalized = validated(self.renderers, renderer, params)
         if callbackURL is not None:
             callbackURL = self.callbacks.check(callbackURL)
@@ -149,6 +182,9 @@ class JobTracker:
             self.broker.remove(jobID)
             _log.warn("could not store a new render: {e!r}", e=e)
             raise InsufficientStorage(f"the job store cannot be written ({e})") from None
+        if once is not None:
+            self._onces[once.slot] = (jobID, once.fingerprint)
+            self._slots[jobID] = once.slot
         if self._stopping:
             self.ledger.end(jobID, interrupted())
         else:
@@ -289,6 +325,9 @@ class JobTracker:
         forgetAt = (now if ended is None else ended + self.expireAfter) + self.expireAfter
         self.disk.delete(jobID)
         self.broker.expire(jobID)
+        slot = self._slots.pop(jobID, None)
+        if slot is not None:
+            del self._onces[slot]
         self._expireStored(jobID, forgetAt, now)
 
     def _expireStored(self, jobID: str, forgetAt: float, now: float) -> None:

@@ -34,6 +34,7 @@ from ._api import IRenderAPI
 from ._asyncbroker import IAsyncJobBroker
 from ._disk import OutputDisk
 from ._errors import RedisUnavailable
+from ._idempotency import Once
 from ._interfaces import IRenderer
 from ._job import JobSnapshot
 from ._json import JSONObject
@@ -345,9 +346,15 @@ class RedisRenderService(Service):
         return self.newID()
 
     def submit(
-        self, renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object = None
+        self,
+        renderer: object,
+        params: object,
+        outputURL: str | None,
+        jobID: str,
+        callbackURL: object = None,
+        once: Once | None = None,
     ) -> Deferred[JobSnapshot]:
-        return self._jobs().submit(renderer, params, outputURL, jobID, callbackURL)
+        return self._jobs().submit(renderer, params, outputURL, jobID, callbackURL, once)
 
     def get(self, jobID: str) -> Deferred[JobSnapshot]:
         return self._jobs().get(jobID)

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 
 from . import _json
 from ._errors import JobExpired, RedisUnavailable, UnknownJob
+from ._idempotency import Once
 
 __all__ = ["RedisJobState", "RedisUnavailable", "Transition", "isOutage", "snapshotFromJSON", "unavailable"]
 from ._job import JobSnapshot, JobState
@@ -183,6 +184,15 @@ def _snapshot(state: str, doc: str, progress: str) -> JobSnapshot:
     return snapshotFromJSON(data)
 
 
+def _held(value: str | bytes) -> tuple[str, str]:
+    """
+    A slot's C{"JOBID FINGERPRINT"} as a pair.
+    """
+    text = value.decode("ascii") if isinstance(value, bytes) else value
+    jobID, _, fingerprint = text.partition(" ")
+    return jobID, fingerprint
+
+
 # -- the scripts -----------------------------------------------------------
 
 # KEYS[1] the job's hash, KEYS[2] its expired marker, KEYS[3] the ended
@@ -194,6 +204,8 @@ _ENDED = """
 local function ended(ms, id)
   if ms > 0 then
     redis.call('PEXPIRE', KEYS[1], ms)
+    local idem = redis.call('HGET', KEYS[1], 'idem')
+    if idem then redis.call('PEXPIRE', idem, ms) end
     redis.call('SET', KEYS[2], '1', 'PX', 2 * ms)
     local t = redis.call('TIME')
     redis.call('ZADD', KEYS[3], t[1] * 1000 + math.floor(t[2] / 1000) + ms, id)
@@ -212,6 +224,52 @@ if ARGV[5] == '1' then ended(tonumber(ARGV[6]), ARGV[7]) end
 return 1
 """
 )
+
+# An Idempotency-Key's slot holds "JOBID FINGERPRINT" (see
+# twistedsse._idempotency) while the job exists: set with the job, given
+# the job's expiry when it ends (ended() above: the job's hash names its
+# slot in its "idem" field; a key a script reads out of a value, like the
+# queue's scripts, is not Redis Cluster safe). A slot whose job is gone
+# (removed when its queueing failed) holds nothing.
+# held(slot, prefix): the slot's "JOBID FINGERPRINT", or nil.
+_HELD_FUNCTION = """
+local function held(slot, prefix)
+  local value = redis.call('GET', slot)
+  if not value then return nil end
+  local id = string.match(value, '^(%S+)')
+  if redis.call('EXISTS', prefix .. 'job:' .. id) == 0 then return nil end
+  return value
+end
+"""
+
+#: KEYS[1] the slot; ARGV: the prefix. Returns "JOBID FINGERPRINT" or nil.
+_HELD = _HELD_FUNCTION + "return held(KEYS[1], ARGV[1]) or false\n"
+
+#: KEYS as _CREATE, and the slot; ARGV as _CREATE, then the fingerprint
+#: and the prefix. Returns 1: created (and the slot set); 0: the id is
+#: taken; "JOBID FINGERPRINT": the slot holds another job (nothing done).
+_CREATE_ONCE = (
+    _ENDED
+    + _HELD_FUNCTION
+    + """
+local earlier = held(KEYS[4], ARGV[9])
+if earlier then return earlier end
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'doc', ARGV[2], 'progress', ARGV[3], 'output_url', ARGV[4],
+           'idem', KEYS[4])
+redis.call('SET', KEYS[4], ARGV[7] .. ' ' .. ARGV[8])
+if ARGV[5] == '1' then ended(tonumber(ARGV[6]), ARGV[7]) end
+return 1
+"""
+)
+
+#: KEYS[1] the slot; ARGV: the job id. Empties the slot if it holds that
+#: job (whose queueing failed: it is removed).
+_RELEASE = """
+local value = redis.call('GET', KEYS[1])
+if value and string.match(value, '^(%S+)') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
 
 #: Returns {1, state, doc, progress, output_url}, or {0, expired (0/1)}.
 _READ = """
@@ -327,7 +385,42 @@ class RedisJobState:
         @raise ValueError: the id is taken, by a job or an expired one.
         @raise RedisUnavailable: Redis cannot answer now.
         """
-        args = [
+
+        def created(result: int) -> None:
+            if not result:
+                raise ValueError(f"job {snapshot.id!r} exists already")
+
+        return self._run(_CREATE, self._keys(snapshot.id), self._createArgs(snapshot, outputURL)).addCallback(
+            created
+        )
+
+    def createOnce(
+        self, snapshot: JobSnapshot, outputURL: str | None, once: Once
+    ) -> defer.Deferred[tuple[str, str] | None]:
+        """
+        L{create}, for a request with an C{Idempotency-Key}: unless the
+        key's slot holds a job already, the job is created and the slot set
+        with it, atomically; the slot expires with the job.
+
+        @return: C{None} when created; else the id and body fingerprint of
+            the job the slot holds (and nothing is created).
+        @raise ValueError: the id is taken, by a job or an expired one.
+        @raise RedisUnavailable: Redis cannot answer now.
+        """
+
+        def created(result: int | str | bytes) -> tuple[str, str] | None:
+            if isinstance(result, (str, bytes)):
+                return _held(result)
+            if not result:
+                raise ValueError(f"job {snapshot.id!r} exists already")
+            return None
+
+        keys = [*self._keys(snapshot.id), self._slot(once)]
+        args = [*self._createArgs(snapshot, outputURL), once.fingerprint, self.prefix]
+        return self._run(_CREATE_ONCE, keys, args).addCallback(created)
+
+    def _createArgs(self, snapshot: JobSnapshot, outputURL: str | None) -> list[str | int]:
+        return [
             snapshot.state.value,
             _document(snapshot),
             _json.dumps(None if snapshot.progress is None else dict(snapshot.progress)),
@@ -337,11 +430,25 @@ class RedisJobState:
             snapshot.id,
         ]
 
-        def created(result: int) -> None:
-            if not result:
-                raise ValueError(f"job {snapshot.id!r} exists already")
+    def _slot(self, once: Once) -> str:
+        return f"{self.prefix}idem:{once.slot}"
 
-        return self._run(_CREATE, self._keys(snapshot.id), args).addCallback(created)
+    def heldBy(self, once: Once) -> defer.Deferred[tuple[str, str] | None]:
+        """
+        The id and body fingerprint of the job an C{Idempotency-Key}'s slot
+        holds, or C{None}.
+        """
+
+        def read(result: str | bytes | None) -> tuple[str, str] | None:
+            return None if result is None else _held(result)
+
+        return self._run(_HELD, [self._slot(once)], [self.prefix]).addCallback(read)
+
+    def release(self, once: Once, jobID: str) -> defer.Deferred[None]:
+        """
+        Empty C{once}'s slot if it holds C{jobID} (which is being removed).
+        """
+        return self._run(_RELEASE, [self._slot(once)], [jobID]).addCallback(lambda _: None)
 
     def _read(self, jobID: str) -> defer.Deferred[tuple[JobSnapshot, str | None]]:
         def read(reply: list[Any]) -> tuple[JobSnapshot, str | None]:

@@ -19,7 +19,8 @@ from zope.interface import implementer
 from ._api import IRenderAPI
 from ._asyncbroker import IAsyncJobBroker
 from ._disk import OutputDisk
-from ._errors import InsufficientStorage, JobFinished, OutputExpired, OutputNotReady, QueueFull
+from ._errors import IdempotencyKeyReused, InsufficientStorage, JobFinished, OutputExpired, OutputNotReady, QueueFull
+from ._idempotency import Once
 from ._interfaces import IRenderer, QueuedRender
 from ._job import JobSnapshot, JobState
 from ._jobs import validated
@@ -74,13 +75,40 @@ class RedisJobs:
         return self.newID()
 
     def submit(
-        self, renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object = None
+        self,
+        renderer: object,
+        params: object,
+        outputURL: str | None,
+        jobID: str,
+        callbackURL: object = None,
+        once: Once | None = None,
     ) -> Deferred[JobSnapshot]:
-        return Deferred.fromCoroutine(self._submit(renderer, params, outputURL, jobID, callbackURL))
+        return Deferred.fromCoroutine(self._submit(renderer, params, outputURL, jobID, callbackURL, once))
+
+    async def _earlier(self, held: tuple[str, str], once: Once) -> JobSnapshot:
+        """
+        The job an earlier create with C{once}'s key made, as it is now.
+
+        @raise IdempotencyKeyReused: that create had another body.
+        """
+        earlierID, fingerprint = held
+        if fingerprint != once.fingerprint:
+            raise IdempotencyKeyReused(f"this Idempotency-Key made render {earlierID} from another request body")
+        return await self.state.get(earlierID)
 
     async def _submit(
-        self, renderer: object, params: object, outputURL: str | None, jobID: str, callbackURL: object
+        self,
+        renderer: object,
+        params: object,
+        outputURL: str | None,
+        jobID: str,
+        callbackURL: object,
+        once: Once | None,
     ) -> JobSnapshot:
+        # A retry is answered before the checks a new render must pass (a
+        # full queue does not concern a render that exists).
+        if once is not None and (held := await self.state.heldBy(once)) is not None:
+            return await self._earlier(held, once)
         renderer, normalized = validated(self.renderers, renderer, params)
         if callbackURL is not None:
             policy = self.webhooks.policy if self.webhooks is not None else CallbackPolicy()
@@ -100,7 +128,12 @@ class RedisJobs:
             createdAt=self.clock.seconds(),
             callbackURL=callbackURL,
         )
-        await self.state.create(snapshot, outputURL)
+        if once is None:
+            await self.state.create(snapshot, outputURL)
+        elif (held := await self.state.createOnce(snapshot, outputURL, once)) is not None:
+            # Another request with the key (on any instance) created its
+            # render since we looked: that one, not a second.
+            return await self._earlier(held, once)
         _log.info("render {jobID} submitted ({renderer})", jobID=jobID, renderer=renderer)
         try:
             await self.queue.enqueue(QueuedRender(jobID, outputURL)).addErrback(unavailable)
@@ -109,6 +142,8 @@ class RedisJobs:
             # Redis cannot even delete it, it is a queued job no worker
             # will run: it expires... never, as it never ends; so try.
             await self.broker.remove(jobID).addErrback(lambda _: None)
+            if once is not None:
+                await self.state.release(once, jobID).addErrback(lambda _: None)
             raise
         return snapshot
 

@@ -463,7 +463,7 @@ class CORSResource(Resource):
                 request.setResponseCode(204)
                 request.setHeader(b"access-control-allow-methods", b"GET, POST, DELETE")
                 request.setHeader(
-                    b"access-control-allow-headers", b"Content-Type, Authorization, Last-Event-ID, Cache-Control"
+                    b"access-control-allow-headers", b"Content-Type, Authorization, Last-Event-ID, Cache-Control, Idempotency-Key"
                 )
                 request.setHeader(b"access-control-max-age", str(self._policy.maxAge).encode("ascii"))
                 return b""

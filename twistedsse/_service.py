@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
 from ._disk import OutputDisk
+from ._idempotency import Once
 from ._interfaces import IJobBroker, IJobStore, IRenderer
 from ._job import JobSnapshot
 from ._jobs import JobTracker
@@ -191,6 +192,7 @@ class RenderService(Service):
         *,
         jobID: str | None = None,
         callbackURL: object = None,
+        once: Once | None = None,
     ) -> JobSnapshot:
         """
         Validate and queue a render.
@@ -204,6 +206,7 @@ class RenderService(Service):
             a new one.
         @param callbackURL: where to POST the job when it ends (see
             L{twistedsse._webhooks}).
+        @param once: its C{Idempotency-Key} (L{JobTracker.submit}).
         @raise ValueError: a job with that C{jobID} exists already.
         @raise twistedsse._errors.UnknownRenderer: no renderer by that name.
         @raise twistedsse._errors.InvalidParams: C{params} do not suit it.
@@ -211,7 +214,7 @@ class RenderService(Service):
         @raise twistedsse._errors.InsufficientStorage: no room on disk, or
             the job store cannot be written.
         """
-        return self._jobs.submit(renderer, params, outputURL, jobID, callbackURL)
+        return self._jobs.submit(renderer, params, outputURL, jobID, callbackURL, once)
 
     def cancel(self, jobID: str) -> JobSnapshot:
         """

@@ -12,6 +12,7 @@ import os
 from urllib.parse import urlsplit
 from typing import Any, cast
 
+import attrs
 from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorCore, IReactorTime
@@ -37,7 +38,7 @@ from ._jobs import MAX_QUEUED
 from ._redis import RedisConfigError, RedisEndpoint, checkNow
 from ._redisservice import ROLES
 from ._server import ServerService
-from ._command import CommandRenderer, checkRenderEnv
+from ._command import CommandRenderer, ParamsSchema, checkRenderEnv
 from ._listen import loopbackOnly
 from ._security import HostPolicy, readSecret, readTokens
 from ._webhooks import allowEntry
@@ -134,6 +135,7 @@ class Options(usage.Options):
         self["render-env"] = []
         self["callback-allow"] = []
         self["callback-secret"] = None
+        self["renderer-schemas"] = {}
 
     def opt_listen(self, description: str) -> None:
         """
@@ -158,6 +160,24 @@ class Options(usage.Options):
         if renderer.name == "card" or any(r.name == renderer.name for r in self["renderers"]):
             raise usage.UsageError(f"--renderer: the name {renderer.name!r} is taken")
         self["renderers"].append(renderer)
+
+    def opt_renderer_schema(self, spec: str) -> None:
+        """
+        NAME=FILE: a JSON Schema (2020-12 unless its $schema names another
+        draft; at most 1 MiB; references only within the file) for the
+        params of the command renderer NAME (repeatable). POST /renders
+        checks params against it (422 invalid_params), and GET /renderers
+        shows it. Without one, any JSON object.
+        """
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise usage.UsageError(f"--renderer-schema: expected NAME=FILE, got {spec!r}")
+        if name in self["renderer-schemas"]:
+            raise usage.UsageError(f"--renderer-schema: {name!r} has a schema already")
+        try:
+            self["renderer-schemas"][name] = ParamsSchema.fromFile(path)
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--renderer-schema: {e}") from None
 
     def opt_render_env(self, spec: str) -> None:
         """
@@ -242,6 +262,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        self.attachSchemas()
         for description in self["listen"]:
             if description.startswith("systemd:") and not os.environ.get("LISTEN_FDS"):
                 raise usage.UsageError(
@@ -265,6 +286,19 @@ class Options(usage.Options):
                         "if your own authentication stands in front of this service"
                     )
         self.fitFileLimit()
+
+    def attachSchemas(self) -> None:
+        """
+        Give each C{--renderer-schema} to its C{--renderer} (in either
+        order on the command line).
+        """
+        schemas = self["renderer-schemas"]
+        for name in schemas:
+            if not any(r.name == name for r in self["renderers"]):
+                raise usage.UsageError(f"--renderer-schema {name}: no --renderer {name}=COMMAND")
+        self["renderers"] = [
+            attrs.evolve(r, schema=schemas[r.name].schema) if r.name in schemas else r for r in self["renderers"]
+        ]
 
     def checkRedis(self) -> None:
         """

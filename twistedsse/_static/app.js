@@ -26,7 +26,7 @@
   "use strict";
 
   var TERMINAL = { complete: "succeeded", failed: "failed", cancelled: "cancelled" };
-  var SSE_EVENTS = ["progress", "complete", "failed", "cancelled", "message"];
+  var SSE_EVENTS = ["progress", "retrying", "reset", "complete", "failed", "cancelled", "message"];
   var LOG_LINES = 50;
   // The built-in card renderer's params, as sent; also the ids of its fields.
   var CARD_FIELDS = ["title", "subtitle", "duration", "size", "fps", "background", "foreground", "accent"];
@@ -201,7 +201,7 @@
       "stat-speed", "speed", "stat-time", "out-time", "stat-eta", "eta",
       "cancel", "result", "video", "result-info", "download", "failure",
       "failure-message", "failure-detail", "stderr", "cancelled",
-      "cancelled-message", "log", "log-count", "token"
+      "cancelled-message", "log", "log-count", "token", "notice"
     ].forEach(function (id) {
       ui[id] = $(id);
     });
@@ -268,6 +268,7 @@
     ui.stderr.textContent = "";
     show(ui.stderr, false);
     ui["cancelled-message"].textContent = "";
+    setNotice(null, "");
     clearChildren(ui.log);
     ui["log-count"].textContent = "(0)";
     ui.cancel.disabled = true;
@@ -285,6 +286,15 @@
       ui.progress.textContent = "in progress";
       ui.percent.textContent = "in progress";
     }
+  }
+
+  // A notice under the bar: what happened to the stream or the render that
+  // is neither progress nor an outcome (kind: "retrying", "reset"; null
+  // hides it).
+  function setNotice(kind, text) {
+    ui.notice.textContent = text;
+    ui.notice.setAttribute("data-kind", kind || "none");
+    show(ui.notice, Boolean(kind));
   }
 
   function setStat(id, valueId, text) {
@@ -344,6 +354,44 @@
     else if (typeof data.out_time === "string" && data.out_time) outTime = data.out_time;
     setStat("stat-time", "out-time", outTime);
     setStat("stat-eta", "eta", isNum(data.eta) ? mmss(data.eta) : null);
+  }
+
+  // Redis mode: the worker running the render was lost (or handed it
+  // back), and another starts it again from the beginning. Not an error:
+  // the job is still running, and its progress starts again from 0.
+  function onRetrying(data) {
+    data = data && typeof data === "object" ? data : {};
+    setState("running");
+    setPercent(0);
+    ["stat-frame", "stat-fps", "stat-speed", "stat-time", "stat-eta"].forEach(function (id) {
+      show(ui[id], false);
+    });
+    var text = "Starting again";
+    if (isNum(data.attempt)) {
+      text += ": attempt " + data.attempt + (isNum(data.max_attempts) ? " of at most " + data.max_attempts : "");
+    }
+    text += ".";
+    if (typeof data.message === "string" && data.message) text += " " + data.message + ".";
+    setNotice("retrying", text);
+    announce("Render " + (current ? current.job.id : "") + " is starting again.");
+  }
+
+  // The stream could not give every event since the last one seen: more
+  // were published than the server keeps (missed: how many), or, in Redis
+  // mode, Redis lost the job's events (missed: null). What follows is the
+  // job as it is now.
+  function onReset(data) {
+    data = data && typeof data === "object" ? data : {};
+    var text;
+    if (isNum(data.missed)) {
+      text = "Missed " + data.missed + " event" + (data.missed === 1 ? "" : "s") +
+        " (older than the server keeps); showing the render as it is now.";
+    } else {
+      text = "The server lost this render's earlier events; showing the render as it is now.";
+    }
+    setNotice("reset", text);
+    if (data.state === "queued" || data.state === "running") setState(data.state);
+    if (data.progress && typeof data.progress === "object") onProgress(data.progress);
   }
 
   function onComplete(data) {
@@ -453,6 +501,8 @@
         api.events.push(ev);
         logLine(type, ev.id, receivedAt, ev.data);
         if (type === "progress") onProgress(ev.data);
+        else if (type === "retrying") onRetrying(ev.data);
+        else if (type === "reset") onReset(ev.data);
         else if (type === "complete") onComplete(ev.data);
         else if (type === "failed") onFailed(ev.data);
         else if (type === "cancelled") onCancelled(ev.data);
