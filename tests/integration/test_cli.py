@@ -22,7 +22,10 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
+from twistedsse.client import InvalidParams, JobFinished, RenderClient, UnknownJob
+
 from tests._support.launcher import TwistdMixin, childEnv, spawnService
+from tests._support.server import ServerMixin, ticker
 from tests._support.waiting import whenTrue
 
 #: How long one command may take.
@@ -342,3 +345,51 @@ class CLITests(TwistdMixin, TestCase):
         process.signalProcess("TERM")
         yield protocol.ended
 
+
+
+class RenderClientTests(ServerMixin, TestCase):
+    """
+    L{RenderClient} against a real server in this process, on 127.0.0.1.
+    """
+
+    timeout = 120
+
+    def client(self) -> RenderClient:
+        return RenderClient(self.base, reactor=reactor, pool=self.pool)
+
+    @inlineCallbacks
+    def test_cardEndToEnd(self) -> None:
+        """
+        A real card render (ffmpeg): created, followed to its end through
+        the event stream, and its MP4 downloaded whole.
+        """
+        self.startServer()
+        client = self.client()
+        job = yield client.create("card", {"duration": 1, "size": "160x90", "fps": 10})
+        events: list[Any] = []
+        ended = yield client.whenFinished(job.id, events.append)
+        self.assertEqual(ended.state, "succeeded")
+        self.assertEqual(events[-1].event, "complete")
+        target = Path(self.mktemp())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size = yield client.download(job.id, target)
+        data = target.read_bytes()
+        self.assertEqual((size, len(data)), (ended.result["size"], ended.result["size"]))
+        self.assertEqual(data[4:8], b"ftyp")
+
+    @inlineCallbacks
+    def test_errorsAndCancel(self) -> None:
+        """
+        Typed errors from the real server: an unknown job, invalid params;
+        cancelling a running render, then again (L{JobFinished}).
+        """
+        self.startServer([ticker()])
+        client = self.client()
+        yield self.assertFailure(client.status("nope"), UnknownJob)
+        error = yield self.assertFailure(client.create("card", {"duration": 99}), InvalidParams)
+        self.assertEqual((error.code, error.status), ("invalid_params", 422))
+        job = yield client.create("ticks", {"count": 5000})
+        cancelled = client.whenFinished(job.id)
+        yield client.cancel(job.id)
+        self.assertEqual((yield cancelled).state, "cancelled")
+        yield self.assertFailure(client.cancel(job.id), JobFinished)
