@@ -127,7 +127,7 @@ class PlainViewTests(SynchronousTestCase):
         view.event("J", progress({"percent": 12.5, "speed": 2.1, "eta": 3}))
         view.event("J", progress({"progress": 0.5}))
         view.event("J", progress({"note": "no number"}))
-        view.event("J", Event("line one\nline two", event="retrying", id="4"))
+        view.event("J", Event("line one\nline two \x1b[2J\x07", event="retrying", id="4"))
         view.event("J", progress({"size": 10}, "complete"))
         view.saved("out.mp4", 10)
         view.stop()
@@ -136,7 +136,7 @@ class PlainViewTests(SynchronousTestCase):
             "progress J percent=12.5 speed=2.1 eta=3",
             "progress J percent=50.0",
             'progress J {"note": "no number"}',
-            "retrying J line one\\nline two",
+            "retrying J line one\\nline two \\x1b[2J\\x07",
             'complete J {"size": 10}',
             "saved out.mp4 10",
         ])  # fmt: skip

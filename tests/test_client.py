@@ -11,7 +11,8 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.application.internet import backoffPolicy
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -218,6 +219,35 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertTrue(server.requests[0]._disconnected)
 
+    def test_maxFailures(self) -> None:
+        """
+        With C{maxFailures}, a stream whose first connection fails ends at
+        once with that error; one that was open gives up after that many
+        failed reconnects in a row, with C{ConnectionDone}.
+        """
+
+        class Refusing:
+            def get(self, url: str, headers: Any, unbuffered: bool) -> Deferred[Any]:
+                return fail(ConnectionRefusedError())
+
+        subscription = subscribe("http://x/e", self.events.append, clock=self.clock, client=Refusing(), maxFailures=3)
+        self.failureResultOf(subscription.done, ConnectionRefusedError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        server = Scripted((200, b"id: 1\ndata: a\n\n", True), (200, b"", True), (200, b"", True))
+        stub = StubTreq(server)
+        subscription = subscribe(
+            "http://x/e", self.events.append, clock=self.clock, client=stub, retry=100, maxFailures=1,
+            backoff=backoffPolicy(jitter=lambda: 0.0),
+        )  # fmt: skip
+        stub.flush()
+        self.clock.advance(0.1)
+        stub.flush()
+        self.assertNoResult(subscription.done)
+        self.clock.advance(1.0)
+        stub.flush()
+        self.failureResultOf(subscription.done, ConnectionDone)
+        self.assertEqual((len(server.lastEventIDs), self.clock.getDelayedCalls()), (3, []))
+
 
 class Answers(Resource):
     """
@@ -393,6 +423,35 @@ class ClientErrorTests(SynchronousTestCase):
         d = client.status("x")
         stub.flush()
         self.assertIn("over 1000 bytes", self.failureResultOf(d, UnexpectedResponse).value.detail)
+
+    def test_whenFinishedWaitsForAStream(self) -> None:
+        """
+        C{whenFinished} told C{too_many_streams} (503, C{Retry-After: 2})
+        tries again 2 s later, resuming after the last event it had; once
+        the terminal event arrives, it reads the job.
+        """
+        job = {"id": "j", "renderer": "card", "state": "succeeded", "result": {"size": 1}}
+        server = Scripted(
+            (200, b"id: 1\nevent: progress\ndata: {}\n\n", True),
+            (503, b'{"error": "too_many_streams", "detail": "later"}', True),
+            (200, b"id: 2\nevent: complete\ndata: {}\n\n", True),
+            (200, json.dumps(job).encode(), True),
+        )
+        client, stub, clock = self.client(server)
+        events: list[Event] = []
+        d = client.whenFinished("j", events.append)
+        stub.flush()
+        clock.advance(3.0)  # the server's retry: (the default 3 s)
+        stub.flush()
+        self.assertEqual(len(server.requests), 2)
+        self.assertNoResult(d)
+        clock.advance(2.0)
+        stub.flush()
+        finished = self.successResultOf(d)
+        self.assertEqual((finished.state, finished.result), ("succeeded", {"size": 1}))
+        self.assertEqual([e.event for e in events], ["progress", "complete"])
+        self.assertEqual(server.lastEventIDs, [None, b"1", b"1", None])
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_tokenAndPrefix(self) -> None:
         """

@@ -236,11 +236,14 @@ class RenderCommand:
         else:
             self.view = PlainView(self.out)
         view = self.view
-        job = await client.create(self.options["renderer"], self.options["parsed-params"])
-        self.jobID = job.id
-        view.created(job.id, job.renderer)
-        final = await client.whenFinished(job.id, lambda event: view.event(job.id, event))
-        view.stop()
+        try:
+            job = await client.create(self.options["renderer"], self.options["parsed-params"])
+            self.jobID = job.id
+            view.created(job.id, job.renderer)
+            final = await client.whenFinished(job.id, lambda event: view.event(job.id, event))
+        finally:
+            # Before any error is printed: the terminal gets its cursor back.
+            view.stop()
         if final.state == "succeeded":
             if final.result and final.result.get("output_url"):
                 path = self.options["output"] or f"{job.id}.mp4"
@@ -272,7 +275,7 @@ class WatchCommand:
 
     def _print(self, event: Event) -> None:
         self.last = event.event
-        self.out.write(f"{event.event} {event.id or '-'} {oneLine(event.data)}\n")
+        self.out.write(oneLine(f"{event.event or 'message'} {event.id or '-'} {event.data}") + "\n")
         self.out.flush()
 
     async def run(self, reactor: Any) -> int:
@@ -328,11 +331,11 @@ def describeError(error: BaseException, url: str) -> str | None:
     """
     if isinstance(error, APIError):
         retry = f" (retry after {error.retryAfter:g} s)" if error.retryAfter is not None else ""
-        return f"twistedsse: the server answered {error.status} {error.code}: {error.detail}{retry}"
+        return oneLine(f"twistedsse: the server answered {error.status} {error.code}: {error.detail}{retry}")
     if isinstance(error, _CONNECTION_ERRORS):
         reasons = getattr(error, "reasons", None)
         why = reasons[0].getErrorMessage() if reasons else (str(error) or type(error).__name__)
-        return f"twistedsse: cannot reach {url}: {why}"
+        return oneLine(f"twistedsse: cannot reach {url}: {why}")
     if isinstance(error, OSError):
         return f"twistedsse: {error}"
     if isinstance(error, ValueError):

@@ -23,6 +23,7 @@ own pace.
 from __future__ import annotations
 
 import json
+import re
 from typing import IO, Any, Mapping
 
 import attrs
@@ -68,11 +69,18 @@ def _data(event: Event) -> Any:
         return None
 
 
+#: Control characters (C0, DEL, C1) shown escaped: text from a server
+#: must not move the cursor or retitle the user's terminal.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def oneLine(text: str) -> str:
     """
-    C{text} on one line: an event's data may span several.
+    C{text} on one line, control characters escaped: an event's data may
+    span several lines, and a server's text must not drive the terminal.
     """
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    return _CONTROLS.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
 class IRenderView(Interface):
@@ -127,7 +135,7 @@ class PlainView:
                 extra = [f"{name}={value:g}" for name in ("speed", "eta") if (value := _number(data, name)) is not None]
                 self._line("progress", jobID, f"percent={percent:.1f}", *extra)
                 return
-        self._line(event.event, jobID, oneLine(event.data))
+        self._line(oneLine(event.event or "message"), jobID, oneLine(event.data))
 
     def saved(self, path: str, size: int) -> None:
         self._line("saved", path, size)
@@ -219,12 +227,12 @@ class BarView:
             self._console.print(Text("complete", "green"))
         elif event.event in ("failed", "cancelled"):
             self._stopBar()
-            message = fields.get("message") or oneLine(event.data)
+            message = oneLine(str(fields.get("message") or event.data))
             style = "red" if event.event == "failed" else "yellow"
             # Text, not markup: the server's message is printed as it is.
             self._console.print(Text.assemble((event.event, style), f": {message}"))
         else:
-            self._progress.console.print(f"{event.event}: {oneLine(event.data)}", markup=False, highlight=False)
+            self._console.print(Text(oneLine(f"{event.event or 'message'}: {event.data}")))
 
     def saved(self, path: str, size: int) -> None:
         self._console.print(f"saved {path} ({size} bytes)", markup=False, highlight=False)

@@ -47,6 +47,7 @@ import attrs
 from hyperlink import DecodedURL
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -144,6 +145,7 @@ class Subscription:
     retry: int
     _backoff: Callable[[int], float] = attrs.field(factory=backoffPolicy)
     _maxLineLength: int | None = MAX_LINE_LENGTH
+    _maxFailures: int | None = None
     done: Deferred[None] = attrs.field(factory=Deferred)
     connections: int = 0
     failures: int = 0
@@ -228,6 +230,13 @@ class Subscription:
             # server that is down or restarting is not hammered.
             delay = max(delay, self._backoff(self.failures))
             self.failures += 1
+            limit = self._maxFailures
+            if limit is not None and (self.connections == 0 or self.failures > limit):
+                error = reason.value if reason is not None else None
+                if not isinstance(error, Exception):
+                    error = ConnectionDone("the event stream ended before any event")
+                self._end(error)
+                return
         self._reconnect = self._clock.callLater(delay, self._connect)
 
     def _end(self, error: Exception | None = None) -> None:
@@ -291,6 +300,7 @@ def subscribe(
     stopOn: Collection[str] = TERMINAL_EVENTS,
     backoff: Callable[[int], float] | None = None,
     maxLineLength: int | None = MAX_LINE_LENGTH,
+    maxFailures: int | None = None,
 ) -> Subscription:
     """
     Open the event stream at C{url} and call C{onEvent} with each event.
@@ -308,6 +318,9 @@ def subscribe(
         (1 s, growing 1.5 times per attempt to a minute, with jitter).
     @param maxLineLength: the longest line accepted; a longer one ends the
         subscription with C{ValueError}. C{None}: no bound.
+    @param maxFailures: give up (C{done} fails with the connection's
+        error) when the first connection fails, or after this many failed
+        reconnects in a row. C{None}: retry for ever, as EventSource does.
     """
     if client is None:
         import treq
@@ -316,6 +329,7 @@ def subscribe(
     subscription = Subscription(
         client, url, onEvent, clock, dict(headers or {}), frozenset(stopOn), lastEventID, retry,
         backoff=backoff if backoff is not None else backoffPolicy(), maxLineLength=maxLineLength,
+        maxFailures=maxFailures,
     )  # fmt: skip
     subscription._connect()
     return subscription
@@ -546,6 +560,9 @@ class RenderClient:
     @ivar baseURL: where the service is, e.g. C{http://127.0.0.1:8080}
         (a path prefix, for a service mounted under one, is kept).
     @ivar timeout: seconds a JSON request may wait for its answer.
+    @ivar maxStreamFailures: an event stream that cannot be opened fails
+        at once; one that was open and is lost is reopened (with backoff)
+        up to this many times in a row (about two minutes), then fails.
     """
 
     baseURL: str
@@ -558,6 +575,7 @@ class RenderClient:
     timeout: float = attrs.field(default=30.0, kw_only=True)
     maxJSONBytes: int = attrs.field(default=MAX_JSON_BYTES, kw_only=True)
     maxLineLength: int = attrs.field(default=MAX_LINE_LENGTH, kw_only=True)
+    maxStreamFailures: int = attrs.field(default=10, kw_only=True)
     _base: DecodedURL = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -709,6 +727,7 @@ class RenderClient:
         subscription = subscribe(
             self._base.click(url).to_text(), onEvent, clock=self._reactor, client=self._http,
             lastEventID=lastEventID, headers=headers, stopOn=stopOn, maxLineLength=self.maxLineLength,
+            maxFailures=self.maxStreamFailures,
         )  # fmt: skip
 
         def typed(failure: Failure) -> Failure:
@@ -731,12 +750,19 @@ class RenderClient:
         return Deferred.fromCoroutine(self._whenFinished(jobID, onEvent or (lambda event: None)))
 
     async def _whenFinished(self, jobID: str, onEvent: Callable[[Event], object]) -> Job:
+        lastEventID = None
         while True:
-            subscription = self.events(jobID, onEvent)
+            # Again after a pause, the stream resumes where it was.
+            subscription = self.events(jobID, onEvent, lastEventID=lastEventID)
             try:
                 await subscription.done
+            except RetryLater as e:
+                # Too many streams open now: wait as asked, then again.
+                await deferLater(self._reactor, e.retryAfter if e.retryAfter is not None else 1.0)
+                continue
             finally:
                 subscription.close()
+                lastEventID = subscription.lastEventID
             job = await self.status(jobID)
             if job.finished:
                 return job
