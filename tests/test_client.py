@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 from twistedsse._build import buildResource
 from twistedsse._frames import Event
 from twistedsse.client import (
-    HTTPStatusError, InvalidRequest, Job, JobFinished, NoOutput, QueueFull, RenderClient, RetryLater,
+    APIError, HTTPStatusError, InvalidRequest, Job, JobFinished, NoOutput, QueueFull, RenderClient, RetryLater,
     Unauthorized, UnexpectedResponse, UnknownJob, subscribe,
 )  # fmt: skip
 from twistedsse.testing import FakeSpawner
@@ -412,6 +412,19 @@ class ClientErrorTests(SynchronousTestCase):
         d = client.status("x")
         stub.flush()
         self.failureResultOf(d, UnexpectedResponse)
+
+    def test_unknownCodes(self) -> None:
+        """
+        An error code this client does not know (a newer server's) gets the
+        class of its status, keeping its code.
+        """
+        for status, kind in [(422, InvalidRequest), (403, Unauthorized), (503, RetryLater), (418, APIError)]:
+            client, stub, clock = self.client(Answers(status, b'{"error": "new_code", "detail": "d"}'))
+            d = client.create("card")
+            stub.flush()
+            error = self.failureResultOf(d, APIError).value
+            self.assertIs(type(error), kind)
+            self.assertEqual((error.code, error.status), ("new_code", status))
 
     def test_jsonBound(self) -> None:
         """

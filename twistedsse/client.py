@@ -21,6 +21,10 @@ The error tree, from the server's C{{"error": CODE, "detail": ...}}::
     └── UnexpectedResponse      not a JSON answer of the API (a proxy's page,
                                 an answer over the size bound)
 
+A code not listed (a newer server's) is classed by its status: 400, 413,
+415, 422 InvalidRequest; 401, 403 Unauthorized; 429, 503 RetryLater; any
+other APIError. The code is always the server's.
+
 An event stream follows the EventSource rules: on a dropped connection it
 reconnects after the server's C{retry:} delay (on the injected clock) with
 C{Last-Event-ID}, backing off (Twisted's L{backoffPolicy}) while
@@ -440,6 +444,13 @@ _ERRORS: dict[str, type[APIError]] = {
 }
 
 
+#: The class of an error whose code is not in L{_ERRORS}.
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: InvalidRequest, 413: InvalidRequest, 415: InvalidRequest, 422: InvalidRequest,
+    401: Unauthorized, 403: Unauthorized, 429: RetryLater, 503: RetryLater,
+}  # fmt: skip
+
+
 def _retryAfter(headers: Headers, now: float) -> float | None:
     """
     C{Retry-After} in seconds: either form (delay-seconds or an HTTP date),
@@ -471,7 +482,8 @@ def apiError(status: int, body: bytes, headers: Headers, now: float) -> APIError
         return kind("unexpected_response", f"not an API error answer: {text!r}", status, retryAfter)
     code = parsed["error"]
     detail = str(parsed.get("detail", ""))
-    kind = _ERRORS.get(code, RetryLater if status in (429, 503) else APIError)
+    # A code this client does not know (a newer server's) by its status.
+    kind = _ERRORS.get(code) or _BY_STATUS.get(status, APIError)
     return kind(code, detail, status, retryAfter)
 
 
