@@ -11,7 +11,7 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.application.internet import backoffPolicy
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -465,6 +465,64 @@ class ClientErrorTests(SynchronousTestCase):
         self.assertEqual([e.event for e in events], ["progress", "complete"])
         self.assertEqual(server.lastEventIDs, [None, b"1", b"1", None])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_downloadCutShort(self) -> None:
+        """
+        A download whose connection is lost midway fails and leaves neither
+        the file nor its temporary file; a file already there is untouched.
+        """
+
+        class CutShort(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                request.setHeader(b"content-length", b"1000")
+                request.write(b"x" * 100)
+                self.request = request
+                return NOT_DONE_YET
+
+        resource = CutShort()
+        client, stub, clock = self.client(resource)
+        target = Path(self.mktemp())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"the old one")
+        d = client.download("j", target)
+        stub.flush()
+        self.assertNoResult(d)
+        self.assertEqual(len(list(target.parent.iterdir())), 2)  # it and the temporary file
+        resource.request.transport.loseConnection()
+        stub.flush()
+        self.failureResultOf(d)
+        self.assertEqual([p.name for p in target.parent.iterdir()], [target.name])
+        self.assertEqual(target.read_bytes(), b"the old one")
+
+    def test_downloadCancelled(self) -> None:
+        """
+        Cancelling a download midway drops its connection and leaves no
+        file; what arrives after is not written.
+        """
+
+        class Slow(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                request.setHeader(b"content-length", b"1000")
+                request.write(b"x" * 100)
+                self.request = request
+                return NOT_DONE_YET
+
+        resource = Slow()
+        client, stub, clock = self.client(resource)
+        target = Path(self.mktemp())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        d = client.download("j", target)
+        stub.flush()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        resource.request.write(b"y" * 100)
+        stub.flush()
+        self.assertEqual(list(target.parent.iterdir()), [])
+        self.assertTrue(resource.request._disconnected)
 
     def test_tokenAndPrefix(self) -> None:
         """

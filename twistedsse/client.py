@@ -55,6 +55,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.python.failure import Failure
@@ -491,6 +493,43 @@ class _TooLarge(Exception):
     pass
 
 
+class _ToFile(Protocol):
+    """
+    A download's body, handed to C{write} as it arrives (what C{treq.collect}
+    does, plus cancellation: cancelling C{done} drops the connection, so no
+    more of the body is read, and nothing is written after it).
+    """
+
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self._write = write
+        self.done: Deferred[None] = Deferred(lambda _: self._abandon())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        try:
+            self._write(data)
+        except BaseException:
+            failure = Failure()
+            self._abandon()
+            self.done.errback(failure)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # (PotentialDataLoss: a body without a length, ended by the
+            # close, as treq.collect takes it.)
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def _abandon(self) -> None:
+        if self.transport is not None:
+            # Typing note: as in Subscription._stop.
+            cast(IPushProducer, self.transport).stopProducing()
+
+
 #: The states after which a render changes no more.
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -674,21 +713,22 @@ class RenderClient:
         Save the render's output to C{path}, streamed to disk as it arrives:
         written to a temporary file beside C{path} and renamed over it once
         whole, so C{path} is never a partial file; the temporary file is
-        removed if anything fails (or the Deferred is cancelled).
+        removed if anything fails (or the Deferred is cancelled, which also
+        drops the connection). A body shorter than its C{Content-Length}
+        fails with L{UnexpectedResponse}.
 
         @return: a Deferred firing with the number of bytes written.
         """
         return Deferred.fromCoroutine(self._download(jobID, os.fspath(path)))
 
     async def _download(self, jobID: str, path: str) -> int:
-        import treq
-
         response = await self._http.request(
             "GET", self._url(jobID, "output"), headers=self._headers(Accept="*/*"), unbuffered=True,
             allow_redirects=False, timeout=self.timeout, reactor=self._reactor,
         )  # fmt: skip
         if response.code != 200:
             raise await self._error(response)
+        expected = response.length
         directory, name = os.path.split(os.path.abspath(path))
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
         written = 0
@@ -702,7 +742,13 @@ class RenderClient:
                     f.write(data)
                     written += len(data)
 
-                await treq.collect(response, write)
+                body = _ToFile(write)
+                response.deliverBody(body)
+                await body.done
+            if isinstance(expected, int) and written != expected:
+                raise UnexpectedResponse(
+                    "unexpected_response", f"the output ended after {written} of {expected} bytes", 200
+                )
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)
