@@ -104,6 +104,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertNotIn("first-token", repr(options.client(Clock())))
 
     def test_watch(self) -> None:
+        """
+        C{watch} takes the events URL as its argument.
+        """
         options = WatchOptions()
         options.parseOptions(["/renders/x/events"])
         self.assertEqual(options["events-url"], "/renders/x/events")

@@ -524,6 +524,34 @@ class ClientErrorTests(SynchronousTestCase):
         self.assertEqual(list(target.parent.iterdir()), [])
         self.assertTrue(resource.request._disconnected)
 
+    def test_whenFinishedIsBounded(self) -> None:
+        """
+        A job whose stream says it has ended (204) while its state says it
+        runs is looked at again every 0.5 s, 60 times, then
+        C{whenFinished} fails rather than wait for ever.
+        """
+
+        class Stuck(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                if request.path.endswith(b"/events"):
+                    request.setResponseCode(204)
+                    return b""
+                return json.dumps({"id": "j", "renderer": "card", "state": "running"}).encode()
+
+        client, stub, clock = self.client(Stuck())
+        d = client.whenFinished("j")
+        for _ in range(59):
+            stub.flush()
+            clock.advance(0.5)
+        stub.flush()
+        self.assertNoResult(d)
+        clock.advance(0.5)
+        stub.flush()
+        self.assertIn("did not end after 60 attempts", self.failureResultOf(d, UnexpectedResponse).value.detail)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_tokenAndPrefix(self) -> None:
         """
         The token goes in C{Authorization: Bearer}; the base URL's path

@@ -809,7 +809,7 @@ class RenderClient:
 
     async def _whenFinished(self, jobID: str, onEvent: Callable[[Event], object]) -> Job:
         lastEventID = None
-        while True:
+        for attempt in range(_FOLLOW_ATTEMPTS):
             # Again after a pause, the stream resumes where it was.
             subscription = self.events(jobID, onEvent, lastEventID=lastEventID)
             try:
@@ -827,6 +827,15 @@ class RenderClient:
             # The stream ended before the state did (it is recorded a
             # moment later in Redis mode): look again shortly.
             await deferLater(self._reactor, 0.5)
+        raise UnexpectedResponse(
+            "unexpected_response", f"render {jobID} did not end after {_FOLLOW_ATTEMPTS} attempts to follow it", 200
+        )
+
+
+#: How many times L{RenderClient.whenFinished} opens the stream (after
+#: C{too_many_streams}, or a stream that ended before the state did)
+#: before it gives up.
+_FOLLOW_ATTEMPTS = 60
 
 
 def _umask() -> int:
