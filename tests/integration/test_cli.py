@@ -320,9 +320,9 @@ class CLITests(TwistdMixin, TestCase):
         self.assertEqual(code, 0, output)
         self.assertIn("\x1b[", output, "no terminal codes: not drawn as a bar")
         states = [f for f in frames(output) if f.startswith("ticks ")]
-        running = [f for f in states if re.search(r" [1-9]\d?% .*%/s ETA 0:00:0\d ", f)]
+        running = [f for f in states if re.search(r" [1-9]\d?% .*%/s ETA 0:\d\d:\d\d ", f)]
         self.assertTrue(running, states)
-        self.assertRegex(states[-1], r"^ticks ━+ 100% +ETA 0:00:00 0:00:0\d$")
+        self.assertRegex(states[-1], r"^ticks ━+ 100% +ETA 0:00:00 0:\d\d:\d\d$")
         shown = screen(output)
         self.assertEqual(shown[-2:], ["complete", "saved out.mp4 (5 bytes)"])
         self.assertTrue(all(len(f) <= 100 for f in states))
