@@ -34,6 +34,14 @@ PUBLIC = {
     "CallbackNotAllowed", "CallbackPolicy", "InvalidCallback", "Webhooks", "verifySignature",
 }  # fmt: skip
 
+#: twistedsse.client's public names: the EventSource client and the
+#: whole-API client with its error classes.
+CLIENT_PUBLIC = {
+    "APIError", "HTTPStatusError", "InvalidParams", "InvalidRequest", "Job", "JobFinished", "NoOutput",
+    "QueueFull", "RenderClient", "RetryLater", "Subscription", "Unauthorized", "UnexpectedResponse",
+    "UnknownJob", "subscribe",
+}  # fmt: skip
+
 
 def _namespace() -> dict[str, Any]:
     """
@@ -83,6 +91,20 @@ class ExportTests(SynchronousTestCase):
         self.assertEqual(set(twistedsse.__all__), PUBLIC)
         for name in twistedsse.__all__:
             self.assertTrue(hasattr(twistedsse, name), name)
+
+    def test_clientAll(self) -> None:
+        """
+        C{twistedsse.client.__all__} is exactly its deliberate list; its
+        errors are all L{APIError}s (besides the EventSource's own).
+        """
+        from twistedsse import client
+
+        self.assertEqual(len(client.__all__), len(set(client.__all__)))
+        self.assertEqual(set(client.__all__), CLIENT_PUBLIC)
+        for name in client.__all__:
+            value = getattr(client, name)
+            if isinstance(value, type) and issubclass(value, Exception) and value is not client.HTTPStatusError:
+                self.assertTrue(issubclass(value, client.APIError), name)
 
     def test_everyError(self) -> None:
         """

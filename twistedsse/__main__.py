@@ -1,6 +1,8 @@
 """
-C{python -m twistedsse} / C{twistedsse}: the same service as
-C{twistd -n twistedsse}, without plugin discovery or a pidfile.
+C{python -m twistedsse} / C{twistedsse}: C{twistedsse serve [options]} (or
+a bare C{twistedsse [options]}) runs the same service as C{twistd -n
+twistedsse}, without plugin discovery or a pidfile; C{render}, C{watch},
+C{status} and C{cancel} are a client of a running one (L{twistedsse._cli}).
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ from .tap import Options, makeService
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    elif argv and not argv[0].startswith("-"):
+        from ._cli import main as client
+
+        client(argv)
     options = Options()
     try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
+        options.parseOptions(argv)
     except usage.UsageError as e:
         print(f"{options}\ntwistedsse: {e}", file=sys.stderr)
         sys.exit(2)
