@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, TypedDict, cast
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.web.resource import IResource
+from twisted.web.server import Site
 
 from ._app import TwistedSSEApp
 from ._broker import MemoryBroker
@@ -33,6 +34,7 @@ from ._connections import (
     fileRoom,
 )
 from ._jobs import MAX_QUEUED
+from ._metrics import MetricsOnly, ServiceMetrics
 from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
@@ -77,6 +79,7 @@ class ResourceOptions(TypedDict, total=False):
     corsOrigins: Iterable[str]
     jwtSecret: bytes | None
     publicNames: Iterable[str]
+    serveMetrics: bool
 
 
 class _TemporaryOutputService(RenderService):
@@ -247,6 +250,7 @@ def buildResource(
     jwtSecret: bytes | None = None,
     publicNames: Iterable[str] = (),
     connectionCounter: ConnectionCounter | None = None,
+    serveMetrics: bool = True,
 ) -> IResource:
     """
     The HTTP API and page over C{service}, as a resource to serve or to
@@ -271,14 +275,23 @@ def buildResource(
         that requests without a token may use; C{"*"}: any, for a parent
         site that checks C{Host} itself.
     @param connectionCounter: the serving site's connection counts, for
-        C{/healthz}.
+        C{/healthz} and C{/metrics}.
+    @param serveMetrics: serve the service's metrics at C{/metrics}
+        (C{False}: L{buildMetricsSite} serves them elsewhere; C{/metrics}
+        is then a 404). Either way this resource's streams and the site's
+        connections are counted in them.
     """
+    metrics = getattr(service, "metrics", None)
+    if not isinstance(metrics, ServiceMetrics):
+        metrics = None  # (an embedder's service of its own making)
     if isinstance(service, RedisRenderService) and service.role == "worker":
-        # A worker serves its health only.
-        return WorkerResource(service)
+        # A worker serves its health (and metrics) only.
+        if metrics is not None and connectionCounter is not None:
+            metrics.collector.connections.append(connectionCounter)
+        return WorkerResource(service, serveMetrics)
     if maxStreams is None:
         maxStreams = min(MAX_STREAMS, fileRoom(1, service.maxRenders))
-    return TwistedSSEApp(
+    app = TwistedSSEApp(
         service,
         _reactor(reactor),
         StreamSettings(keepalive=keepalive, retry=retry, writeTimeout=writeTimeout),
@@ -287,7 +300,30 @@ def buildResource(
         CORSPolicy.of(corsOrigins),
         HostPolicy.of(publicNames),
         connectionCounter,
-    ).resource()
+        metrics if serveMetrics else None,
+    )
+    if metrics is not None:
+        metrics.watch(app.limits, app.keepalives, connectionCounter)
+    return app.resource()
+
+
+def buildMetricsSite(
+    service: RenderService | RedisRenderService,
+    reactor: IReactorTime | None = None,
+    *,
+    authTokens: Iterable[bytes] = (),
+    jwtSecret: bytes | None = None,
+) -> Site:
+    """
+    A small site serving the service's metrics at C{/metrics} only (a
+    C{--metrics-listen} endpoint; build the main one with
+    C{serveMetrics=False}). With C{authTokens} or C{jwtSecret}, a scrape
+    needs an operator token or scope C{read:metrics}.
+    """
+    resource = MetricsOnly(service.metrics, BearerTokens(tuple(authTokens), jwtSecret=jwtSecret), _reactor(reactor))
+    site = Site(resource, reactor=_reactor(reactor))
+    site.displayTracebacks = False
+    return site
 
 
 def buildSite(

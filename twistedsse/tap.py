@@ -19,7 +19,7 @@ from twisted.python import usage
 
 from twisted.logger import Logger
 
-from ._build import _reactor, buildService, buildSite
+from ._build import _reactor, buildMetricsSite, buildService, buildSite
 from ._connections import (
     BODY_MIN_RATE,
     MAX_CONNECTIONS,
@@ -125,6 +125,7 @@ class Options(usage.Options):
         # misses calls through super() (python/mypy#16653).
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
+        self["metrics-listen"] = []
         self["renderers"] = []
         self["cors-origins"] = []
         self["auth-tokens"] = ()
@@ -141,6 +142,15 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_metrics_listen(self, description: str) -> None:
+        """
+        Serve /metrics (Prometheus) on this strports endpoint instead of
+        the main one, where /metrics is then a 404 (repeatable). Refused
+        beyond loopback unless tokens are configured (a scrape then needs
+        one) or --no-auth.
+        """
+        self["metrics-listen"].append(description)
 
     def opt_renderer(self, spec: str) -> None:
         """
@@ -233,6 +243,14 @@ class Options(usage.Options):
                         "is configured: give --auth-token-file (and/or --jwt-secret-file), or --no-auth "
                         "if your own authentication stands in front of this service"
                     )
+        if not authenticated and not self["no-auth"]:
+            for description in self["metrics-listen"]:
+                if not loopbackOnly(description):
+                    raise usage.UsageError(
+                        f"--metrics-listen {description} is reachable beyond this machine, and no "
+                        "authentication is configured: give --auth-token-file (scrapes then need a token), "
+                        "or --no-auth if only your monitoring network reaches it"
+                    )
         self.fitFileLimit()
 
     def checkRedis(self) -> None:
@@ -269,8 +287,9 @@ class Options(usage.Options):
         logs); unless given, they default to what fits.
         """
         limit = self["open-file-limit"] = raiseFileLimit()
-        reserve = fileReserve(len(self["listen"]), self["max-renders"])
-        room = fileRoom(len(self["listen"]), self["max-renders"], limit)
+        listeners = len(self["listen"]) + len(self["metrics-listen"])
+        reserve = fileReserve(listeners, self["max-renders"])
+        room = fileRoom(listeners, self["max-renders"], limit)
         if self["max-streams"] is None:
             self["max-streams"] = min(MAX_STREAMS, room)
         if self["max-connections"] is None:
@@ -346,6 +365,7 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         corsOrigins=options["cors-origins"],
         jwtSecret=options["jwt-secret"],
         publicNames=options["public-names"],
+        serveMetrics=not options["metrics-listen"],
         connections=ConnectionLimits(
             requestTimeout=options["request-timeout"],
             bodyMinRate=options["body-min-rate"],
@@ -369,5 +389,11 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         listening = cast(IReactorCore, reactor)
     for description in options["listen"]:
         top.addListener(strports.service(description, site, reactor=listening))
+    if options["metrics-listen"]:
+        metricsSite = buildMetricsSite(
+            service, reactor, authTokens=options["auth-tokens"], jwtSecret=options["jwt-secret"]
+        )
+        for description in options["metrics-listen"]:
+            top.addListener(strports.service(description, metricsSite, reactor=cast(IReactorCore, reactor)))
     tuneGarbageCollector()
     return top
