@@ -20,7 +20,6 @@ from twistedsse._broker import MemoryBroker
 from twistedsse._build import buildMetricsSite, buildResource, buildService
 from twistedsse._frames import encodeEvent
 from twistedsse._metrics import LAG_BUCKETS, Histogram, MetricsOnly, RenderStats, ServiceMetrics
-from twistedsse._security import BearerTokens
 from twistedsse._stream import EventStreamResource, StreamLimits, StreamSettings
 from twisted.web.server import Site
 
