@@ -147,6 +147,41 @@ class StreamCountsTests(SynchronousTestCase):
         self.assertTrue(conn.transport.disconnecting)
 
 
+class StreamLogTests(SynchronousTestCase):
+    def opened(self, settings: StreamSettings, path: str = "/") -> list[dict[str, Any]]:
+        from twisted.logger import LogLevel, capturedLogs
+
+        clock = MemoryReactorClock()
+        broker = MemoryBroker(history=100)
+        broker.create(snapshot("job1"))
+        site = Site(EventStreamResource(broker, "job1", clock, settings), reactor=clock)
+        with capturedLogs() as events:
+            conn = Connection(site)
+            conn.request("GET", path)
+            conn.disconnect()
+        return [e for e in events if e["log_level"] is LogLevel.debug and e.get("log_namespace") == "twistedsse._stream"]
+
+    def test_openedAndClosedWhenAsked(self) -> None:
+        """
+        With C{logStreams}, a stream logs its opening and closing at debug
+        level with its job id, and nothing of the request's token.
+        """
+        from twisted.logger import formatEvent
+
+        lines = [formatEvent(e) for e in self.opened(StreamSettings(logStreams=True), "/?access_token=SECRET")]
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(lines[0], "event stream of job1 opened")
+        self.assertTrue(lines[1].startswith("event stream of job1 closed"), lines[1])
+        self.assertFalse(any("SECRET" in line for line in lines))
+
+    def test_quietByDefault(self) -> None:
+        """
+        By default a stream logs nothing when it opens and closes (twistd
+        writes every debug event, at a cost per stream).
+        """
+        self.assertEqual(self.opened(StreamSettings()), [])
+
+
 class CollectorTests(SynchronousTestCase):
     def test_serviceMetricsScraped(self) -> None:
         """
@@ -307,3 +342,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("--metrics-listen tcp:9100", str(caught.exception))
         self.parse("--metrics-listen", "tcp:9100", "--no-auth")
         self.parse("--metrics-listen", "tcp:9100", "--auth-token-file", tokens)
+
+    def test_logStreams(self) -> None:
+        """
+        --log-streams (off by default) turns the streams' opening and
+        closing lines on.
+        """
+        self.assertFalse(self.parse()["log-streams"])
+        self.assertTrue(self.parse("--log-streams")["log-streams"])

@@ -80,6 +80,7 @@ class ResourceOptions(TypedDict, total=False):
     jwtSecret: bytes | None
     publicNames: Iterable[str]
     serveMetrics: bool
+    logStreams: bool
 
 
 class _TemporaryOutputService(RenderService):
@@ -251,6 +252,7 @@ def buildResource(
     publicNames: Iterable[str] = (),
     connectionCounter: ConnectionCounter | None = None,
     serveMetrics: bool = True,
+    logStreams: bool = False,
 ) -> IResource:
     """
     The HTTP API and page over C{service}, as a resource to serve or to
@@ -280,6 +282,8 @@ def buildResource(
         (C{False}: L{buildMetricsSite} serves them elsewhere; C{/metrics}
         is then a 404). Either way this resource's streams and the site's
         connections are counted in them.
+    @param logStreams: log each event stream's opening and closing (debug
+        level, with the job id).
     """
     metrics = getattr(service, "metrics", None)
     if not isinstance(metrics, ServiceMetrics):
@@ -294,7 +298,7 @@ def buildResource(
     app = TwistedSSEApp(
         service,
         _reactor(reactor),
-        StreamSettings(keepalive=keepalive, retry=retry, writeTimeout=writeTimeout),
+        StreamSettings(keepalive=keepalive, retry=retry, writeTimeout=writeTimeout, logStreams=logStreams),
         StreamLimits(maxStreams=maxStreams, maxPerJob=maxStreamsPerJob),
         BearerTokens(tuple(authTokens), jwtSecret=jwtSecret),
         CORSPolicy.of(corsOrigins),

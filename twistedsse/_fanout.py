@@ -23,9 +23,10 @@ other); after it the job has no subscribers. L{Fanout.flush} gives out
 everything queued at once: at shutdown, before connections are closed.
 
 What it gives out is counted for /metrics (L{DeliveryStats}) in plain
-integers, added once per slice, and the delivery lag is observed once per
-pass: from the first event a pass was started for to the pass's last
-delivery (two clock reads per pass, none per delivery).
+integers when it is published (events times subscribers, their frames'
+bytes times subscribers), and the delivery lag is observed once per pass:
+from the first event a pass was started for to the pass's last delivery
+(two clock reads per pass, none per delivery).
 """
 
 from __future__ import annotations
@@ -130,9 +131,17 @@ class Fanout:
         C{terminal} entry (it ends the job) has reached everyone, there are
         no subscribers left.
         """
-        self._stats.published += len(entries)
-        if self._since is None and self._members:
-            self._since = self._now()
+        stats = self._stats
+        stats.published += len(entries)
+        members = len(self._members)
+        if members:
+            # Counted here, for the subscribers of now: a pass gives each
+            # of them these events (one that leaves meanwhile is counted
+            # all the same), and nothing is counted per delivery.
+            stats.delivered += len(entries) * members
+            stats.bytes += sum([len(entry.frame) for entry in entries]) * members
+            if self._since is None:
+                self._since = self._now()
         if terminal:
             # Held until everything before it has reached everyone: ending
             # a stream costs more than a send (the response's end, its log
@@ -190,7 +199,6 @@ class Fanout:
         self._running = True
         start = budget
         index, end = self._index, len(order)
-        events = sent = 0
         try:
             while index < end:
                 member = order[index]
@@ -200,15 +208,11 @@ class Fanout:
                         # pass whose work is done ends now, not a turn later.
                         break
                     budget -= 1
-                    events += self._head - member.cursor
-                    sent += self._give(member)
+                    self._give(member)
                 index += 1
         finally:
             self._index = index
             self._running = False
-            stats = self._stats
-            stats.delivered += events
-            stats.bytes += sent
         if index < end:
             return start - budget
         head = self._head
@@ -250,10 +254,7 @@ class Fanout:
         if self._onDropped is not None and dropped:
             self._onDropped(dropped)
 
-    def _give(self, member: _Member) -> int:
-        """
-        Give C{member} what it has yet to get; the bytes handed over.
-        """
+    def _give(self, member: _Member) -> None:
         offset = member.cursor + 1 - self._queue[0].seq
         batch = self._batches.get(offset)
         if batch is None:
@@ -273,4 +274,3 @@ class Fanout:
                 subscriber.deliverMany(*batch)
         except Exception:
             _log.failure("subscriber {subscriber!r} failed to take events", subscriber=subscriber)
-        return len(batch[-1])

@@ -112,11 +112,16 @@ class StreamSettings:
     @ivar writeTimeout: seconds a client may leave its connection full
         (reading nothing) before it is dropped; also set as the socket's
         C{TCP_USER_TIMEOUT}, so the kernel gives up on a dead peer as soon.
+    @ivar logStreams: log each stream's opening and closing (debug level,
+        with the job id). Off by default: twistd writes every debug event,
+        and two lines per stream cost 50-130 us, a fifth to a half of
+        what connecting a stream costs (docs/performance.md, "Metrics").
     """
 
     keepalive: float = 15.0
     retry: int = 2000
     writeTimeout: float = 30.0
+    logStreams: bool = False
 
 
 @attrs.define
@@ -294,7 +299,8 @@ class _Stream:
         if self._open and self._keepalives is not None:
             self._keepalives.add(self)
         self._broker, self._jobID, self._cursor = broker, jobID, after
-        _log.debug("event stream of {jobID} opened", jobID=jobID)
+        if settings.logStreams:
+            _log.debug("event stream of {jobID} opened", jobID=jobID)
         if self._open:
             self._subscribe()
 
@@ -490,11 +496,12 @@ class _Stream:
         if self._onClose is not None:
             onClose, self._onClose = self._onClose, None
             onClose()
-        if isinstance(result, Failure):
-            _log.debug("event stream of {jobID} closed by the client: {why}", jobID=self._jobID,
-                       why=result.getErrorMessage())
-        else:
-            _log.debug("event stream of {jobID} closed", jobID=self._jobID)
+        if self._settings.logStreams:
+            if isinstance(result, Failure):
+                _log.debug("event stream of {jobID} closed by the client: {why}", jobID=self._jobID,
+                           why=result.getErrorMessage())
+            else:
+                _log.debug("event stream of {jobID} closed", jobID=self._jobID)
 
 
 class EventStreamResource(Resource):

@@ -115,6 +115,8 @@ class Options(usage.Options):
     optFlags = [
         ["no-auth", None, "Serve on a non-loopback address without any token: for operators whose own "
          "authentication stands in front of this service."],
+        ["log-streams", None, "Log each event stream's opening and closing (debug level, with the job id); "
+         "off by default: the lines cost a share of what connecting a stream does."],
         ["limit-loopback", None, "Apply --max-connections-per-address to loopback and UNIX-socket peers too."],
         ["no-eager-send", None, "Send with Twisted's own TCP transport (each write queued until the reactor's next "
          "turn) instead of sending in the write: a fallback if a Twisted release breaks the eager one."],
@@ -366,6 +368,7 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         jwtSecret=options["jwt-secret"],
         publicNames=options["public-names"],
         serveMetrics=not options["metrics-listen"],
+        logStreams=bool(options["log-streams"]),
         connections=ConnectionLimits(
             requestTimeout=options["request-timeout"],
             bodyMinRate=options["body-min-rate"],
