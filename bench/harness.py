@@ -89,6 +89,9 @@ SERVERS = {
     # The same, its /metrics scraped every --scrape-interval seconds from
     # before the clients connect to the end of the event window (issue 12).
     "twistedsse-scraped": "twistedsse, /metrics scraped",
+    # The same with --log-streams: a debug line as each stream opens and
+    # closes, written by twistd to its log (issue 12).
+    "twistedsse-log-streams": "twistedsse --log-streams",
     # Redis mode (issue 11): redis-server + a worker + web instance(s).
     "twistedsse-redis": "twistedsse Redis: web + worker",
     "twistedsse-redis-2web": "twistedsse Redis: 2 web (N/2 each) + worker",
@@ -120,7 +123,8 @@ REDIS_LAYOUTS = {
     "twistedsse-redis-all": RedisLayout(webs=1, role="all", worker=False),
 }
 #: Every server that runs under twistd (the cProfile wrapper can run these).
-TWISTD_KINDS = frozenset({"twistedsse", "twistedsse-no-eager", "twistedsse-scraped", *REDIS_LAYOUTS})
+TWISTD_KINDS = frozenset({"twistedsse", "twistedsse-no-eager", "twistedsse-scraped", "twistedsse-log-streams",
+                          *REDIS_LAYOUTS})
 
 FULL_NS = [1, 100, 1000, 5000, 10000]
 QUICK_NS = [1, 100, 1000]
@@ -326,6 +330,8 @@ class Server:
             ]  # fmt: skip
             if kind == "twistedsse-no-eager":
                 argv.append("--no-eager-send")
+            if kind == "twistedsse-log-streams":
+                argv.append("--log-streams")
             if redis is not None:
                 # Redis mode: the same options plus the broker, the role and
                 # the output directory every instance and worker shares.
@@ -1434,7 +1440,7 @@ def plot(summary: dict[str, dict[int, dict[str, Any]]], servers: list[str], path
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colours = {"twistedsse": "tab:blue", "twistedsse-no-eager": "tab:purple", "twistedsse-scraped": "tab:cyan", "starlette": "tab:orange", "express": "tab:green",
+    colours = {"twistedsse": "tab:blue", "twistedsse-no-eager": "tab:purple", "twistedsse-scraped": "tab:cyan", "twistedsse-log-streams": "tab:olive", "starlette": "tab:orange", "express": "tab:green",
                "c-floor": "tab:gray", "twistedsse-redis": "tab:red", "twistedsse-redis-2web": "tab:brown",
                "twistedsse-redis-all": "tab:pink"}  # fmt: skip
     for s in servers:
