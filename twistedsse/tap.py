@@ -106,7 +106,7 @@ class Options(usage.Options):
         ["render-threads", None, None, "Threads a render may use: ffmpeg's -threads and -filter_threads, and $TWISTEDSSE_THREADS for commands (default: the CPUs this process may use).", _positive(int, "--render-threads", 1)],
         ["redis", None, None, "Keep jobs, the render queue and events in Redis at this URL (redis://HOST:PORT/DB or rediss://...), shared by every web instance and worker; needs --output-dir on storage they all share. Default: in this process."],
         ["redis-password-file", None, None, "The Redis password: the first line of this file (never on the command line)."],
-        ["role", None, "all", "With --redis: web (the HTTP API and streams; runs no render), worker (runs renders; serves /healthz only) or all.", _role],
+        ["role", None, "all", "With --redis: web (the HTTP API and streams; runs no render), worker (runs renders; serves /healthz and /metrics only) or all.", _role],
         ["claim-timeout", None, 60.0, "With --redis: seconds after which the render of a worker that stopped renewing its claim (died) is taken over by another worker.", _positive(float, "--claim-timeout", 1)],
         ["max-attempts", None, 2, "With --redis: runs of a render whose workers die; past it, failed with reason worker_lost.", _positive(int, "--max-attempts", 1)],
         ["drain-timeout", None, 60.0, "With --redis: seconds a worker stopping (SIGTERM) lets its renders finish before handing them back to the queue.", _positive(float, "--drain-timeout", 0)],
