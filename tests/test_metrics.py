@@ -17,9 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twistedsse import tap
 from twistedsse._broker import MemoryBroker
-from twistedsse._build import buildMetricsSite, buildResource, buildService
+from twistedsse._build import MetricsOnly, buildMetricsSite, buildResource, buildService
 from twistedsse._frames import encodeEvent
-from twistedsse._metrics import LAG_BUCKETS, Histogram, MetricsOnly, RenderStats, ServiceMetrics
+from twistedsse._metrics import LAG_BUCKETS, Histogram, RenderStats, ServiceMetrics
 from twistedsse._stream import EventStreamResource, StreamLimits, StreamSettings
 from twisted.web.server import Site
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Iterable, TypedDict, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
-from twisted.web.resource import IResource
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from ._app import TwistedSSEApp
@@ -34,7 +35,9 @@ from ._connections import (
     fileRoom,
 )
 from ._jobs import MAX_QUEUED
-from ._metrics import MetricsOnly, ServiceMetrics
+from ._errors import TwistedSSEError
+from ._metrics import ServiceMetrics
+from ._responses import respondError
 from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
@@ -309,6 +312,35 @@ def buildResource(
     if metrics is not None:
         metrics.watch(app.limits, app.keepalives, connectionCounter)
     return app.resource()
+
+
+class MetricsOnly(Resource):
+    """
+    What a C{--metrics-listen} endpoint serves: C{GET /metrics} (with the
+    main listener's tokens, if any: an operator token or scope
+    C{read:metrics}), and a JSON 404 for anything else.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: ServiceMetrics, auth: BearerTokens, clock: IReactorTime) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # (see RenderService)
+        self._metrics = metrics
+        self._auth = auth
+        self._clock = clock
+
+    def render(self, request: IRequest) -> bytes | int:
+        if request.path != b"/metrics":
+            return respondError(request, 404, "not_found", "this endpoint serves /metrics only")
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return respondError(request, 405, "method_not_allowed", "use GET")
+        try:
+            self._auth.check(request, self._clock.seconds(), "read", "metrics")
+        except TwistedSSEError as e:
+            return respondError(request, e.status, e.code, str(e))
+        body: bytes | int = self._metrics.resource().render(request)
+        return body
 
 
 def buildMetricsSite(

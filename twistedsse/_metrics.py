@@ -34,16 +34,10 @@ from bisect import bisect_left
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from twisted.internet.interfaces import IReactorTime
-from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.metrics_core import Metric
 
-from ._errors import TwistedSSEError
-from ._responses import respondError
-from ._security import BearerTokens
 
 #: Delivery lag buckets, in seconds: a frame normally leaves within
 #: milliseconds of its line (docs/performance.md); a fan-out pass over
@@ -304,31 +298,3 @@ class ServiceMetrics:
         # Typing note: the library's MetricsResource is an untyped lambda.
         return MetricsResource(registry=self.registry)  # type: ignore[no-untyped-call]
 
-
-class MetricsOnly(Resource):
-    """
-    What a C{--metrics-listen} endpoint serves: C{GET /metrics} (with the
-    main listener's tokens, if any: an operator token or scope
-    C{read:metrics}), and a JSON 404 for anything else.
-    """
-
-    isLeaf = True
-
-    def __init__(self, metrics: ServiceMetrics, auth: BearerTokens, clock: IReactorTime) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # (see RenderService)
-        self._metrics = metrics
-        self._auth = auth
-        self._clock = clock
-
-    def render(self, request: IRequest) -> bytes | int:
-        if request.path != b"/metrics":
-            return respondError(request, 404, "not_found", "this endpoint serves /metrics only")
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return respondError(request, 405, "method_not_allowed", "use GET")
-        try:
-            self._auth.check(request, self._clock.seconds(), "read", "metrics")
-        except TwistedSSEError as e:
-            return respondError(request, e.status, e.code, str(e))
-        body: bytes | int = self._metrics.resource().render(request)
-        return body

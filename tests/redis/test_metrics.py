@@ -21,12 +21,15 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from tests._support.fixtures import Recorder
+from tests.redis.test_queue import CLAIM_TIMEOUT, Renders
 from tests._support.redis import RedisServer
 from tests._support.waiting import whenTrue
 from twistedsse._build import buildResource, buildService
 from twistedsse._command import CommandRenderer
 from twistedsse._frames import TERMINAL_EVENTS
-from twistedsse._redis import RedisEndpoint
+from twistedsse._interfaces import QueuedRender
+from twistedsse._redis import RedisEndpoint, ready
+from twistedsse._redisqueue import RedisJobQueue, RedisWorker
 from twistedsse._redisservice import RedisRenderService
 
 TICKER = str(Path(__file__).parent.parent / "integration" / "ticker.py")
@@ -123,3 +126,47 @@ class RedisMetricsTests(TestCase):
         while scrape(web)[("twistedsse_redis_reconnects_total", ())] < 2:
             self.assertLess(reactor.seconds(), deadline, "both connections made again")
             yield deferLater(reactor, 0.1, lambda: None)
+
+
+class ClaimCountsTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_claimAndReclaim(self) -> Any:
+        """
+        A worker counts the render it claims from the queue; the worker
+        that takes it over from one that died counts a reclaim, not a
+        claim.
+        """
+        server = RedisServer()
+        self.addCleanup(server.stop)
+        endpoint = RedisEndpoint.fromURL(server.url)
+
+        def connect() -> Any:
+            connection = endpoint.connect()
+            self.addCleanup(connection.disconnect)
+            return connection
+
+        @inlineCallbacks
+        def worker(name: str) -> Any:
+            renders = Renders()
+            worker = RedisWorker(
+                connect(), connect(), endpoint, reactor, renders, name=name, maxRenders=1,
+                claimTimeout=CLAIM_TIMEOUT, block=0.2,
+            )  # fmt: skip
+            renders.worker = worker
+            self.addCleanup(worker.stop)
+            yield worker.start()
+            return worker, renders
+
+        command = connect()
+        yield ready(command, reactor)
+        dead, rdead = yield worker("dead")
+        yield RedisJobQueue(command, reactor).enqueue(QueuedRender("job0", "/o/0"))
+        yield whenTrue(reactor, lambda: rdead.of("start") == ["job0"], 5, "first start")
+        self.assertEqual((dead.stats.claims, dead.stats.reclaims), (1, 0))
+        yield dead.stop()
+        alive, ralive = yield worker("alive")
+        yield whenTrue(reactor, lambda: ralive.calls, 5, "reclaimed")
+        self.assertEqual(ralive.calls, [("start", "job0", 2)])
+        self.assertEqual((alive.stats.claims, alive.stats.reclaims), (0, 1))
