@@ -370,8 +370,7 @@ class WorkerResource(Resource):
     What a worker (C{--role worker}) serves: C{GET /healthz} (its renders,
     and whether Redis answers), C{GET /metrics} (unless a
     C{--metrics-listen} endpoint serves them), and a JSON 404 for anything
-    else. It holds
-    no jobs' API: the web instances do.
+    else. It holds no jobs' API: the web instances do.
     """
 
     isLeaf = True
