@@ -56,6 +56,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -85,6 +86,12 @@ SERVERS = {
     "twistedsse": "twistedsse (twistd)",
     # The same with --no-eager-send: Twisted's own TCP writes (opt-in).
     "twistedsse-no-eager": "twistedsse --no-eager-send",
+    # The same, its /metrics scraped every --scrape-interval seconds from
+    # before the clients connect to the end of the event window (issue 12).
+    "twistedsse-scraped": "twistedsse, /metrics scraped",
+    # The same with --log-streams: a debug line as each stream opens and
+    # closes, written by twistd to its log (issue 12).
+    "twistedsse-log-streams": "twistedsse --log-streams",
     # Redis mode (issue 11): redis-server + a worker + web instance(s).
     "twistedsse-redis": "twistedsse Redis: web + worker",
     "twistedsse-redis-2web": "twistedsse Redis: 2 web (N/2 each) + worker",
@@ -116,7 +123,8 @@ REDIS_LAYOUTS = {
     "twistedsse-redis-all": RedisLayout(webs=1, role="all", worker=False),
 }
 #: Every server that runs under twistd (the cProfile wrapper can run these).
-TWISTD_KINDS = frozenset({"twistedsse", "twistedsse-no-eager", *REDIS_LAYOUTS})
+TWISTD_KINDS = frozenset({"twistedsse", "twistedsse-no-eager", "twistedsse-scraped", "twistedsse-log-streams",
+                          *REDIS_LAYOUTS})
 
 FULL_NS = [1, 100, 1000, 5000, 10000]
 QUICK_NS = [1, 100, 1000]
@@ -322,6 +330,8 @@ class Server:
             ]  # fmt: skip
             if kind == "twistedsse-no-eager":
                 argv.append("--no-eager-send")
+            if kind == "twistedsse-log-streams":
+                argv.append("--log-streams")
             if redis is not None:
                 # Redis mode: the same options plus the broker, the role and
                 # the output directory every instance and worker shares.
@@ -598,6 +608,38 @@ class Deployment:
 
 # -- one measurement --------------------------------------------------------
 
+class Scraper:
+    """
+    GET C{url} every C{interval} seconds in a thread of the harness, as
+    Prometheus would, until L{stop}: C{count} scrapes, the last one's
+    C{size}, and the first C{error}.
+    """
+
+    def __init__(self, url: str, interval: float) -> None:
+        self.url = url
+        self.interval = interval
+        self.count = 0
+        self.size = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    self.size = len(response.read())
+                self.count += 1
+            except Exception as e:
+                self.error = self.error or f"{type(e).__name__}: {e}"
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
 
 def shares(n: int, parts: int) -> list[int]:
     """
@@ -666,6 +708,7 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
     clients: list[tuple[subprocess.Popen[bytes], LineReader, Path]] = []
     spy: subprocess.Popen[bytes] | None = None
     monitor: subprocess.Popen[bytes] | None = None
+    scraper: Scraper | None = None
     try:
         deployment = Deployment(kind, workdir, serverCore, name, args, cprofile=cprofile)
         deployment.waitReady()
@@ -685,6 +728,8 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
         time.sleep(0.3)
         base = sum(vmStatus(web.pid)["VmRSS"] for web in webs)
         result["server_nofile"] = openFilesLimit(server.pid)
+        if kind == "twistedsse-scraped":
+            scraper = Scraper(server.url("/metrics"), args.scrape_interval)
         if profile and not cprofile:
             # The connect phase first (the accept path), then the event window.
             spy = startSpy(server.pid, workdir / f"{name}.connect.pyspy.txt", clientCore, args, profile)
@@ -723,8 +768,16 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
         if cprofile:
             toggleCProfile(deployment)
         triggered = time.time_ns()
+        scrapes0 = scraper.count if scraper is not None else 0
         startFile.touch()
         done = mergeClients([json.loads(r.expect("DONE", eventWindow + args.timeout + 30)) for _, r, _ in clients])
+        if scraper is not None:
+            result["scrapes_in_window"] = scraper.count - scrapes0
+            scraper.stop()
+            result["scrape_bytes"] = scraper.size
+            if scraper.error is not None:
+                raise RuntimeError(f"GET /metrics: {scraper.error}")
+            scraper = None
         if monitor is not None:
             stopProcess(monitor, "redis-cli monitor", grace=5)
             monitor = None
@@ -774,6 +827,8 @@ def measure(kind: str, n: int, run: int, args: argparse.Namespace, workdir: Path
         result["error"] = f"{type(e).__name__}: {e}"
         log(f"  {name}: {result['error']}\n  server log tail:\n{deployment.logTail() if deployment else ''}")
     finally:
+        if scraper is not None:
+            scraper.stop()
         if spy is not None:
             stopProcess(spy, "py-spy", grace=10)
         if monitor is not None:
@@ -1164,11 +1219,13 @@ METRICS = [
     ("hop_render_to_redis_p50_ms", "  (--redis-monitor) render line -> Redis ran the publish, p50 (ms)", "{:.2f}"),
     ("hop_redis_to_client_p50_ms", "  (--redis-monitor) Redis ran the publish -> client, p50 (ms)", "{:.2f}"),
     ("redis_cmds_per_event", "Redis commands per published event (all)", "{:.2f}"),
+    ("scrapes_in_window", "/metrics scrapes in the event window", "{:.0f}"),
+    ("scrape_bytes", "/metrics response (bytes)", "{:,.0f}"),
 ]
 #: Rows shown only when a server of the run has them (Redis mode).
 OPTIONAL_METRICS = frozenset({
     "cpu_web_ms_per_1000", "cpu_worker_ms_per_1000", "cpu_redis_ms_per_1000", "redis_cmds_per_event",
-    "hop_render_to_redis_p50_ms", "hop_redis_to_client_p50_ms",
+    "hop_render_to_redis_p50_ms", "hop_redis_to_client_p50_ms", "scrapes_in_window", "scrape_bytes",
 })  # fmt: skip
 #: Per-command rows (C{redis_per_event}, flattened): "rcmd:evalsha", ...
 COMMAND_PREFIX = "rcmd:"
@@ -1383,7 +1440,7 @@ def plot(summary: dict[str, dict[int, dict[str, Any]]], servers: list[str], path
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colours = {"twistedsse": "tab:blue", "twistedsse-no-eager": "tab:purple", "starlette": "tab:orange", "express": "tab:green",
+    colours = {"twistedsse": "tab:blue", "twistedsse-no-eager": "tab:purple", "twistedsse-scraped": "tab:cyan", "twistedsse-log-streams": "tab:olive", "starlette": "tab:orange", "express": "tab:green",
                "c-floor": "tab:gray", "twistedsse-redis": "tab:red", "twistedsse-redis-2web": "tab:brown",
                "twistedsse-redis-all": "tab:pink"}  # fmt: skip
     for s in servers:
@@ -1626,6 +1683,9 @@ def main() -> None:
                         "Redis -> client (the web instance). MONITOR costs Redis work: a diagnostic")  # fmt: skip
     parser.add_argument("--redis-aof", action="store_true",
                         help="Redis mode: redis-server with AOF (appendfsync everysec); default no persistence")  # fmt: skip
+    parser.add_argument("--scrape-interval", type=float, default=1.0,
+                        help="seconds between two GET /metrics of the twistedsse-scraped server (default 1: "
+                        "a Prometheus scrapes every 15-60 s; often, to make any cost visible)")  # fmt: skip
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and client to cores 0 and 1")
     parser.add_argument("--keep", action="store_true", help="keep logs and raw files in bench/results/<ts>.tmp/")
     args = parser.parse_args()

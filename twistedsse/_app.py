@@ -223,6 +223,10 @@ class TwistedSSEApp:
     @ivar connections: the server's open connections (a
         L{ConnectionCounter<twistedsse._connections.ConnectionCounter>}),
         if it counts them: their number and cap in C{/healthz}.
+    @ivar metrics: the service's metrics
+        (L{ServiceMetrics<twistedsse._metrics.ServiceMetrics>}) served at
+        C{/metrics}; C{None}: not here (a C{--metrics-listen} endpoint
+        serves them), 404.
     """
 
     service: object
@@ -233,6 +237,7 @@ class TwistedSSEApp:
     cors: CORSPolicy = CORSPolicy()
     hosts: HostPolicy = HostPolicy()
     connections: ConnectionCounter | None = None
+    metrics: Any = None
     _static: Mapping[str, bytes] = attrs.field(factory=_loadStatic)
     _openapi: bytes = attrs.field(factory=_loadOpenAPI)
     _keepalives: Keepalives = attrs.field(
@@ -262,6 +267,13 @@ class TwistedSSEApp:
         if self.cors.origins:
             return CORSResource(resource, self.cors)
         return resource
+
+    @property
+    def keepalives(self) -> Keepalives:
+        """
+        The timer of every stream's keepalives (it counts them).
+        """
+        return self._keepalives
 
     # -- errors ----------------------------------------------------------
 
@@ -384,6 +396,19 @@ class TwistedSSEApp:
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"cache-control", b"no-cache")
         return self._openapi
+
+    @router.route("/metrics", methods=["GET"])
+    def metricsPage(self, request: IRequest) -> IResource:
+        """
+        The Prometheus text format, from prometheus-client's resource. With
+        tokens configured it needs an operator token (or scope
+        C{read:metrics}).
+        """
+        if self.metrics is None:
+            raise NotFound("metrics are not served here (see --metrics-listen)")
+        self.auth.check(request, self.clock.seconds(), "read", "metrics")
+        resource: IResource = self.metrics.resource()
+        return resource
 
     @router.route("/renderers", methods=["GET"])
     def renderers(self, request: IRequest) -> bytes:

@@ -20,6 +20,7 @@ from . import _json
 from ._errors import JobExpired, UnknownJob
 from ._frames import TERMINAL_EVENTS, Event, encodeEvent
 from ._fanout import SLICE, Fanout
+from ._metrics import DeliveryStats
 from ._interfaces import IJobBroker, ISubscriber
 from ._job import Entry, EventLog, JobSnapshot
 from ._json import JSON
@@ -77,11 +78,13 @@ class MemoryBroker:
     _nextToken: int = attrs.field(default=0, init=False)
     _subscriberCount: int = attrs.field(default=0, init=False)
     _expired: set[str] = attrs.field(factory=set, init=False)
+    #: What the fan-outs gave out, for /metrics.
+    stats: DeliveryStats = attrs.field(factory=DeliveryStats, init=False)
 
     def create(self, snapshot: JobSnapshot) -> None:
         if snapshot.id in self._jobs or snapshot.id in self._expired:
             raise ValueError(f"job {snapshot.id!r} exists already")
-        self._jobs[snapshot.id] = _MemoryJob(snapshot, EventLog(self.history), Fanout(self.clock, self.fanoutSlice, self._dropped))
+        self._jobs[snapshot.id] = _MemoryJob(snapshot, EventLog(self.history), Fanout(self.clock, self.fanoutSlice, self._dropped, self.stats))
 
     def flush(self) -> None:
         for job in self._jobs.values():

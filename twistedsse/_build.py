@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, Iterable, TypedDict, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
-from twisted.web.resource import IResource
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Site
 
 from ._app import TwistedSSEApp
 from ._broker import MemoryBroker
@@ -33,6 +35,9 @@ from ._connections import (
     fileRoom,
 )
 from ._jobs import MAX_QUEUED
+from ._errors import TwistedSSEError
+from ._metrics import ServiceMetrics
+from ._responses import respondError
 from ._site import DrainingSite
 from ._store import SQLiteJobStore
 from ._stream import StreamLimits, StreamSettings
@@ -78,6 +83,8 @@ class ResourceOptions(TypedDict, total=False):
     corsOrigins: Iterable[str]
     jwtSecret: bytes | None
     publicNames: Iterable[str]
+    serveMetrics: bool
+    logStreams: bool
 
 
 class _TemporaryOutputService(RenderService):
@@ -272,6 +279,8 @@ def buildResource(
     jwtSecret: bytes | None = None,
     publicNames: Iterable[str] = (),
     connectionCounter: ConnectionCounter | None = None,
+    serveMetrics: bool = True,
+    logStreams: bool = False,
 ) -> IResource:
     """
     The HTTP API and page over C{service}, as a resource to serve or to
@@ -296,23 +305,86 @@ def buildResource(
         that requests without a token may use; C{"*"}: any, for a parent
         site that checks C{Host} itself.
     @param connectionCounter: the serving site's connection counts, for
-        C{/healthz}.
+        C{/healthz} and C{/metrics}.
+    @param serveMetrics: serve the service's metrics at C{/metrics}
+        (C{False}: L{buildMetricsSite} serves them elsewhere; C{/metrics}
+        is then a 404). Either way this resource's streams and the site's
+        connections are counted in them.
+    @param logStreams: log each event stream's opening and closing (debug
+        level, with the job id).
     """
+    metrics = getattr(service, "metrics", None)
+    if not isinstance(metrics, ServiceMetrics):
+        metrics = None  # (an embedder's service of its own making)
     if isinstance(service, RedisRenderService) and service.role == "worker":
-        # A worker serves its health only.
-        return WorkerResource(service)
+        # A worker serves its health (and metrics) only.
+        if metrics is not None and connectionCounter is not None:
+            metrics.collector.connections.append(connectionCounter)
+        return WorkerResource(service, serveMetrics)
     if maxStreams is None:
         maxStreams = min(MAX_STREAMS, fileRoom(1, service.maxRenders))
-    return TwistedSSEApp(
+    app = TwistedSSEApp(
         service,
         _reactor(reactor),
-        StreamSettings(keepalive=keepalive, retry=retry, writeTimeout=writeTimeout),
+        StreamSettings(keepalive=keepalive, retry=retry, writeTimeout=writeTimeout, logStreams=logStreams),
         StreamLimits(maxStreams=maxStreams, maxPerJob=maxStreamsPerJob),
         BearerTokens(tuple(authTokens), jwtSecret=jwtSecret),
         CORSPolicy.of(corsOrigins),
         HostPolicy.of(publicNames),
         connectionCounter,
-    ).resource()
+        metrics if serveMetrics else None,
+    )
+    if metrics is not None:
+        metrics.watch(app.limits, app.keepalives, connectionCounter)
+    return app.resource()
+
+
+class MetricsOnly(Resource):
+    """
+    What a C{--metrics-listen} endpoint serves: C{GET /metrics} (with the
+    main listener's tokens, if any: an operator token or scope
+    C{read:metrics}), and a JSON 404 for anything else.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: ServiceMetrics, auth: BearerTokens, clock: IReactorTime) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # (see RenderService)
+        self._metrics = metrics
+        self._auth = auth
+        self._clock = clock
+
+    def render(self, request: IRequest) -> bytes | int:
+        if request.path != b"/metrics":
+            return respondError(request, 404, "not_found", "this endpoint serves /metrics only")
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return respondError(request, 405, "method_not_allowed", "use GET")
+        try:
+            self._auth.check(request, self._clock.seconds(), "read", "metrics")
+        except TwistedSSEError as e:
+            return respondError(request, e.status, e.code, str(e))
+        body: bytes | int = self._metrics.resource().render(request)
+        return body
+
+
+def buildMetricsSite(
+    service: RenderService | RedisRenderService,
+    reactor: IReactorTime | None = None,
+    *,
+    authTokens: Iterable[bytes] = (),
+    jwtSecret: bytes | None = None,
+) -> Site:
+    """
+    A small site serving the service's metrics at C{/metrics} only (a
+    C{--metrics-listen} endpoint; build the main one with
+    C{serveMetrics=False}). With C{authTokens} or C{jwtSecret}, a scrape
+    needs an operator token or scope C{read:metrics}.
+    """
+    resource = MetricsOnly(service.metrics, BearerTokens(tuple(authTokens), jwtSecret=jwtSecret), _reactor(reactor))
+    site = Site(resource, reactor=_reactor(reactor))
+    site.displayTracebacks = False
+    return site
 
 
 def buildSite(

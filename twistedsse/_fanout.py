@@ -21,10 +21,17 @@ follow from the cursors. A terminal event goes out the same way (ending a
 stream is work too: the pass that ends 10 000 of them is sliced like any
 other); after it the job has no subscribers. L{Fanout.flush} gives out
 everything queued at once: at shutdown, before connections are closed.
+
+What it gives out is counted for /metrics (L{DeliveryStats}) in plain
+integers when it is published (events times subscribers, their frames'
+bytes times subscribers), and the delivery lag is observed once per pass:
+from the first event a pass was started for to the pass's last delivery
+(two clock reads per pass, none per delivery).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Union
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -33,6 +40,7 @@ from twisted.logger import Logger
 from ._frames import Event
 from ._interfaces import ISubscriber
 from ._job import Entry
+from ._metrics import DeliveryStats
 
 _log = Logger()
 
@@ -63,6 +71,8 @@ class Fanout:
         pass runs whole in the call that published (no timers).
     @param onDropped: called with how many subscribers were dropped after
         the terminal event (those that did not leave by themselves).
+    @param stats: where what it gives out is counted (shared by a
+        broker's fan-outs); by default counts of its own.
     """
 
     def __init__(
@@ -70,8 +80,13 @@ class Fanout:
         clock: IReactorTime | None = None,
         slice: int = SLICE,
         onDropped: Callable[[int], None] | None = None,
+        stats: DeliveryStats | None = None,
     ) -> None:
         self._clock = clock
+        self._now: Callable[[], float] = clock.seconds if clock is not None else time.monotonic
+        self._stats = stats if stats is not None else DeliveryStats()
+        #: When the oldest event not yet given to everyone was published.
+        self._since: float | None = None
         self._slice = slice
         self._onDropped = onDropped
         self._members: dict[int, _Member] = {}
@@ -116,6 +131,17 @@ class Fanout:
         C{terminal} entry (it ends the job) has reached everyone, there are
         no subscribers left.
         """
+        stats = self._stats
+        stats.published += len(entries)
+        members = len(self._members)
+        if members:
+            # Counted here, for the subscribers of now: a pass gives each
+            # of them these events (one that leaves meanwhile is counted
+            # all the same), and nothing is counted per delivery.
+            stats.delivered += len(entries) * members
+            stats.bytes += sum([len(entry.frame) for entry in entries]) * members
+            if self._since is None:
+                self._since = self._now()
         if terminal:
             # Held until everything before it has reached everyone: ending
             # a stream costs more than a send (the response's end, its log
@@ -212,6 +238,9 @@ class Fanout:
             self._pass = None
             self._queue.clear()
             self._batches.clear()
+            if self._since is not None:
+                self._stats.lag.observe(self._now() - self._since)
+                self._since = None
             if self._ending:
                 self._drop()
         return start - budget

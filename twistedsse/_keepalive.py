@@ -18,10 +18,10 @@ from twisted.internet.task import LoopingCall
 
 
 class _Pingable(Protocol):
-    def keepalive(self) -> None:
+    def keepalive(self) -> bool:
         """
         Write a keepalive comment unless a frame was written since the last
-        call.
+        call; whether it wrote one.
         """
 
 
@@ -36,6 +36,8 @@ class Keepalives:
         self._interval = interval
         self._streams: dict[_Pingable, None] = {}
         self._loop: LoopingCall | None = None
+        #: Keepalive comments written (for /metrics).
+        self.sent = 0
 
     def add(self, stream: _Pingable) -> None:
         if self._interval <= 0:
@@ -65,5 +67,8 @@ class Keepalives:
 
     def _tick(self) -> None:
         # A copy: a write may end a stream (a lost connection) and discard it.
+        sent = 0
         for stream in list(self._streams):
-            stream.keepalive()
+            if stream.keepalive():
+                sent += 1
+        self.sent += sent

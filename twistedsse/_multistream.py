@@ -485,13 +485,15 @@ class _MultiStream:
             _log.failure("stream of many jobs: {jobID} could not subscribe", failure, jobID=feed.jobID)
         self._end()
 
-    def keepalive(self) -> None:
-        # As _Stream.keepalive.
+    def keepalive(self) -> bool:
+        # As _Stream.keepalive (whether it wrote one: the keepalives count).
         if self._wrote:
             self._wrote = False
         elif not self.paused:
             self._wrote = True
             self._request.write(KEEPALIVE)
+            return True
+        return False
 
     def _end(self) -> None:
         self._request.unregisterProducer()

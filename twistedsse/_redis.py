@@ -19,7 +19,7 @@ the block.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 import attrs
@@ -97,7 +97,9 @@ class RedisEndpoint:
         user = f"{self.username}@" if self.username else ""
         return f"{'rediss' if self.tls else 'redis'}://{user}{self.host}:{self.port}/{self.db}"
 
-    def connect(self, *, reconnect: bool = True, protocol: type | None = None) -> Any:
+    def connect(
+        self, *, reconnect: bool = True, protocol: type | None = None, onConnectionMade: Callable[[], None] | None = None
+    ) -> Any:
         """
         A lazy txredisapi connection handler: returned at once, it sends
         each command once connected and, with C{reconnect}, reconnects
@@ -109,6 +111,8 @@ class RedisEndpoint:
 
         @param protocol: the connection's protocol class, if not
             txredisapi's (a C{SubscriberProtocol} for pub/sub).
+        @param onConnectionMade: called each time the connection is made
+            (again, after a loss: counted for /metrics).
         """
         import txredisapi
         from twisted.internet import reactor
@@ -123,6 +127,7 @@ class RedisEndpoint:
         )  # fmt: skip
         factory.reconnect = reconnect
         factory.maxDelay = MAX_RECONNECT_DELAY
+        factory.onConnectionMade = onConnectionMade
         factory.protocol = _unpaused(protocol or txredisapi.RedisProtocol)
         # The global reactor, as txredisapi's own connections use; commands
         # leave in the write, not at the reactor's next turn.
@@ -154,6 +159,13 @@ class _ParseInOneGo:
 
     _rest: bytes = b""
     _parsing: bool = False
+
+    def connectionMade(self) -> Any:
+        # (For /metrics: the connection's reconnects, see connect.)
+        made = getattr(getattr(self, "factory", None), "onConnectionMade", None)
+        if made is not None:
+            made()
+        return super().connectionMade()  # type: ignore[misc]
 
     def setLineMode(self, extra: bytes = b"") -> None:
         self.line_mode = 1

@@ -38,6 +38,7 @@ from ._asyncbroker import IAsyncJobBroker
 from ._broker import resetEvent
 from ._errors import JobExpired, UnknownJob
 from ._fanout import SLICE, Fanout
+from ._metrics import DeliveryStats
 from ._frames import TERMINAL_EVENTS, Event, encodeEvent
 from ._interfaces import ISubscriber
 from ._job import Entry, EventLog, JobSnapshot, JobState
@@ -126,6 +127,8 @@ class RedisBroker:
     _subscriberCount: int = attrs.field(default=0, init=False)
     #: Counters, for tests and the benchmark.
     loads: int = attrs.field(default=0, init=False)
+    #: What the fan-outs gave out, for /metrics.
+    stats: DeliveryStats = attrs.field(factory=DeliveryStats, init=False)
 
     @_shared.default
     def _makeShared(self) -> SharedHistory:
@@ -336,7 +339,9 @@ class RedisBroker:
 
     def _load(self, jobID: str) -> _Mirror:
         mirror = _Mirror(jobID, EventLog(self.history))
-        mirror.fanout = Fanout(self.clock, self.fanoutSlice, lambda count: self._dropped(mirror, count))
+        mirror.fanout = Fanout(
+            self.clock, self.fanoutSlice, lambda count: self._dropped(mirror, count), self.stats
+        )
         self._mirrors[jobID] = mirror
         self.loads += 1
         reads: list[Deferred[Any]] = [self.state.get(jobID), self._shared.historyAfter(jobID, 0)]
@@ -505,7 +510,9 @@ class RedisBroker:
         for token in members:
             mirror.fanout.remove(token)
         mirror.log = EventLog(self.history)
-        mirror.fanout = Fanout(self.clock, self.fanoutSlice, lambda count: self._dropped(mirror, count))
+        mirror.fanout = Fanout(
+            self.clock, self.fanoutSlice, lambda count: self._dropped(mirror, count), self.stats
+        )
         for token, subscriber in members.items():
             mirror.fanout.add(token, subscriber, reset.seq)
         self._tell(mirror, event)

@@ -74,6 +74,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from ._interfaces import QueuedRender
+from ._metrics import RedisStats
 from ._redis import RedisEndpoint
 
 _log = Logger()
@@ -471,6 +472,8 @@ class RedisWorker:
     block: float = 1.0
     timeout: float = COMMAND_TIMEOUT
     maxBackoff: float = 5.0
+    #: Claims and reclaims (for /metrics).
+    stats: RedisStats = attrs.field(factory=RedisStats)
 
     _held: dict[str, _Claim] = attrs.field(factory=dict, init=False)
     _unacked: dict[str, str] = attrs.field(factory=dict, init=False)
@@ -682,6 +685,7 @@ class RedisWorker:
         reply = await _timed(command, self._clock, blockMS / 1000 + self.timeout)
         for _stream, entries in reply or []:
             for entryID, fields in entries:
+                self.stats.claims += 1
                 self._claimed(entryID, _render(fields), 1)
 
     async def _reclaim(self) -> None:
@@ -699,6 +703,7 @@ class RedisWorker:
             if entryID in own:
                 continue  # renewed above; cannot be taken here
             if kind == "start":
+                self.stats.reclaims += 1
                 self._claimed(entryID, render, int(attempt))
             elif kind == "lost":
                 self._call(self._consumer.lost, render, int(attempt) - 1)

@@ -38,6 +38,7 @@ from ._idempotency import Once
 from ._interfaces import IRenderer
 from ._job import JobSnapshot
 from ._json import JSONObject
+from ._metrics import RedisStats, RenderStats, ServiceMetrics
 from ._redis import RedisEndpoint
 from ._redisbroker import RedisBroker
 from ._redisevents import RedisEventLog
@@ -151,6 +152,12 @@ class RedisRenderService(Service):
         self._sweeper: LoopingCall | None = None
         self._command: Any = None
         self._events: RedisEventLog | None = None
+        self.metrics = ServiceMetrics()
+        self._redisStats = self.metrics.collector.redis = RedisStats()
+        self._renderStats = RenderStats()
+        if self.worker:
+            self.metrics.collector.renders = self._renderStats
+            self.metrics.collector.activeRenders = self.activeCount
 
     @property
     def web(self) -> bool:
@@ -167,7 +174,15 @@ class RedisRenderService(Service):
     # -- life ------------------------------------------------------------
 
     def _connect(self) -> Any:
-        connection = self.endpoint.connect()
+        made = 0
+
+        def connectionMade() -> None:
+            nonlocal made
+            made += 1
+            if made > 1:
+                self._redisStats.reconnects += 1
+
+        connection = self.endpoint.connect(onConnectionMade=connectionMade)
         self._connections.append(connection)
         return connection
 
@@ -184,6 +199,7 @@ class RedisRenderService(Service):
         if self.web:
             reader = RedisEventReader(self._connect(), command, self.clock, prefix=self.prefix)
             self._broker = RedisBroker(state, events, reader, self.clock, history=self.history)
+            self.metrics.collector.deliveries[:] = [self._broker.stats]
             self._broker.start()
             self._web = RedisJobs(
                 self.clock,
@@ -223,6 +239,7 @@ class RedisRenderService(Service):
                 killGrace=self.killGrace,
                 renderEnv=self.renderEnv,
                 name=self.consumerName,
+                stats=self._renderStats,
             )
             self._worker = claims.worker = RedisWorker(
                 command,
@@ -235,6 +252,7 @@ class RedisRenderService(Service):
                 claimTimeout=self.claimTimeout,
                 maxAttempts=self.maxAttempts,
                 keys=QueueKeys(self.prefix),
+                stats=self._redisStats,
             )
             self._runner.start()
             self._worker.start().addErrback(self._notSubscribed)
@@ -372,19 +390,25 @@ class RedisRenderService(Service):
 class WorkerResource(Resource):
     """
     What a worker (C{--role worker}) serves: C{GET /healthz} (its renders,
-    and whether Redis answers), and a JSON 404 for anything else. It holds
-    no jobs' API: the web instances do.
+    and whether Redis answers), C{GET /metrics} (unless a
+    C{--metrics-listen} endpoint serves them), and a JSON 404 for anything
+    else. It holds no jobs' API: the web instances do.
     """
 
     isLeaf = True
 
-    def __init__(self, service: RedisRenderService) -> None:
+    def __init__(self, service: RedisRenderService, serveMetrics: bool = True) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # (see RenderService)
         self._service = service
+        self._serveMetrics = serveMetrics
 
     def render(self, request: IRequest) -> bytes | int:
+        if request.path == b"/metrics" and self._serveMetrics and request.method in (b"GET", b"HEAD"):
+            # (As open as /healthz: counts, no job's data.)
+            metrics: bytes | int = self._service.metrics.resource().render(request)
+            return metrics
         if request.path != b"/healthz":
-            return respondError(request, 404, "not_found", "a worker serves /healthz only")
+            return respondError(request, 404, "not_found", "a worker serves /healthz and /metrics only")
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return respondError(request, 405, "method_not_allowed", "use GET")

@@ -24,6 +24,7 @@ from ._errors import UnknownRenderer
 from ._interfaces import IQueueConsumer, IRenderer, IRenderLedger, IRenderSource, QueuedRender, RenderPlan
 from ._job import JobSnapshot, JobState
 from ._outcome import CANCELLED_RUNNING, Outcome, OverShare, completed, ofExit, outputUnusable, spawnFailed, storageFailed
+from ._metrics import RenderStats
 from ._render import ExitStatus, RunningRender, launch
 
 _log = Logger()
@@ -63,6 +64,9 @@ class RenderRunner:
     renderEnv: Mapping[str, str] = attrs.field(factory=dict)
     #: This worker's name in the log (Redis mode: its consumer name).
     name: str = ""
+    #: Renders ended, by renderer and outcome, and their durations (for
+    #: /metrics).
+    stats: RenderStats = attrs.field(factory=RenderStats)
     _active: dict[str, _Active] = attrs.field(factory=dict, init=False)
     _beginning: set[str] = attrs.field(factory=set, init=False)
     _abandoned: set[str] = attrs.field(factory=set, init=False)
@@ -154,13 +158,13 @@ class RenderRunner:
             if jobID in self._cancelled:
                 self._cancelled.discard(jobID)
                 if snapshot is not None:
-                    self._record(jobID, CANCELLED_RUNNING)
+                    self._record(jobID, CANCELLED_RUNNING, snapshot.renderer)
                 else:
                     self.queue.finished(jobID)
             elif snapshot is None:
                 # Ended meanwhile (cancelled), or its start not recorded.
                 self.queue.finished(jobID)
-            elif self._roomFor(queued) and self._launch(queued, snapshot):
+            elif self._roomFor(queued, snapshot.renderer) and self._launch(queued, snapshot):
                 return
             self._pump()
 
@@ -207,7 +211,7 @@ class RenderRunner:
             if plan is not None:
                 for path in plan.scratch:
                     unlink(path)
-            self._record(jobID, spawnFailed(e))
+            self._record(jobID, spawnFailed(e), snapshot.renderer)
             return False
         _log.info(
             "render {jobID} started: pid {pid}{worker}",
@@ -223,18 +227,21 @@ class RenderRunner:
         )
         return True
 
-    def _record(self, jobID: str, outcome: Outcome) -> None:
+    def _record(self, jobID: str, outcome: Outcome, renderer: str, seconds: float | None = None) -> None:
         """
         Record a render's end, then tell the source (which, in Redis,
         acknowledges it: only once its end is written).
+
+        @param seconds: how long its process ran, if it did.
         """
+        self.stats.record(renderer, outcome.state.value, seconds)
         self.ledger.finish(jobID, outcome).addCallbacks(
             lambda _: self.queue.finished(jobID),
             lambda f: _log.info("the end of render {jobID} was not recorded: {why}", jobID=jobID,
                                 why=f.getErrorMessage()),
         )
 
-    def _roomFor(self, queued: QueuedRender) -> bool:
+    def _roomFor(self, queued: QueuedRender, renderer: str) -> bool:
         """
         Before a render starts: fail it ("storage") if the disk is nearly
         full; otherwise make room for its share by deleting the oldest
@@ -242,7 +249,7 @@ class RenderRunner:
         """
         lacking = self.disk.lacks()
         if lacking is not None:
-            self._record(queued.jobID, storageFailed(lacking))
+            self._record(queued.jobID, storageFailed(lacking), renderer)
             return False
         self.disk.evict(len(self._active) + 1)
         return True
@@ -259,12 +266,13 @@ class RenderRunner:
             else:
                 outcome = self._conclude(active, status)
                 began = active.snapshot.startedAt or active.snapshot.createdAt
+                seconds = self.clock.seconds() - began
                 _log.info(
                     "render {jobID} ended {state} after {seconds:.1f} s ({exit})",
-                    jobID=jobID, state=outcome.state.value, seconds=self.clock.seconds() - began,
+                    jobID=jobID, state=outcome.state.value, seconds=seconds,
                     exit=_exitText(status),
                 )  # fmt: skip
-                self._record(jobID, outcome)
+                self._record(jobID, outcome, active.snapshot.renderer, seconds)
         finally:
             for path in plan.scratch:
                 unlink(path)

@@ -30,6 +30,7 @@ from ._interfaces import IJobBroker, IJobStore, IRenderer
 from ._job import JobSnapshot
 from ._jobs import JobTracker
 from ._ledger import JobLedger
+from ._metrics import DeliveryStats, ServiceMetrics
 from ._queue import MemoryQueue
 from ._render import removeWorkDirs
 from ._runner import RenderRunner
@@ -130,6 +131,16 @@ class RenderService(Service):
             renderEnv=dict(renderEnv or {}),
         )
         self._queue = queue
+        #: This service's Prometheus registry (/metrics); the apps built
+        #: over it add their streams and connections.
+        self.metrics = ServiceMetrics()
+        collector = self.metrics.collector
+        stats = getattr(broker, "stats", None)
+        if isinstance(stats, DeliveryStats):
+            collector.deliveries.append(stats)
+        collector.renders = self._runner.stats
+        collector.queueDepth = self.queuedCount
+        collector.activeRenders = self.activeCount
 
     # -- settings, as given --------------------------------------------
 

@@ -112,11 +112,16 @@ class StreamSettings:
     @ivar writeTimeout: seconds a client may leave its connection full
         (reading nothing) before it is dropped; also set as the socket's
         C{TCP_USER_TIMEOUT}, so the kernel gives up on a dead peer as soon.
+    @ivar logStreams: log each stream's opening and closing (debug level,
+        with the job id). Off by default: twistd writes every debug event,
+        and two lines per stream cost 50-130 us, a fifth to a half of
+        what connecting a stream costs (docs/performance.md, "Metrics").
     """
 
     keepalive: float = 15.0
     retry: int = 2000
     writeTimeout: float = 30.0
+    logStreams: bool = False
 
 
 @attrs.define
@@ -131,6 +136,9 @@ class StreamLimits:
     retryAfter: int = 5
     _open: int = attrs.field(default=0, init=False)
     _perJob: dict[str, int] = attrs.field(factory=dict, init=False)
+    #: Streams dropped because their client read nothing for
+    #: C{writeTimeout} (for /metrics).
+    dropped: int = attrs.field(default=0, init=False)
 
     def check(self, jobID: str | None) -> None:
         """
@@ -272,7 +280,7 @@ class _Stream:
     __slots__ = (
         "_request", "_clock", "_settings", "_rewriteID", "_onClose", "_keepalives", "_unsubscribe",
         "_open", "_paused", "_latest", "_terminal", "_deadline", "_replaying", "_wrote",
-        "_broker", "_jobID", "_cursor", "_behind", "_pending",
+        "_broker", "_jobID", "_cursor", "_behind", "_pending", "_limits",
     )  # fmt: skip
 
     def __init__(
@@ -283,8 +291,10 @@ class _Stream:
         rewriteID: Callable[[str], str] | None = None,
         onClose: Callable[[], None] | None = None,
         keepalives: Keepalives | None = None,
+        limits: StreamLimits | None = None,
     ) -> None:
         self._request = request
+        self._limits = limits
         self._clock = clock
         self._settings = settings
         self._rewriteID = rewriteID
@@ -323,6 +333,8 @@ class _Stream:
         if self._open and self._keepalives is not None:
             self._keepalives.add(self)
         self._broker, self._jobID, self._cursor = broker, jobID, after
+        if settings.logStreams:
+            _log.debug("event stream of {jobID} opened", jobID=jobID)
         if self._open:
             self._subscribe()
 
@@ -372,18 +384,21 @@ class _Stream:
         if self._open:
             self._end()
 
-    def keepalive(self) -> None:
+    def keepalive(self) -> bool:
         """
         Called by L{Keepalives} every half interval: write a keepalive
         comment unless a frame went out since the last call, so that a quiet
         stream gets one every interval and a busy one none. A paused
-        stream's connection is full: a keepalive would only queue.
+        stream's connection is full: a keepalive would only queue. Whether
+        it wrote one.
         """
         if self._wrote:
             self._wrote = False
         elif not self._paused:
             self._wrote = True
             self._request.write(KEEPALIVE)
+            return True
+        return False
 
     def deliver(self, event: Event, frame: bytes) -> None:
         if not self._open:
@@ -489,6 +504,8 @@ class _Stream:
             "event stream dropped: the client read nothing for {seconds} s",
             seconds=self._settings.writeTimeout,
         )
+        if self._limits is not None:
+            self._limits.dropped += 1
         _abort(self._request)
 
     def _cancelDeadline(self) -> None:
@@ -513,8 +530,12 @@ class _Stream:
         if self._onClose is not None:
             onClose, self._onClose = self._onClose, None
             onClose()
-        if isinstance(result, Failure):
-            _log.debug("event stream closed by the client: {why}", why=result.getErrorMessage())
+        if self._settings.logStreams:
+            if isinstance(result, Failure):
+                _log.debug("event stream of {jobID} closed by the client: {why}", jobID=self._jobID,
+                           why=result.getErrorMessage())
+            else:
+                _log.debug("event stream of {jobID} closed", jobID=self._jobID)
 
 
 class EventStreamResource(Resource):
@@ -632,7 +653,9 @@ class EventStreamResource(Resource):
             limits, jobID = self._limits, self._jobID
             limits.opened(jobID)
             onClose = lambda: limits.closed(jobID)  # noqa: E731
-        stream = _Stream(request, self._clock, self._settings, self._rewriteID, onClose, self._keepalives)
+        stream = _Stream(
+            request, self._clock, self._settings, self._rewriteID, onClose, self._keepalives, self._limits
+        )
         stream.start(self._broker, self._jobID, self._lastSeen(request), self._opening)
         return NOT_DONE_YET
 

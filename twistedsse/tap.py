@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from twisted.logger import Logger
 
-from ._build import _reactor, buildService, buildSite
+from ._build import _reactor, buildMetricsSite, buildService, buildSite
 from ._connections import (
     BODY_MIN_RATE,
     MAX_CONNECTIONS,
@@ -108,7 +108,7 @@ class Options(usage.Options):
         ["render-threads", None, None, "Threads a render may use: ffmpeg's -threads and -filter_threads, and $TWISTEDSSE_THREADS for commands (default: the CPUs this process may use).", _positive(int, "--render-threads", 1)],
         ["redis", None, None, "Keep jobs, the render queue and events in Redis at this URL (redis://HOST:PORT/DB or rediss://...), shared by every web instance and worker; needs --output-dir on storage they all share. Default: in this process."],
         ["redis-password-file", None, None, "The Redis password: the first line of this file (never on the command line)."],
-        ["role", None, "all", "With --redis: web (the HTTP API and streams; runs no render), worker (runs renders; serves /healthz only) or all.", _role],
+        ["role", None, "all", "With --redis: web (the HTTP API and streams; runs no render), worker (runs renders; serves /healthz and /metrics only) or all.", _role],
         ["claim-timeout", None, 60.0, "With --redis: seconds after which the render of a worker that stopped renewing its claim (died) is taken over by another worker.", _positive(float, "--claim-timeout", 1)],
         ["max-attempts", None, 2, "With --redis: runs of a render whose workers die; past it, failed with reason worker_lost.", _positive(int, "--max-attempts", 1)],
         ["drain-timeout", None, 60.0, "With --redis: seconds a worker stopping (SIGTERM) lets its renders finish before handing them back to the queue.", _positive(float, "--drain-timeout", 0)],
@@ -117,6 +117,8 @@ class Options(usage.Options):
     optFlags = [
         ["no-auth", None, "Serve on a non-loopback address without any token: for operators whose own "
          "authentication stands in front of this service."],
+        ["log-streams", None, "Log each event stream's opening and closing (debug level, with the job id); "
+         "off by default: the lines cost a share of what connecting a stream does."],
         ["limit-loopback", None, "Apply --max-connections-per-address to loopback and UNIX-socket peers too."],
         ["no-eager-send", None, "Send with Twisted's own TCP transport (each write queued until the reactor's next "
          "turn) instead of sending in the write: a fallback if a Twisted release breaks the eager one."],
@@ -127,6 +129,7 @@ class Options(usage.Options):
         # misses calls through super() (python/mypy#16653).
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
+        self["metrics-listen"] = []
         self["renderers"] = []
         self["cors-origins"] = []
         self["auth-tokens"] = ()
@@ -146,6 +149,15 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_metrics_listen(self, description: str) -> None:
+        """
+        Serve /metrics (Prometheus) on this strports endpoint instead of
+        the main one, where /metrics is then a 404 (repeatable). Refused
+        beyond loopback unless tokens are configured (a scrape then needs
+        one) or --no-auth.
+        """
+        self["metrics-listen"].append(description)
 
     def opt_renderer(self, spec: str) -> None:
         """
@@ -285,6 +297,14 @@ class Options(usage.Options):
                         "is configured: give --auth-token-file (and/or --jwt-secret-file), or --no-auth "
                         "if your own authentication stands in front of this service"
                     )
+        if not authenticated and not self["no-auth"]:
+            for description in self["metrics-listen"]:
+                if not loopbackOnly(description):
+                    raise usage.UsageError(
+                        f"--metrics-listen {description} is reachable beyond this machine, and no "
+                        "authentication is configured: give --auth-token-file (scrapes then need a token), "
+                        "or --no-auth if only your monitoring network reaches it"
+                    )
         self.fitFileLimit()
 
     def attachSchemas(self) -> None:
@@ -334,8 +354,9 @@ class Options(usage.Options):
         logs); unless given, they default to what fits.
         """
         limit = self["open-file-limit"] = raiseFileLimit()
-        reserve = fileReserve(len(self["listen"]), self["max-renders"])
-        room = fileRoom(len(self["listen"]), self["max-renders"], limit)
+        listeners = len(self["listen"]) + len(self["metrics-listen"])
+        reserve = fileReserve(listeners, self["max-renders"])
+        room = fileRoom(listeners, self["max-renders"], limit)
         if self["max-streams"] is None:
             self["max-streams"] = min(MAX_STREAMS, room)
         if self["max-connections"] is None:
@@ -413,6 +434,8 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         corsOrigins=options["cors-origins"],
         jwtSecret=options["jwt-secret"],
         publicNames=options["public-names"],
+        serveMetrics=not options["metrics-listen"],
+        logStreams=bool(options["log-streams"]),
         connections=ConnectionLimits(
             requestTimeout=options["request-timeout"],
             bodyMinRate=options["body-min-rate"],
@@ -436,5 +459,11 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         listening = cast(IReactorCore, reactor)
     for description in options["listen"]:
         top.addListener(strports.service(description, site, reactor=listening))
+    if options["metrics-listen"]:
+        metricsSite = buildMetricsSite(
+            service, reactor, authTokens=options["auth-tokens"], jwtSecret=options["jwt-secret"]
+        )
+        for description in options["metrics-listen"]:
+            top.addListener(strports.service(description, metricsSite, reactor=cast(IReactorCore, reactor)))
     tuneGarbageCollector()
     return top
