@@ -63,7 +63,7 @@ class IdempotencyTests(TestCase):
 
     def submit(self, service: RedisRenderService, key: str, request: dict[str, Any]) -> Any:
         return service.submit(
-            request["renderer"], request["params"], None, service.newJobID(), once("anonymous", key, request)
+            request["renderer"], request["params"], None, service.newJobID(), once=once("anonymous", key, request)
         )
 
     @inlineCallbacks
