@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from urllib.parse import urlsplit
-from typing import Any, cast
+from typing import IO, Any, cast
 
 from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from twisted.logger import Logger
 
+from ._logformat import logFormat, logLevel, logObserver
+from ._sdnotify import Notifier
 from ._build import _reactor, buildService, buildSite
 from ._connections import (
     BODY_MIN_RATE,
@@ -38,7 +43,7 @@ from ._redis import RedisConfigError, RedisEndpoint, checkNow
 from ._redisservice import ROLES
 from ._server import ServerService
 from ._command import CommandRenderer, checkRenderEnv
-from ._listen import loopbackOnly
+from ._listen import loopbackOnly, systemdEnvironment
 from ._security import HostPolicy, readSecret, readTokens
 from ._transport import EagerSendReactor
 
@@ -109,6 +114,8 @@ class Options(usage.Options):
         ["role", None, "all", "With --redis: web (the HTTP API and streams; runs no render), worker (runs renders; serves /healthz only) or all.", _role],
         ["claim-timeout", None, 60.0, "With --redis: seconds after which the render of a worker that stopped renewing its claim (died) is taken over by another worker.", _positive(float, "--claim-timeout", 1)],
         ["max-attempts", None, 2, "With --redis: runs of a render whose workers die; past it, failed with reason worker_lost.", _positive(int, "--max-attempts", 1)],
+        ["log-format", None, "text", "Log lines as text, or json: one JSON object per line (journald, log shippers).", logFormat],
+        ["log-level", None, "info", "The lowest level logged: debug adds each event stream and download opened and closed.", logLevel],
         ["drain-timeout", None, 60.0, "With --redis: seconds a worker stopping (SIGTERM) lets its renders finish before handing them back to the queue.", _positive(float, "--drain-timeout", 0)],
     ]
 
@@ -217,11 +224,12 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for description in self["listen"]:
-            if description.startswith("systemd:") and not os.environ.get("LISTEN_FDS"):
+            if description.startswith("systemd:") and not systemdEnvironment().get("LISTEN_FDS"):
                 raise usage.UsageError(
                     f"--listen {description}: no socket passed by systemd (LISTEN_FDS unset)"
                 )
         self.checkRedis()
+        self.checkLogging()
         # Secure by default: never open to the network without a token (a
         # worker serves its health only).
         authenticated = bool(self["auth-tokens"]) or self["jwt-secret"] is not None
@@ -234,6 +242,20 @@ class Options(usage.Options):
                         "if your own authentication stands in front of this service"
                     )
         self.fitFileLimit()
+
+    def checkLogging(self) -> None:
+        """
+        Under twistd, C{--log-format} and C{--log-level} make the observer
+        twistd installs (see L{twistdLogObserver}); twistd's own
+        C{--logger} and C{--syslog} make another, so not with them.
+        """
+        parent = getattr(self, "parent", None)
+        custom = self["log-format"] != "text" or self["log-level"] != "info"
+        if parent is not None and custom and (parent.get("logger") or parent.get("syslog")):
+            raise usage.UsageError("--log-format and --log-level do not go with twistd's --logger or --syslog")
+        if parent is not None and parent.get("logfile") == "-" and not parent.get("nodaemon", True):
+            # (What twistd's own observer says, when ours stands in for it.)
+            raise usage.UsageError("a daemon cannot log to stdout: give --nodaemon, or a --logfile")
 
     def checkRedis(self) -> None:
         """
@@ -305,6 +327,28 @@ def tuneGarbageCollector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def twistdLogObserver(options: Options) -> ILogObserver | None:
+    """
+    Under twistd (C{options.parent}, its own options), the observer twistd
+    installs for the whole process (L{ServerService.logObserver}): the
+    C{--log-format} and C{--log-level} one, writing where twistd's own
+    would (stdout with C{--nodaemon} and no C{--logfile} or
+    C{--logfile=-}, else the file, C{twistd.log} by default, rotated as
+    twistd rotates it). C{None} (twistd's own) with C{--logger} or
+    C{--syslog}, or outside twistd.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("logger") or parent.get("syslog"):
+        return None
+    path = parent.get("logfile")
+    outFile: IO[Any]
+    if path == "-" or (not path and parent.get("nodaemon")):
+        outFile = sys.stdout
+    else:
+        outFile = LogFile.fromFullPath(path or "twistd.log")
+    return logObserver(outFile, options["log-format"], options["log-level"])
+
+
 def makeService(options: Options, reactor: IReactorTime | None = None) -> IService:
     """
     The render service and one listening service per C{--listen}. They stop
@@ -360,7 +404,15 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         connections=options["max-connections"] or "unlimited",
         streams=options["max-streams"] or "unlimited",
     )
-    top = ServerService(service, site, reactor)
+    # (Taken out of the environment now: no render inherits it.)
+    notifier = Notifier.fromEnvironment()
+    top = ServerService(
+        service,
+        site,
+        reactor,
+        notify=None if notifier is None else notifier.notify,
+        logObserver=twistdLogObserver(options),
+    )
     # TCP connections that send each frame in the write itself (see
     # twistedsse._transport); other endpoints are the reactor's own.
     listening: IReactorCore = EagerSendReactor(reactor)
