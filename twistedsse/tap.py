@@ -356,6 +356,9 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
     every open stream gets its final frame.
     """
     reactor = _reactor(reactor)
+    # Taken out of the environment first: no render inherits it (not even
+    # through --render-env).
+    notifier = Notifier.fromEnvironment()
     service = buildService(
         reactor,
         renderers=options["renderers"],
@@ -404,8 +407,6 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         connections=options["max-connections"] or "unlimited",
         streams=options["max-streams"] or "unlimited",
     )
-    # (Taken out of the environment now: no render inherits it.)
-    notifier = Notifier.fromEnvironment()
     top = ServerService(
         service,
         site,
