@@ -77,8 +77,9 @@ class ServerServiceTests(SynchronousTestCase):
         self.events: list[str] = []
         self.messages: list[dict[str, str]] = []
         self.renders = _Renders(self.events)
+        self.clock = Clock()
         self.server = ServerService(
-            self.renders, DrainingSite(Resource()), Clock(), notify=lambda **fields: self.messages.append(fields)
+            self.renders, DrainingSite(Resource()), self.clock, notify=lambda **fields: self.messages.append(fields)
         )
 
     def listener(self) -> _Endpoint:
@@ -88,16 +89,35 @@ class ServerServiceTests(SynchronousTestCase):
 
     def test_readyOnceAllListen(self) -> None:
         """
-        C{READY=1} waits for every port and for the render service, then
-        comes once with the addresses in C{STATUS=}.
+        C{READY=1} waits for every port and for the render service, and
+        for the reactor to run (its first turn: twistd starts services
+        before, when a SIGTERM would still kill the process), then comes
+        once with the addresses in C{STATUS=}.
         """
         one, two = self.listener(), self.listener()
         self.server.startService()
         one.listening[0].callback(_Port(IPv4Address("TCP", "127.0.0.1", 8080)))
         self.renders.ready.callback(None)
-        self.assertEqual(self.messages, [])
         two.listening[0].callback(_Port(IPv6Address("TCP", "::1", 8081)))
+        self.assertEqual(self.messages, [])
+        self.clock.advance(0)
         self.assertEqual(self.messages, [{"READY": "1", "STATUS": "serving on 127.0.0.1:8080, [::1]:8081"}])
+        self.clock.advance(60)
+        self.assertEqual(len(self.messages), 1)
+
+    def test_stoppedBeforeTheReactorRuns(self) -> None:
+        """
+        Stopped once it listens but before the reactor's first turn: only
+        C{STOPPING=1}, and no timer left.
+        """
+        endpoint = self.listener()
+        self.server.startService()
+        endpoint.listening[0].callback(_Port(IPv4Address("TCP", "127.0.0.1", 8080)))
+        self.renders.ready.callback(None)
+        self.successResultOf(self.server.stopService())
+        self.clock.advance(1)
+        self.assertEqual([list(m) for m in self.messages], [["STOPPING", "STATUS"]])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_notReady(self) -> None:
         """
@@ -109,6 +129,7 @@ class ServerServiceTests(SynchronousTestCase):
         self.server.startService()
         endpoint.listening[0].callback(_Port(IPv4Address("TCP", "127.0.0.1", 8080)))
         self.renders.ready.errback(TimeoutError("no answer from Redis"))
+        self.clock.advance(0)
         self.assertEqual(self.messages, [{"STATUS": "not ready: no answer from Redis"}])
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
@@ -125,6 +146,7 @@ class ServerServiceTests(SynchronousTestCase):
         # (The stop cancelled the listen not done yet.)
         self.assertTrue(endpoint.listening[0].called)
         self.renders.ready.callback(None)
+        self.clock.advance(0)
         self.assertEqual([m for m in self.messages if "READY" in m], [])
 
     def test_withoutNotify(self) -> None:

@@ -12,6 +12,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -136,8 +137,16 @@ class ServerService(MultiService):
         readies = getattr(self.renders, "whenReady", None)
         if readies is not None:
             waits.append(maybeDeferred(readies))
-        ready: Deferred[None] = gatherResults(waits, consumeErrors=True).addCallback(self._isReady)
-        self._ready = ready.addErrback(self._notReady)
+        waiting = gatherResults(waits, consumeErrors=True)
+        # (A DeferredList cannot be cancelled once it has fired: this one
+        # can, at every step.)
+        ready: Deferred[Any] = Deferred(lambda _: waiting.cancel())
+        waiting.chainDeferred(ready)
+        # Said once the reactor runs: twistd and the twistedsse command
+        # start the services before it does, and until then a SIGTERM (a
+        # stop right after READY=1) would kill the process, not stop it.
+        ready.addCallback(lambda results: deferLater(self._clock, 0, lambda: results))
+        self._ready = ready.addCallback(self._isReady).addErrback(self._notReady)
 
     def _isReady(self, results: list[Any]) -> None:
         self._ready = None
