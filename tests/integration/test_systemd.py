@@ -176,10 +176,10 @@ class NotifyAndHardeningTests(SynchronousTestCase):
     def test_singleMachine(self) -> None:
         """
         The single-machine service runs as a dynamic user whose state
-        directory (systemd's, passed as C{$STATE_DIRECTORY}) keeps the
-        jobs, and serves the socket its socket unit passes by name.
+        directory (systemd's, made for it) keeps the jobs, and serves the
+        socket its socket unit passes by name.
         """
-        argv = execStart(SINGLE, {"STATE_DIRECTORY": "/var/lib/twistedsse"})
+        argv = execStart(SINGLE, {})
         self.assertEqual(setting(SINGLE, "Service.DynamicUser"), "yes")
         self.assertEqual(setting(SINGLE, "Service.StateDirectory"), "twistedsse")
         self.assertEqual(option(argv, "--state-dir"), "/var/lib/twistedsse")
