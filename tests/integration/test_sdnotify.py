@@ -158,6 +158,28 @@ class SocketActivationTests(SynchronousTestCase):
         self.assertIn("Server Shut Down.", output)
         self.assertNotIn("Traceback", output)
 
+    def test_redisMode(self) -> None:
+        """
+        In Redis mode (a web instance and a worker in one process), C{READY=1}
+        comes once its Redis connections answer, and the render it then
+        takes runs; C{STOPPING=1} on SIGTERM.
+        """
+        from tests._support.redis import RedisServer
+
+        redis = RedisServer()
+        self.addCleanup(redis.stop)
+        twistd = ActivatedTwistd(self, "--redis", redis.url, "--role", "all")
+        code, job = postJSON(
+            twistd.url("/renders"), {"renderer": "ticks", "params": {"count": 3, "interval": 0.01}}, timeout=START
+        )
+        self.assertEqual(code, 202, job)
+        ready = twistd.received(10)
+        self.assertEqual(ready, f"READY=1\nSTATUS=serving on 127.0.0.1:{twistd.port}".encode())
+        self.assertEqual(twistd.events(job["events_url"])[-1]["event"], "complete")
+        code, output = twistd.stop()
+        self.assertEqual(twistd.received(5), b"STOPPING=1\nSTATUS=stopping: draining renders and streams")
+        self.assertIn(code, (0, -signal.SIGTERM), output[-4000:])
+
     def test_jsonLogs(self) -> None:
         """
         With C{--log-format json} every line twistd writes is one JSON
