@@ -12,6 +12,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Application, Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -132,6 +133,21 @@ class ServerServiceTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.messages, [{"STATUS": "not ready: no answer from Redis"}])
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_listenerFails(self) -> None:
+        """
+        A port that cannot be bound after all (an endpoint that listens
+        asynchronously): no C{READY=1}, a status saying why; the
+        listener's service logs the error itself, as it always did.
+        """
+        endpoint = self.listener()
+        self.server.startService()
+        self.renders.ready.callback(None)
+        endpoint.listening[0].errback(CannotListenError("127.0.0.1", 8080, OSError("in use")))
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
+        self.assertEqual([list(m) for m in self.messages], [["STATUS"]])
+        self.assertIn("not ready: Couldn't listen on 127.0.0.1:8080", self.messages[0]["STATUS"])
 
     def test_stoppingFirst(self) -> None:
         """

@@ -791,6 +791,9 @@ class SystemdTests(SynchronousTestCase):
         self.assertEqual(serverFromString(reactor, "systemd:domain=INET:name=metrics").fileno, 8)
         self.assertEqual(serverFromString(reactor, "systemd:domain=INET:index=0").fileno, 7)
         self.assertEqual(systemdEnvironment(), {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "web:metrics"})
+        # (Still in the environment, if Twisted leaves them there: as they are.)
+        self.patch(os, "environ", {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "web"})
+        self.assertEqual(dict(systemdEnvironment()), {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "web"})
 
 
 class PrivateNamesTests(SynchronousTestCase):
