@@ -12,8 +12,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults, inlineCallbacks, maybeDeferred
-from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -27,10 +27,11 @@ _log = Logger()
 @implementer(IStreamServerEndpoint)
 class _WatchedEndpoint:
     """
-    An endpoint that hands a copy of each C{listen}'s result to
-    C{whenListening}: a L{StreamServerEndpointService} listens when it
-    starts, but its port may be bound later (C{listen} returns a
-    Deferred), and keeps the result to itself.
+    An endpoint that puts a copy of each C{listen}'s result (the port, or
+    why it could not listen) in C{listening}: a
+    L{StreamServerEndpointService} listens when it starts, but its port may
+    be bound later (C{listen} returns a Deferred), and it keeps the result
+    to itself (its C{endpoint} is the one public way in).
     """
 
     def __init__(self, endpoint: IStreamServerEndpoint, listening: list[Deferred[IListeningPort]]) -> None:
@@ -77,11 +78,12 @@ class ServerService(MultiService):
     gets its final frame; the site's connections drain.
 
     With C{notify} (a L{twistedsse._sdnotify.Notifier}'s C{notify}, or
-    any callable taking the message's fields as keywords) it sends C{READY=1} (and a C{STATUS=} naming the
-    addresses) once every listener's port is bound and the render service
-    is ready, and C{STOPPING=1} as soon as stopping begins, before the
-    drain: systemd then knows the unit is up only when it serves, and
-    does not count the drain against a start.
+    any callable taking the message's fields as keywords) it sends
+    C{READY=1} (and a C{STATUS=} naming the addresses) once every
+    listener's port is bound, the render service is ready and the reactor
+    runs; and C{STOPPING=1} as soon as stopping begins, before the drain:
+    systemd then knows the unit is up only when it serves, and that a
+    drain is a stop under way.
 
     @ivar logObserver: under twistd, the log observer twistd installs for
         the whole process (set as the application's L{ILogObserver}
