@@ -115,7 +115,7 @@ class Options(usage.Options):
         ["claim-timeout", None, 60.0, "With --redis: seconds after which the render of a worker that stopped renewing its claim (died) is taken over by another worker.", _positive(float, "--claim-timeout", 1)],
         ["max-attempts", None, 2, "With --redis: runs of a render whose workers die; past it, failed with reason worker_lost.", _positive(int, "--max-attempts", 1)],
         ["log-format", None, "text", "Log lines as text, or json: one JSON object per line (journald, log shippers).", logFormat],
-        ["log-level", None, "info", "The lowest level logged: debug adds each event stream and download opened and closed.", logLevel],
+        ["log-level", None, "info", "The lowest level logged (debug, info, warn, error, critical): debug adds a line per event stream and download (closed by its client).", logLevel],
         ["drain-timeout", None, 60.0, "With --redis: seconds a worker stopping (SIGTERM) lets its renders finish before handing them back to the queue.", _positive(float, "--drain-timeout", 0)],
     ]
 
@@ -226,7 +226,8 @@ class Options(usage.Options):
         for description in self["listen"]:
             if description.startswith("systemd:") and not systemdEnvironment().get("LISTEN_FDS"):
                 raise usage.UsageError(
-                    f"--listen {description}: no socket passed by systemd (LISTEN_FDS unset)"
+                    f"--listen {description}: no socket passed by systemd (LISTEN_FDS unset, or without "
+                    "LISTEN_FDNAMES, which Twisted needs: systemd-socket-activate sets it only with --fdname)"
                 )
         self.checkRedis()
         self.checkLogging()
