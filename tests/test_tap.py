@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
@@ -154,14 +155,19 @@ class LoggingOptionsTests(SynchronousTestCase):
     def test_twistdDestination(self) -> None:
         """
         Under twistd, the observer writes where twistd's would: stdout for
-        --nodaemon without --logfile or with --logfile=-, else the file.
+        --nodaemon without --logfile or with --logfile=-, else the file
+        (rotated on SIGUSR1).
         """
         for argv in (["-n"], ["-n", "--logfile=-"]):
             observer = tap.twistdLogObserver(self.twistd(*argv, "twistedsse", "--log-format", "json"))
             self.assertIsNotNone(observer, argv)
         path = self.mktemp()
         options = self.twistd("-n", f"--logfile={path}", "twistedsse", "--log-format", "json")
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         observer = tap.twistdLogObserver(options)
+        # (SIGUSR1 rotates the file, as with twistd's own observer.)
+        self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
         assert observer is not None
         observer({"log_format": "hello {who}", "who": "file", "log_level": LogLevel.info, "log_time": 0.0, "log_namespace": "t"})
         self.assertIn('"log_text": "hello file"', open(path).read())

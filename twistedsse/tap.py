@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 from urllib.parse import urlsplit
 from typing import IO, Any, cast
 
 from twisted.application import strports
 from twisted.application.service import IService
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
 from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.logfile import LogFile
@@ -335,8 +336,8 @@ def twistdLogObserver(options: Options) -> ILogObserver | None:
     C{--log-format} and C{--log-level} one, writing where twistd's own
     would (stdout with C{--nodaemon} and no C{--logfile} or
     C{--logfile=-}, else the file, C{twistd.log} by default, rotated as
-    twistd rotates it). C{None} (twistd's own) with C{--logger} or
-    C{--syslog}, or outside twistd.
+    twistd rotates it, and on SIGUSR1). C{None} (twistd's own) with
+    C{--logger} or C{--syslog}, or outside twistd.
     """
     parent = getattr(options, "parent", None)
     if parent is None or parent.get("logger") or parent.get("syslog"):
@@ -346,7 +347,17 @@ def twistdLogObserver(options: Options) -> ILogObserver | None:
     if path == "-" or (not path and parent.get("nodaemon")):
         outFile = sys.stdout
     else:
-        outFile = LogFile.fromFullPath(path or "twistd.log")
+        outFile = logFile = LogFile.fromFullPath(path or "twistd.log")
+        # SIGUSR1 rotates it, as twistd's own observer's file (unless
+        # something else handles the signal).
+        if not signal.getsignal(signal.SIGUSR1):
+
+            def rotate(number: int, frame: Any) -> None:
+                from twisted.internet import reactor
+
+                cast(IReactorThreads, reactor).callFromThread(logFile.rotate)
+
+            signal.signal(signal.SIGUSR1, rotate)
     return logObserver(outFile, options["log-format"], options["log-level"])
 
 
