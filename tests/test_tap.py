@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -126,6 +128,65 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("no socket passed by systemd", str(caught.exception))
 
 
+class LoggingOptionsTests(SynchronousTestCase):
+    def twistd(self, *argv: str) -> tap.Options:
+        """
+        The plugin's options as twistd parses them (its own options first).
+        """
+        from twisted.scripts.twistd import ServerOptions
+
+        config = ServerOptions()
+        config.parseOptions([*argv[: argv.index("twistedsse")], *argv[argv.index("twistedsse") :]])
+        options: tap.Options = config.subOptions
+        return options
+
+    def test_defaultsAndValues(self) -> None:
+        """
+        --log-format is text and --log-level info by default; bad values
+        are usage errors.
+        """
+        options = OptionsTests.parse(self)
+        self.assertEqual((options["log-format"], options["log-level"]), ("text", "info"))
+        options = OptionsTests.parse(self, "--log-format", "json", "--log-level", "debug")
+        self.assertEqual((options["log-format"], options["log-level"]), ("json", "debug"))
+        for argv in (["--log-format", "xml"], ["--log-level", "loud"]):
+            self.assertRaises(UsageError, OptionsTests.parse, self, *argv)
+
+    def test_twistdDestination(self) -> None:
+        """
+        Under twistd, the observer writes where twistd's would: stdout for
+        --nodaemon without --logfile or with --logfile=-, else the file
+        (rotated on SIGUSR1).
+        """
+        for argv in (["-n"], ["-n", "--logfile=-"]):
+            observer = tap.twistdLogObserver(self.twistd(*argv, "twistedsse", "--log-format", "json"))
+            self.assertIsNotNone(observer, argv)
+        path = self.mktemp()
+        options = self.twistd("-n", f"--logfile={path}", "twistedsse", "--log-format", "json")
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        observer = tap.twistdLogObserver(options)
+        # (SIGUSR1 rotates the file, as with twistd's own observer.)
+        self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
+        assert observer is not None
+        observer({"log_format": "hello {who}", "who": "file", "log_level": LogLevel.info, "log_time": 0.0, "log_namespace": "t"})
+        self.assertIn('"log_text": "hello file"', open(path).read())
+        self.assertIsNone(tap.twistdLogObserver(OptionsTests.parse(self)), "outside twistd")
+
+    def test_twistdLoggerWins(self) -> None:
+        """
+        twistd's --logger or --syslog make their own observer: ours is not
+        made, and asking for a format or level with them is refused.
+        """
+        options = self.twistd("-n", "--logger", "twisted.logger.textFileLogObserver", "twistedsse")
+        self.assertIsNone(tap.twistdLogObserver(options))
+        with self.assertRaises(UsageError) as caught:
+            self.twistd("-n", "--syslog", "twistedsse", "--log-format", "json")
+        self.assertIn("do not go with twistd's --logger or --syslog", str(caught.exception))
+        with self.assertRaises(UsageError):
+            self.twistd("--logfile=-", "twistedsse")
+
+
 class MakeServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         thresholds = gc.get_threshold()
@@ -182,6 +243,19 @@ class MakeServiceTests(SynchronousTestCase):
             self.assertEqual(len(reactor.tcpServers), 1 if plain else 0, argv)
             if plain:
                 self.assertIs(reactor.tcpServers[0][1], top.site)
+
+    def test_notifySocketTaken(self) -> None:
+        """
+        makeService takes C{$NOTIFY_SOCKET} out of the environment (for its
+        L{ServerService}): no render, whose environment is built from the
+        service's, can notify systemd in its name.
+        """
+        self.patch(os, "environ", {"NOTIFY_SOCKET": "/run/systemd/notify", "PATH": "/usr/bin"})
+        options = OptionsTests.parse(self, "--output-dir", self.mktemp(), "--render-env", "NOTIFY_SOCKET")
+        top = tap.makeService(options, MemoryReactorClock())
+        self.assertEqual(os.environ, {"PATH": "/usr/bin"})
+        self.assertIsNotNone(top._notify)
+        self.assertNotIn("NOTIFY_SOCKET", list(top)[0].renderEnv)
 
     def test_pluginDiscovered(self) -> None:
         """

@@ -15,6 +15,7 @@ private name that is not listed here.
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import socket
 import ssl
@@ -70,6 +71,7 @@ PRIVATE: dict[tuple[str, str], str] = {
     ("_site.py", "_reactor"): "HTTP2Tests.test_streamAndConnection",
     ("_site.py", "_tryToWriteControlData"): "HTTP2Tests.test_tryToWriteControlData",
     ("_site.py", "_requestDone"): "HTTP2Tests.test_refuseStream",
+    ("_listen.py", "_sddaemon"): "SystemdTests.test_parserHoldsTheSockets",
 }
 
 #: Private names read from the standard library, not Twisted.
@@ -767,6 +769,31 @@ def privateNamesRead() -> set[tuple[str, str]]:
                 found.add((module, name))
         found.update((module, name) for first, name in _CHAINED.findall(text) if first not in ours)
     return found
+
+
+class SystemdTests(SynchronousTestCase):
+    def test_parserHoldsTheSockets(self) -> None:
+        """
+        Twisted's C{systemd:} endpoint parser adopts the sockets in its
+        C{_sddaemon} (a L{ListenFDs}, taken from the environment when
+        C{twisted.internet.endpoints} is imported), by index and by name:
+        what L{twistedsse._listen.systemdEnvironment} reads them back from.
+        """
+        from twisted.internet.endpoints import _SystemdParser, serverFromString
+        from twisted.python.systemd import ListenFDs
+
+        from twistedsse._listen import systemdEnvironment
+
+        self.assertIsInstance(_SystemdParser._sddaemon, ListenFDs)
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([7, 8], ("web", "metrics")))
+        self.patch(os, "environ", {})
+        reactor = MemoryReactorClock()
+        self.assertEqual(serverFromString(reactor, "systemd:domain=INET:name=metrics").fileno, 8)
+        self.assertEqual(serverFromString(reactor, "systemd:domain=INET:index=0").fileno, 7)
+        self.assertEqual(systemdEnvironment(), {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "web:metrics"})
+        # (Still in the environment, if Twisted leaves them there: as they are.)
+        self.patch(os, "environ", {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "web"})
+        self.assertEqual(dict(systemdEnvironment()), {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "web"})
 
 
 class PrivateNamesTests(SynchronousTestCase):

@@ -13,9 +13,10 @@ from typing import cast
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.task import react
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import globalLogBeginner
 from twisted.python import usage
 
+from ._logformat import logObserver
 from .tap import Options, makeService
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     except usage.UsageError as e:
         print(f"{options}\ntwistedsse: {e}", file=sys.stderr)
         sys.exit(2)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    globalLogBeginner.beginLoggingTo([logObserver(sys.stdout, options["log-format"], options["log-level"])])
 
     def run(reactor: IReactorCore) -> Deferred[None]:
         # (react's reactor is the global one: every interface at once.)

@@ -84,6 +84,32 @@ def _systemdSocket(kw: Mapping[str, str], environ: Mapping[str, str], firstFD: i
         return _loopbackAddress(probe.getsockname()[0])
 
 
+def systemdEnvironment() -> Mapping[str, str]:
+    """
+    C{LISTEN_FDS} and C{LISTEN_FDNAMES} as systemd passed them to this
+    process. Twisted's C{systemd:} endpoint parser takes them (and
+    C{LISTEN_PID}) out of C{os.environ} when
+    C{twisted.internet.endpoints} is first imported (as sd_listen_fds does
+    with C{unset_environment}), which is before any option is read: they
+    are read back from the sockets it holds, the ones a C{systemd:}
+    endpoint adopts.
+    """
+    if "LISTEN_FDS" in os.environ:
+        return os.environ
+    # (Private: the parser's copy is the only one left.)
+    from twisted.internet.endpoints import _SystemdParser
+
+    inherited = _SystemdParser._sddaemon
+    descriptors = inherited.inheritedDescriptors()
+    if not descriptors:
+        return {}
+    names = {fd: name for name, fd in inherited.inheritedNamedDescriptors().items()}
+    return {
+        "LISTEN_FDS": str(len(descriptors)),
+        "LISTEN_FDNAMES": ":".join(names.get(fd, "unknown") for fd in descriptors),
+    }
+
+
 def loopbackOnly(
     description: str, environ: Mapping[str, str] | None = None, firstFD: int = SD_LISTEN_FDS_START
 ) -> bool:
@@ -106,5 +132,5 @@ def loopbackOnly(
     if kind == "unix":
         return True
     if kind == "systemd":
-        return _systemdSocket(kw, os.environ if environ is None else environ, firstFD)
+        return _systemdSocket(kw, systemdEnvironment() if environ is None else environ, firstFD)
     return False

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, cast
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -39,7 +39,7 @@ from ._interfaces import IRenderer
 from ._job import JobSnapshot
 from ._json import JSONObject
 from ._metrics import RedisStats, RenderStats, ServiceMetrics
-from ._redis import RedisEndpoint
+from ._redis import RedisEndpoint, ready
 from ._redisbroker import RedisBroker
 from ._redisevents import RedisEventLog
 from ._redisledger import RedisLedger
@@ -262,6 +262,16 @@ class RedisRenderService(Service):
             redis=self.endpoint.describe(),
             worker=f" (worker {self.consumerName}, {self.maxRenders} renders at once)" if self.worker else "",
         )
+
+    def whenReady(self) -> Deferred[None]:
+        """
+        Fire once every connection this service opened answers (after it
+        started): then it serves (L{ServerService} tells systemd so).
+        Fails with C{TimeoutError} if one does not within
+        L{CONNECT_TIMEOUT} seconds.
+        """
+        waits = [ready(connection, self.clock) for connection in self._connections]
+        return gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
     def _notSubscribed(self, failure: Failure) -> None:
         if failure.check(CancelledError) is None:

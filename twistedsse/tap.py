@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
+import sys
 from urllib.parse import urlsplit
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import attrs
 from twisted.application import strports
 from twisted.application.service import IService
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from twisted.logger import Logger
 
+from ._logformat import logFormat, logLevel, logObserver
+from ._sdnotify import Notifier
 from ._build import _reactor, buildMetricsSite, buildService, buildSite
 from ._connections import (
     BODY_MIN_RATE,
@@ -39,7 +45,7 @@ from ._redis import RedisConfigError, RedisEndpoint, checkNow
 from ._redisservice import ROLES
 from ._server import ServerService
 from ._command import CommandRenderer, ParamsSchema, checkRenderEnv
-from ._listen import loopbackOnly
+from ._listen import loopbackOnly, systemdEnvironment
 from ._security import HostPolicy, readSecret, readTokens
 from ._webhooks import allowEntry
 from ._transport import EagerSendReactor
@@ -111,6 +117,8 @@ class Options(usage.Options):
         ["role", None, "all", "With --redis: web (the HTTP API and streams; runs no render), worker (runs renders; serves /healthz and /metrics only) or all.", _role],
         ["claim-timeout", None, 60.0, "With --redis: seconds after which the render of a worker that stopped renewing its claim (died) is taken over by another worker.", _positive(float, "--claim-timeout", 1)],
         ["max-attempts", None, 2, "With --redis: runs of a render whose workers die; past it, failed with reason worker_lost.", _positive(int, "--max-attempts", 1)],
+        ["log-format", None, "text", "Log lines as text, or json: one JSON object per line (journald, log shippers).", logFormat],
+        ["log-level", None, "info", "The lowest level logged (debug, info, warn, error, critical): debug adds a line per event stream and download (closed by its client).", logLevel],
         ["drain-timeout", None, 60.0, "With --redis: seconds a worker stopping (SIGTERM) lets its renders finish before handing them back to the queue.", _positive(float, "--drain-timeout", 0)],
     ]
 
@@ -276,9 +284,10 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
         self.attachSchemas()
         for description in self["listen"]:
-            if description.startswith("systemd:") and not os.environ.get("LISTEN_FDS"):
+            if description.startswith("systemd:") and not systemdEnvironment().get("LISTEN_FDS"):
                 raise usage.UsageError(
-                    f"--listen {description}: no socket passed by systemd (LISTEN_FDS unset)"
+                    f"--listen {description}: no socket passed by systemd (LISTEN_FDS unset, or without "
+                    "LISTEN_FDNAMES, which Twisted needs: systemd-socket-activate sets it only with --fdname)"
                 )
         self.checkRedis()
         if bool(self["callback-allow"]) != (self["callback-secret"] is not None):
@@ -286,6 +295,7 @@ class Options(usage.Options):
                 "--callback-allow and --callback-secret-file go together: callbacks are sent only to "
                 "allowed hosts, and always signed"
             )
+        self.checkLogging()
         # Secure by default: never open to the network without a token (a
         # worker serves its health only).
         authenticated = bool(self["auth-tokens"]) or self["jwt-secret"] is not None
@@ -319,6 +329,20 @@ class Options(usage.Options):
         self["renderers"] = [
             attrs.evolve(r, schema=schemas[r.name].schema) if r.name in schemas else r for r in self["renderers"]
         ]
+
+    def checkLogging(self) -> None:
+        """
+        Under twistd, C{--log-format} and C{--log-level} make the observer
+        twistd installs (see L{twistdLogObserver}); twistd's own
+        C{--logger} and C{--syslog} make another, so not with them.
+        """
+        parent = getattr(self, "parent", None)
+        custom = self["log-format"] != "text" or self["log-level"] != "info"
+        if parent is not None and custom and (parent.get("logger") or parent.get("syslog")):
+            raise usage.UsageError("--log-format and --log-level do not go with twistd's --logger or --syslog")
+        if parent is not None and parent.get("logfile") == "-" and not parent.get("nodaemon", True):
+            # (What twistd's own observer says, when ours stands in for it.)
+            raise usage.UsageError("a daemon cannot log to stdout: give --nodaemon, or a --logfile")
 
     def checkRedis(self) -> None:
         """
@@ -391,6 +415,38 @@ def tuneGarbageCollector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def twistdLogObserver(options: Options) -> ILogObserver | None:
+    """
+    Under twistd (C{options.parent}, its own options), the observer twistd
+    installs for the whole process (L{ServerService.logObserver}): the
+    C{--log-format} and C{--log-level} one, writing where twistd's own
+    would (stdout with C{--nodaemon} and no C{--logfile} or
+    C{--logfile=-}, else the file, C{twistd.log} by default, rotated as
+    twistd rotates it, and on SIGUSR1). C{None} (twistd's own) with
+    C{--logger} or C{--syslog}, or outside twistd.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("logger") or parent.get("syslog"):
+        return None
+    path = parent.get("logfile")
+    outFile: IO[Any]
+    if path == "-" or (not path and parent.get("nodaemon")):
+        outFile = sys.stdout
+    else:
+        outFile = logFile = LogFile.fromFullPath(path or "twistd.log")
+        # SIGUSR1 rotates it, as twistd's own observer's file (unless
+        # something else handles the signal).
+        if not signal.getsignal(signal.SIGUSR1):
+
+            def rotate(number: int, frame: Any) -> None:
+                from twisted.internet import reactor
+
+                cast(IReactorThreads, reactor).callFromThread(logFile.rotate)
+
+            signal.signal(signal.SIGUSR1, rotate)
+    return logObserver(outFile, options["log-format"], options["log-level"])
+
+
 def makeService(options: Options, reactor: IReactorTime | None = None) -> IService:
     """
     The render service and one listening service per C{--listen}. They stop
@@ -398,6 +454,9 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
     every open stream gets its final frame.
     """
     reactor = _reactor(reactor)
+    # Taken out of the environment first: no render inherits it (not even
+    # through --render-env).
+    notifier = Notifier.fromEnvironment()
     service = buildService(
         reactor,
         renderers=options["renderers"],
@@ -450,7 +509,13 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         connections=options["max-connections"] or "unlimited",
         streams=options["max-streams"] or "unlimited",
     )
-    top = ServerService(service, site, reactor)
+    top = ServerService(
+        service,
+        site,
+        reactor,
+        notify=None if notifier is None else notifier.notify,
+        logObserver=twistdLogObserver(options),
+    )
     # TCP connections that send each frame in the write itself (see
     # twistedsse._transport); other endpoints are the reactor's own.
     listening: IReactorCore = EagerSendReactor(reactor)
