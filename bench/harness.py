@@ -89,9 +89,9 @@ SERVERS = {
     # The same, its /metrics scraped every --scrape-interval seconds from
     # before the clients connect to the end of the event window (issue 12).
     "twistedsse-scraped": "twistedsse, /metrics scraped",
-    # The same with --log-streams: a debug line as each stream opens and
+    # The same with --log-level debug: a debug line as each stream opens and
     # closes, written by twistd to its log (issue 12).
-    "twistedsse-log-streams": "twistedsse --log-streams",
+    "twistedsse-log-streams": "twistedsse --log-level debug",
     # Redis mode (issue 11): redis-server + a worker + web instance(s).
     "twistedsse-redis": "twistedsse Redis: web + worker",
     "twistedsse-redis-2web": "twistedsse Redis: 2 web (N/2 each) + worker",
@@ -331,7 +331,7 @@ class Server:
             if kind == "twistedsse-no-eager":
                 argv.append("--no-eager-send")
             if kind == "twistedsse-log-streams":
-                argv.append("--log-streams")
+                argv.extend(["--log-level", "debug"])
             if redis is not None:
                 # Redis mode: the same options plus the broker, the role and
                 # the output directory every instance and worker shares.

@@ -345,8 +345,22 @@ class OptionsTests(SynchronousTestCase):
 
     def test_logStreams(self) -> None:
         """
-        --log-streams (off by default) turns the streams' opening and
-        closing lines on.
+        The streams' opening and closing lines are made with
+        --log-level debug only (where they are kept).
         """
-        self.assertFalse(self.parse()["log-streams"])
-        self.assertTrue(self.parse("--log-streams")["log-streams"])
+        import gc
+
+        thresholds = gc.get_threshold()
+        self.addCleanup(lambda: (gc.unfreeze(), gc.set_threshold(*thresholds)))
+
+        def settings(*argv: str) -> bool:
+            top = tap.makeService(self.parse(*argv), MemoryReactorClock())
+            # (The site's resource is the app behind its front resources.)
+            resource: Any = top.site.resource
+            while not hasattr(resource, "settings"):
+                resource = getattr(resource, "_wrapped", None) or resource._app
+            return bool(resource.settings.logStreams)
+
+        self.assertFalse(settings())
+        self.assertFalse(settings("--log-level", "info"))
+        self.assertTrue(settings("--log-level", "debug"))

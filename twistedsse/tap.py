@@ -118,15 +118,13 @@ class Options(usage.Options):
         ["claim-timeout", None, 60.0, "With --redis: seconds after which the render of a worker that stopped renewing its claim (died) is taken over by another worker.", _positive(float, "--claim-timeout", 1)],
         ["max-attempts", None, 2, "With --redis: runs of a render whose workers die; past it, failed with reason worker_lost.", _positive(int, "--max-attempts", 1)],
         ["log-format", None, "text", "Log lines as text, or json: one JSON object per line (journald, log shippers).", logFormat],
-        ["log-level", None, "info", "The lowest level logged (debug, info, warn, error, critical): debug adds a line per event stream and download (closed by its client).", logLevel],
+        ["log-level", None, "info", "The lowest level logged (debug, info, warn, error, critical): debug adds a line as each event stream opens and closes (with its job id) and as a download is closed by its client.", logLevel],
         ["drain-timeout", None, 60.0, "With --redis: seconds a worker stopping (SIGTERM) lets its renders finish before handing them back to the queue.", _positive(float, "--drain-timeout", 0)],
     ]
 
     optFlags = [
         ["no-auth", None, "Serve on a non-loopback address without any token: for operators whose own "
          "authentication stands in front of this service."],
-        ["log-streams", None, "Log each event stream's opening and closing (debug level, with the job id); "
-         "off by default: the lines cost a share of what connecting a stream does."],
         ["limit-loopback", None, "Apply --max-connections-per-address to loopback and UNIX-socket peers too."],
         ["no-eager-send", None, "Send with Twisted's own TCP transport (each write queued until the reactor's next "
          "turn) instead of sending in the write: a fallback if a Twisted release breaks the eager one."],
@@ -494,7 +492,10 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         jwtSecret=options["jwt-secret"],
         publicNames=options["public-names"],
         serveMetrics=not options["metrics-listen"],
-        logStreams=bool(options["log-streams"]),
+        # The streams' opening and closing lines are made only when they
+        # are kept: made and filtered out, they would still cost a share of
+        # what connecting a stream does (docs/performance.md, "Metrics").
+        logStreams=options["log-level"] == "debug",
         connections=ConnectionLimits(
             requestTimeout=options["request-timeout"],
             bodyMinRate=options["body-min-rate"],
