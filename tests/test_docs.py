@@ -24,10 +24,10 @@ def _longOptions() -> set[str]:
 
 def _tableRows() -> str:
     """
-    The rows of the table under "## Running it": lines starting C{| `--}.
+    The rows of the table under "## Configuration reference": lines starting C{| `--}.
     """
     text = README.read_text(encoding="utf-8")
-    section = text.split("\n## Running it\n", 1)[1].split("\n## ", 1)[0]
+    section = text.split("\n## Configuration reference\n", 1)[1].split("\n## ", 1)[0]
     return "\n".join(line for line in section.splitlines() if line.startswith("| `--"))
 
 
