@@ -31,7 +31,13 @@ socket): the worker's clock is another host's.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from queue import Empty, Queue
+from typing import Any, Callable, Iterable, Iterator, Protocol, cast
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -141,6 +147,41 @@ class RedisStats:
         self.reclaims = 0
 
 
+def askedInReactor(
+    reactor: IReactorTime, ask: Callable[[], Deferred[int]], timeout: float = 1.0
+) -> Callable[[], int | None]:
+    """
+    A gauge's value that only the reactor thread can get (a Redis query),
+    for a collector that runs in the scrape's thread (prometheus-client
+    serves from the reactor's thread pool): that thread waits for it, at
+    most C{timeout} seconds (and a second more for the reactor to take the
+    call: a reactor that has stopped never will, and a thread waiting for
+    ever would hang the thread pool's shutdown). C{None}, no sample, when
+    the answer does not come or is a failure, or when called in the
+    reactor thread, which must never wait for itself.
+    """
+
+    def sample() -> int | None:
+        if isInIOThread():
+            return None
+        answers: Queue[object] = Queue(1)
+
+        def inReactor() -> None:
+            d = maybeDeferred(ask)
+            d.addTimeout(timeout, reactor)
+            d.addBoth(answers.put)
+
+        # (Every reactor Twisted ships is both.)
+        cast(IReactorFromThreads, reactor).callFromThread(inReactor)
+        try:
+            answer = answers.get(timeout=timeout + 1.0)
+        except Empty:
+            return None
+        return None if isinstance(answer, Failure) else int(cast(int, answer))
+
+    return sample
+
+
 class _Open(Protocol):
     @property
     def open(self) -> int: ...
@@ -170,7 +211,8 @@ class ServiceCollector(Collector):
         self.deliveries: list[DeliveryStats] = []
         self.renders: RenderStats | None = None
         self.redis: RedisStats | None = None
-        self.queueDepth: Callable[[], int] | None = None
+        #: (C{None} from it: no sample now.)
+        self.queueDepth: Callable[[], int | None] | None = None
         self.activeRenders: Callable[[], int] | None = None
         self.streams: list[_StreamsSource] = []
         self.keepalives: list[_Keepalives] = []
@@ -221,8 +263,9 @@ class ServiceCollector(Collector):
         yield lag
 
     def _renders(self) -> Iterator[Metric]:
-        if self.queueDepth is not None:
-            yield _gauge("twistedsse_queue_depth", "Renders waiting for a slot.", self.queueDepth())
+        depth = None if self.queueDepth is None else self.queueDepth()
+        if depth is not None:
+            yield _gauge("twistedsse_queue_depth", "Renders waiting for a slot.", depth)
         if self.activeRenders is not None:
             yield _gauge("twistedsse_renders_running", "Render processes running now.", self.activeRenders())
         stats = self.renders

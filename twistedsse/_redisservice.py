@@ -38,7 +38,7 @@ from ._idempotency import Once
 from ._interfaces import IRenderer
 from ._job import JobSnapshot
 from ._json import JSONObject
-from ._metrics import RedisStats, RenderStats, ServiceMetrics
+from ._metrics import RedisStats, RenderStats, ServiceMetrics, askedInReactor
 from ._redis import RedisEndpoint, ready
 from ._redisbroker import RedisBroker
 from ._redisevents import RedisEventLog
@@ -201,11 +201,14 @@ class RedisRenderService(Service):
             self._broker = RedisBroker(state, events, reader, self.clock, history=self.history)
             self.metrics.collector.deliveries[:] = [self._broker.stats]
             self._broker.start()
+            queue = RedisJobQueue(command, self.clock, keys=QueueKeys(self.prefix))
+            # The whole cluster's queue, asked of Redis at each scrape.
+            self.metrics.collector.queueDepth = askedInReactor(self.clock, queue.depth)
             self._web = RedisJobs(
                 self.clock,
                 self.renderers,
                 state,
-                RedisJobQueue(command, self.clock, keys=QueueKeys(self.prefix)),
+                queue,
                 self._broker,
                 self.disk,
                 self.newID,

@@ -111,6 +111,28 @@ class RedisMetricsTests(TestCase):
         self.assertEqual(parse(body)[("twistedsse_redis_claims_total", ())], 1)
 
     @inlineCallbacks
+    def test_queueDepthOfTheCluster(self) -> Any:
+        """
+        A web instance's C{twistedsse_queue_depth} is the whole cluster's
+        queue, asked of Redis at each scrape over a real socket (the scrape
+        runs in the reactor's thread pool): renders queued through another
+        instance count. Scraped in the reactor thread (which must not wait
+        for Redis), the gauge has no sample, and nothing hangs.
+        """
+        first, second = self.service("web"), self.service("web")
+        for _ in range(3):
+            yield first.submit("ticks", {"count": 1}, None, first.newJobID())
+        site = Site(buildResource(second, reactor))
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = yield treq.get(f"http://127.0.0.1:{port.getHost().port}/metrics", pool=pool)
+        body = yield treq.text_content(response)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(parse(body)[("twistedsse_queue_depth", ())], 3)
+        self.assertNotIn(("twistedsse_queue_depth", ()), scrape(second))
+
+    @inlineCallbacks
     def test_reconnectsCounted(self) -> Any:
         """
         After Redis goes away and comes back, each of the instance's
