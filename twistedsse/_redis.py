@@ -18,13 +18,15 @@ the block.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 #: Seconds to wait for a connection (and its AUTH and SELECT).
 CONNECT_TIMEOUT = 5.0
@@ -38,6 +40,9 @@ class RedisConfigError(ValueError):
     A C{--redis} URL or password file that cannot be used; the message
     says which part and why.
     """
+
+
+_log = Logger()
 
 
 @attrs.frozen
@@ -120,7 +125,7 @@ class RedisEndpoint:
 
         from ._transport import EagerSendReactor
 
-        factory = txredisapi.RedisFactory(
+        factory = _keepTrying()(
             f"{self.host}:{self.port}", self.db, 1, isLazy=True, handler=txredisapi.ConnectionHandler,
             charset="utf-8", password=self.password, replyTimeout=None, convertNumbers=False,
             username=self.username,
@@ -186,6 +191,49 @@ class _ParseInOneGo:
             return why
         finally:
             self._parsing = False
+
+
+@cache
+def _keepTrying() -> type:
+    """
+    txredisapi's factory, except that a failed handshake does not end the
+    reconnecting. txredisapi stops reconnecting for good when its AUTH or
+    SELECT fails, even when the connection was lost in the middle of it: a
+    reconnect that reached a restarting Redis (the old process's backlog)
+    left the instance answering 503 until it was restarted itself (found by
+    the metrics' reconnect test, once in a CI run). Here the failure is
+    logged (once until the next success, not at every retry), the
+    connection is closed as txredisapi does, and the factory tries again
+    with its backoff: a wrong password is the start-up check's to refuse
+    (L{checkNow}); one changed under a running service is retried, logged.
+    Only C{disconnect()} stops it. (Made on first use: importing
+    txredisapi imports the global reactor.)
+    """
+    import txredisapi
+
+    class KeepTryingFactory(txredisapi.RedisFactory):  # type: ignore[misc]
+        _failing: str | None = None
+
+        def stopTrying(self) -> Deferred[None]:
+            # (Called by txredisapi's handshake alone: we never call it,
+            # nor its quit() or shutdown().)
+            if not self.reconnect:
+                return super().stopTrying()  # type: ignore[no-any-return]
+            return succeed(None)
+
+        def connectionError(self, why: str) -> None:
+            # (txredisapi errbacks a Deferred no lazy caller holds: an
+            # "Unhandled error in Deferred" at garbage collection.)
+            if why != self._failing:
+                _log.warn("Redis {url}: {why}; trying again", url=self.uuid, why=why)
+            self._failing = why
+
+        def addConnection(self, conn: Any) -> None:
+            # (A handshake succeeded: the next failure is news again.)
+            self._failing = None
+            super().addConnection(conn)
+
+    return KeepTryingFactory
 
 
 def _unpaused(protocol: type) -> type:

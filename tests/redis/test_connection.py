@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
 from tests._support.ports import freePort
@@ -96,6 +97,41 @@ class ConnectionTests(TestCase):
         self.assertEqual((yield connection.execute_command("SET", "k", "v")), "OK")
 
 
+
+    @inlineCallbacks
+    def test_handshakeCutShortIsRetried(self) -> Any:
+        """
+        A connection lost in the middle of its handshake (the C{SELECT}
+        sent, no answer: a reconnect that reached a restarting Redis) is
+        tried again, not given up for good as txredisapi does, and no
+        unhandled error is left behind. Through a proxy that closes the
+        first connection when its first bytes arrive and forwards the
+        next ones.
+        """
+        cut: list[bytes] = []
+
+        class CutFirst(portforward.ProxyServer):
+            def dataReceived(self, data: bytes) -> None:
+                if not cut:
+                    cut.append(data)
+                    self.transport.loseConnection()
+                    return
+                super().dataReceived(data)
+
+        factory = portforward.ProxyFactory("127.0.0.1", self.server.port)
+        factory.protocol = CutFirst
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        connection = self.connect(RedisEndpoint.fromURL(f"redis://127.0.0.1:{port.getHost().port}/0"))
+        deadline = reactor.seconds() + 10
+        while True:
+            try:
+                yield ready(connection, reactor, timeout=0.5)
+                break
+            except Exception:
+                self.assertLess(reactor.seconds(), deadline, "connected after the cut handshake")
+        self.assertIn(b"SELECT", cut[0])
+        self.assertEqual((yield connection.execute_command("SET", "k", "v")), "OK")
 
     def test_checkAtStart(self) -> None:
         """
