@@ -113,9 +113,9 @@ class StreamSettings:
         (reading nothing) before it is dropped; also set as the socket's
         C{TCP_USER_TIMEOUT}, so the kernel gives up on a dead peer as soon.
     @ivar logStreams: log each stream's opening and closing (debug level,
-        with the job id). Off by default: twistd writes every debug event,
-        and two lines per stream cost 50-130 us, a fifth to a half of
-        what connecting a stream costs (docs/performance.md, "Metrics").
+        with the job id). Off by default (C{--log-level debug} turns it
+        on): made and written, two lines per stream cost a fifth to a half
+        of what connecting a stream does (docs/performance.md, "Metrics").
     """
 
     keepalive: float = 15.0
