@@ -41,3 +41,17 @@ def test_everyOptionIsInTheTable() -> None:
 def test_theTableNamesNoOptionThatDoesNotExist() -> None:
     documented = set(re.findall(r"^\| `--([a-z0-9-]+)", _tableRows(), re.M))
     assert documented <= _longOptions(), sorted(documented - _longOptions())
+
+
+def test_helpReadsAsText() -> None:
+    """
+    C{--help} wraps each option's text without runs of spaces in it (an
+    C{opt_} method's docstring is printed as it is, line-break indentation
+    and all, unless made one line).
+    """
+    for line in str(Options()).splitlines():
+        text = line.strip()
+        if text.startswith("-"):
+            # "--name=    the text": the text after the option's column.
+            text = re.split(r"\s{2,}", text, maxsplit=1)[-1]
+        assert not re.search(r"\S {3,}\S", text), line

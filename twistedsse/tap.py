@@ -74,7 +74,8 @@ def _positive(kind: type, name: str, minimum: float) -> Any:
             raise ValueError(f"{name} must be at least {minimum:g}, got {value!r}")
         return number
 
-    coerce.coerceDoc = f"(a {kind.__name__}, at least {minimum:g})"  # type: ignore[attr-defined]
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    coerce.coerceDoc = f"({article} {kind.__name__}, at least {minimum:g})"  # type: ignore[attr-defined]
     return coerce
 
 
@@ -390,6 +391,19 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
+
+def _oneLineHelp(options: type[usage.Options]) -> None:
+    """
+    usage.Options prints an C{opt_} method's docstring in C{--help} as it
+    is, its line breaks' indentation included (runs of spaces in the middle
+    of the wrapped text): make each docstring one line.
+    """
+    for name, method in vars(options).items():
+        if name.startswith("opt_") and method.__doc__:
+            method.__doc__ = " ".join(method.__doc__.split())
+
+
+_oneLineHelp(Options)
 
 GC_THRESHOLDS = (10_000, 10, 10)
 
