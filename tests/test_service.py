@@ -295,6 +295,34 @@ class ServiceTests(SynchronousTestCase):
         self.spawner.processes[0].exit(0)
         self.assertEqual(len(self.spawner.processes), 1)
 
+    def test_everyEndCountedOnce(self) -> None:
+        """
+        /metrics counts every render's end once, by renderer and outcome:
+        the ones that ran (the runner) and the ones that ended before they
+        ran (cancelled or interrupted while queued), with a duration only
+        for the former.
+        """
+        ran = self.submit()
+        cancelled = self.submit()
+        interrupted = self.submit()
+        self.service.cancel(cancelled)
+        self.spawner.processes[0].exit(0)
+        self.assertEqual(self.broker.get(ran).state, JobState.SUCCEEDED)
+        self.assertEqual(self.broker.get(interrupted).state, JobState.RUNNING)
+        self.service.cancel(interrupted)
+        queuedAtStop = [self.submit(), self.submit()]
+        d = self.service.stopService()
+        self.spawner.processes[1].exit(signal="TERM")
+        self.successResultOf(d)
+        for jobID in queuedAtStop:
+            self.assertEqual(self.broker.get(jobID).error["reason"], "interrupted")
+        stats = self.service.metrics.collector.renders
+        assert stats is not None
+        self.assertEqual(
+            stats.ended, {("file", "succeeded"): 1, ("file", "cancelled"): 2, ("file", "failed"): 2}
+        )
+        self.assertEqual(stats.durations["file"].count, 2)
+
     def test_cancelUnknown(self) -> None:
         """
         Cancelling an unknown id raises L{UnknownJob}.

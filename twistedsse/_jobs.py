@@ -32,6 +32,7 @@ from ._interfaces import IJobBroker, IJobStore, IRenderer, IRenderQueue, QueuedR
 from ._job import JobSnapshot, JobState
 from ._json import JSONObject
 from ._ledger import JobLedger
+from ._metrics import RenderStats
 from ._outcome import CANCELLED_QUEUED, interrupted
 from ._store import STORE_ERRORS
 from ._webhooks import CallbackPolicy
@@ -97,6 +98,9 @@ class JobTracker:
     maxQueued: int = 0
     expireAfter: float = 86400.0
     callbacks: CallbackPolicy = CallbackPolicy()
+    #: Where renders that end before they ran (cancelled or interrupted
+    #: while queued) are counted for /metrics; the runner counts the rest.
+    stats: RenderStats = attrs.field(factory=RenderStats)
     _deadlines: Deadlines[_Due] = attrs.field(init=False)
     #: Idempotency: the job and body fingerprint of each slot, and the
     #: slot of each such job (to drop it when the job expires).
@@ -206,6 +210,7 @@ class JobTracker:
         if self.queue.withdraw(jobID):
             _log.info("render {jobID} cancelled while queued", jobID=jobID)
             self.ledger.end(jobID, CANCELLED_QUEUED)
+            self._neverRan(jobID)
         else:
             _log.info("render {jobID} cancelled while running: stopping it", jobID=jobID)
             self.queue.cancelRunning(jobID)
@@ -252,6 +257,11 @@ class JobTracker:
         self._deadlines.stop()
         while (queued := self.queue.take()) is not None:
             self.ledger.end(queued.jobID, interrupted())
+            self._neverRan(queued.jobID)
+
+    def _neverRan(self, jobID: str) -> None:
+        snapshot = self.broker.get(jobID)
+        self.stats.record(snapshot.renderer, snapshot.state.value)
 
     def ended(self, snapshot: JobSnapshot) -> None:
         """

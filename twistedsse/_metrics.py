@@ -5,7 +5,8 @@ do the work, read only when Prometheus scrapes.
 Nothing on the delivery path calls the Prometheus library. The fan-out
 adds to L{DeliveryStats} once per slice of a pass (a few integer
 additions for hundreds of deliveries) and observes the delivery lag once
-per pass; the runner adds a render's end to L{RenderStats}; streams,
+per pass; the runner adds a render's end to L{RenderStats} (and the job
+tracker the end of one that never ran); streams,
 keepalives and connections are counted where they were counted already
 (L{StreamLimits<twistedsse._stream.StreamLimits>},
 L{Keepalives<twistedsse._keepalive.Keepalives>},

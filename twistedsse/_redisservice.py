@@ -154,9 +154,10 @@ class RedisRenderService(Service):
         self._events: RedisEventLog | None = None
         self.metrics = ServiceMetrics()
         self._redisStats = self.metrics.collector.redis = RedisStats()
-        self._renderStats = RenderStats()
+        # Renders by outcome: a worker's runs, and the ones a web instance
+        # ended before any worker took them (cancelled while queued).
+        self._renderStats = self.metrics.collector.renders = RenderStats()
         if self.worker:
-            self.metrics.collector.renders = self._renderStats
             self.metrics.collector.activeRenders = self.activeCount
 
     @property
@@ -218,6 +219,7 @@ class RedisRenderService(Service):
                 describe=self.endpoint.describe(),
                 role=self.role,
                 webhooks=self.webhooks,
+                stats=self._renderStats,
             )
             if self.expireAfter > 0:
                 self._sweeper = LoopingCall(self._sweep, state)

@@ -23,6 +23,7 @@ from ._errors import IdempotencyKeyReused, InsufficientStorage, JobFinished, Out
 from ._idempotency import Once
 from ._interfaces import IRenderer, QueuedRender
 from ._job import JobSnapshot, JobState
+from ._metrics import RenderStats
 from ._jobs import validated
 from ._json import JSON, JSONObject
 from ._outcome import CANCELLED_QUEUED
@@ -62,6 +63,9 @@ class RedisJobs:
     describe: str = ""
     role: str = "web"
     webhooks: Webhooks | None = None
+    #: Renders this instance ended before they ran (cancelled while
+    #: queued), for /metrics (a worker counts the ones it ran).
+    stats: RenderStats = attrs.field(factory=RenderStats)
 
     @property
     def streams(self) -> IAsyncJobBroker:
@@ -160,7 +164,8 @@ class RedisJobs:
         if await self.queue.withdraw(jobID).addErrback(unavailable):
             # No worker has it, and none ever will.
             _log.info("render {jobID} cancelled while queued", jobID=jobID)
-            await endJob(self.state, self.broker.events, self.clock, jobID, CANCELLED_QUEUED, self.webhooks)
+            if await endJob(self.state, self.broker.events, self.clock, jobID, CANCELLED_QUEUED, self.webhooks):
+                self.stats.record(snapshot.renderer, JobState.CANCELLED.value)
         else:
             # The worker holding it stops it and publishes "cancelled".
             _log.info("render {jobID} cancelled while running: telling its worker", jobID=jobID)

@@ -129,6 +129,9 @@ class RenderService(Service):
             renderTimeout=renderTimeout,
             killGrace=killGrace,
             renderEnv=dict(renderEnv or {}),
+            # One count of renders by outcome: the tracker's (ended before
+            # they ran) and the runner's (ran).
+            stats=self._jobs.stats,
         )
         self._queue = queue
         #: This service's Prometheus registry (/metrics); the apps built

@@ -14,7 +14,7 @@ import treq
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -131,6 +131,22 @@ class RedisMetricsTests(TestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(parse(body)[("twistedsse_queue_depth", ())], 3)
         self.assertNotIn(("twistedsse_queue_depth", ()), scrape(second))
+
+    @inlineCallbacks
+    def test_cancelledWhileQueuedCounted(self) -> Any:
+        """
+        A render cancelled while queued ended on the web instance that
+        withdrew it: that instance counts it (a worker counts the renders
+        it ran), once, even when two instances race to cancel it.
+        """
+        first, second = self.service("web"), self.service("web")
+        snapshot = yield first.submit("ticks", {"count": 1}, None, first.newJobID())
+        # (Both may answer 202: the second sees the job still queued and
+        # finds it withdrawn; only one ends it.)
+        yield DeferredList([first.cancel(snapshot.id), second.cancel(snapshot.id)], consumeErrors=True)
+        key = ("twistedsse_renders_total", (("outcome", "cancelled"), ("renderer", "ticks")))
+        self.assertEqual(scrape(first).get(key, 0) + scrape(second).get(key, 0), 1)
+        self.assertNotIn(("twistedsse_render_duration_seconds_count", (("renderer", "ticks"),)), scrape(first))
 
     @inlineCallbacks
     def test_reconnectsCounted(self) -> Any:
