@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .need import need
 from .ports import freePort
@@ -147,3 +148,31 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def startedService(
+    case: Any, server: RedisServer, outputDir: Path, role: str, renderers: list[Any], **options: Any
+) -> Any:
+    """
+    A L{twistedsse.RedisRenderService} on C{server} (the global reactor,
+    as trial runs it), started, and stopped at C{case}'s clean-up.
+    """
+    from twisted.internet import reactor
+
+    from twistedsse._build import buildService
+    from twistedsse._redis import RedisEndpoint
+    from twistedsse._redisservice import RedisRenderService
+
+    service = buildService(
+        reactor,
+        renderers=renderers,
+        outputDir=outputDir,
+        redis=RedisEndpoint.fromURL(server.url),
+        role=role,
+        minFreeBytes=0,
+        **options,
+    )
+    assert isinstance(service, RedisRenderService)
+    service.startService()
+    case.addCleanup(service.stopService)
+    return service

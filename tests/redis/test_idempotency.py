@@ -18,9 +18,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests._support.fixtures import Recorder
-from tests._support.redis import RedisServer
+from tests._support.redis import RedisServer, startedService
 from tests._support.waiting import whenTrue
-from twistedsse._build import buildService
 from twistedsse._command import CommandRenderer
 from twistedsse._errors import IdempotencyKeyReused, InvalidParams
 from twistedsse._frames import TERMINAL_EVENTS
@@ -47,19 +46,8 @@ class IdempotencyTests(TestCase):
         self.output = Path(self.mktemp())
 
     def service(self, role: str = "web", **options: Any) -> RedisRenderService:
-        service = buildService(
-            reactor,
-            renderers=[CommandRenderer("ticks", [sys.executable, TICKER], schema=SCHEMA)],
-            outputDir=self.output,
-            redis=RedisEndpoint.fromURL(self.server.url),
-            role=role,
-            minFreeBytes=0,
-            **options,
-        )
-        assert isinstance(service, RedisRenderService)
-        service.startService()
-        self.addCleanup(service.stopService)
-        return service
+        renderers = [CommandRenderer("ticks", [sys.executable, TICKER], schema=SCHEMA)]
+        return startedService(self, self.server, self.output, role, renderers, **options)
 
     def submit(self, service: RedisRenderService, key: str, request: dict[str, Any]) -> Any:
         return service.submit(

@@ -22,9 +22,9 @@ from twisted.web.server import Site
 
 from tests._support.fixtures import Recorder
 from tests.redis.test_queue import CLAIM_TIMEOUT, Renders
-from tests._support.redis import RedisServer
+from tests._support.redis import RedisServer, startedService
 from tests._support.waiting import whenTrue
-from twistedsse._build import buildResource, buildService
+from twistedsse._build import buildResource
 from twistedsse._command import CommandRenderer
 from twistedsse._frames import TERMINAL_EVENTS
 from twistedsse._interfaces import QueuedRender
@@ -58,18 +58,7 @@ class RedisMetricsTests(TestCase):
         self.output = Path(self.mktemp())
 
     def service(self, role: str) -> RedisRenderService:
-        service = buildService(
-            reactor,
-            renderers=[CommandRenderer("ticks", [sys.executable, TICKER])],
-            outputDir=self.output,
-            redis=RedisEndpoint.fromURL(self.server.url),
-            role=role,
-            minFreeBytes=0,
-        )
-        assert isinstance(service, RedisRenderService)
-        service.startService()
-        self.addCleanup(service.stopService)
-        return service
+        return startedService(self, self.server, self.output, role, [CommandRenderer("ticks", [sys.executable, TICKER])])
 
     @inlineCallbacks
     def test_webAndWorkerCounts(self) -> Any:

@@ -20,7 +20,7 @@ from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests._support.fixtures import Recorder
-from tests._support.redis import RedisServer
+from tests._support.redis import RedisServer, startedService
 from tests._support.waiting import whenTrue
 from twistedsse import RedisUnavailable
 from twistedsse._build import buildResource, buildService
@@ -47,19 +47,7 @@ class RedisServiceTests(TestCase):
         self.output = Path(self.mktemp())
 
     def service(self, role: str = "all", **options: Any) -> RedisRenderService:
-        service = buildService(
-            reactor,
-            renderers=[ticks()],
-            outputDir=self.output,
-            redis=RedisEndpoint.fromURL(self.server.url),
-            role=role,
-            minFreeBytes=0,
-            **options,
-        )
-        assert isinstance(service, RedisRenderService)
-        service.startService()
-        self.addCleanup(service.stopService)
-        return service
+        return startedService(self, self.server, self.output, role, [ticks()], **options)
 
     @inlineCallbacks
     def watch(self, service: RedisRenderService, jobID: str, timeout: float = 20) -> Any:
