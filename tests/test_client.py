@@ -249,6 +249,21 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual((len(server.lastEventIDs), self.clock.getDelayedCalls()), (3, []))
 
 
+class FirstTenth(Resource):
+    """
+    Answers a C{GET} with a C{Content-Length} of 1000 and the first 100
+    bytes, then nothing more: the test holds C{request}.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        request.setHeader(b"content-length", b"1000")
+        request.write(b"x" * 100)
+        self.request = request
+        return NOT_DONE_YET
+
+
 class Answers(Resource):
     """
     Answers every request with one fixed response, recording the requests.
@@ -472,16 +487,7 @@ class ClientErrorTests(SynchronousTestCase):
         the file nor its temporary file; a file already there is untouched.
         """
 
-        class CutShort(Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> Any:
-                request.setHeader(b"content-length", b"1000")
-                request.write(b"x" * 100)
-                self.request = request
-                return NOT_DONE_YET
-
-        resource = CutShort()
+        resource = FirstTenth()
         client, stub, clock = self.client(resource)
         target = Path(self.mktemp())
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -502,16 +508,7 @@ class ClientErrorTests(SynchronousTestCase):
         file; what arrives after is not written.
         """
 
-        class Slow(Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> Any:
-                request.setHeader(b"content-length", b"1000")
-                request.write(b"x" * 100)
-                self.request = request
-                return NOT_DONE_YET
-
-        resource = Slow()
+        resource = FirstTenth()
         client, stub, clock = self.client(resource)
         target = Path(self.mktemp())
         target.parent.mkdir(parents=True, exist_ok=True)
