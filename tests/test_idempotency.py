@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -19,15 +18,13 @@ from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twistedsse._broker import MemoryBroker
 from twistedsse._build import buildSite
 from twistedsse._card import CardRenderer
-from twistedsse._command import CommandRenderer
 from twistedsse._errors import InvalidIdempotencyKey
 from twistedsse._idempotency import MAX_KEY, parseKey
-from twistedsse._service import RenderService
 from twistedsse.testing import FakeSpawner
 
+from tests._support.fixtures import ticksService
 from tests._support.web import Connection, splitResponse
 from tests.test_openapi import loadSpec
 
@@ -82,19 +79,10 @@ class RoutesTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.spawner = FakeSpawner()
-        self.service = RenderService(
-            clock=self.clock,
-            spawner=self.spawner,
-            broker=MemoryBroker(),
-            renderers={
-                "card": CardRenderer(ffmpeg="/opt/ffmpeg"),
-                "ticks": CommandRenderer("ticks", ["/bin/ticks"]),
-            },
-            outputDir=Path(self.mktemp()),
-            maxRenders=8,
-            expireAfter=100.0,
-        )
-        self.service.startService()
+        self.service = ticksService(
+            self.clock, self.spawner, self.mktemp(), also=[CardRenderer(ffmpeg="/opt/ffmpeg")],
+            maxRenders=8, expireAfter=100.0,
+        )  # fmt: skip
         self.addCleanup(self.service.stopService)
         self.site = buildSite(self.service, self.clock)
 

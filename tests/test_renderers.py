@@ -25,13 +25,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twistedsse import tap
 from twistedsse._card import DEFAULTS, FIELDS, MAX_TEXT, PARAMS_SCHEMA, CardRenderer
 from twistedsse._command import MAX_SCHEMA_BYTES, OPEN_SCHEMA, CommandRenderer, ParamsSchema
-from twistedsse._broker import MemoryBroker
 from twistedsse._build import buildSite
 from twistedsse._errors import InvalidParams
 from twistedsse._jobs import paramsSchema
-from twistedsse._service import RenderService
 from twistedsse.testing import FakeSpawner
 
+from tests._support.fixtures import ticksService
 from tests._support.web import Connection, splitResponse
 from tests.test_openapi import loadSpec
 
@@ -358,19 +357,8 @@ class RoutesTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.spawner = FakeSpawner()
-        self.service = RenderService(
-            clock=self.clock,
-            spawner=self.spawner,
-            broker=MemoryBroker(),
-            renderers={
-                "card": CardRenderer(ffmpeg="/opt/ffmpeg"),
-                "ticks": CommandRenderer("ticks", ["/bin/ticks"]),
-                "strict": CommandRenderer("strict", ["/bin/strict"], schema=TICKS_SCHEMA),
-            },
-            outputDir=Path(self.mktemp()),
-            maxRenders=2,
-        )
-        self.service.startService()
+        also = [CardRenderer(ffmpeg="/opt/ffmpeg"), CommandRenderer("strict", ["/bin/strict"], schema=TICKS_SCHEMA)]
+        self.service = ticksService(self.clock, self.spawner, self.mktemp(), also=also, maxRenders=2)
         self.addCleanup(self.service.stopService)
         self.site = buildSite(self.service, self.clock)
 

@@ -15,10 +15,10 @@ from twistedsse._interfaces import ISubscriber
 from twistedsse._job import JobSnapshot, JobState
 
 
-def ticksService(clock: Any, spawner: Any, outputDir: Any, **options: Any) -> Any:
+def ticksService(clock: Any, spawner: Any, outputDir: Any, *, also: Any = (), **options: Any) -> Any:
     """
-    A started L{RenderService} whose one renderer, C{ticks}, is a command
-    run by the fake C{spawner}.
+    A started L{RenderService} whose renderer C{ticks} is a command run by
+    the fake C{spawner}; C{also}, more renderers beside it.
     """
     from pathlib import Path
 
@@ -30,7 +30,7 @@ def ticksService(clock: Any, spawner: Any, outputDir: Any, **options: Any) -> An
         clock=clock,
         spawner=spawner,
         broker=MemoryBroker(),
-        renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"])},
+        renderers={"ticks": CommandRenderer("ticks", ["/bin/ticks"]), **{r.name: r for r in also}},
         outputDir=Path(outputDir),
         **options,
     )
